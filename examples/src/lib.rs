@@ -1,0 +1,1 @@
+//! Examples of embedding ratelimit-core; see `examples/`.
