@@ -1,1 +1,48 @@
-//! placeholder
+//! Keyed rate limiting for mail: sliding-window and token-bucket limits grouped
+//! in tiers, decided atomically per key behind a [`Store`] trait.
+//!
+//! ```
+//! use ratelimit_core::{Cost, Limiter, ManualClock, MemoryStore, Tier, TierMap, Timestamp};
+//!
+//! let tiers = TierMap::new(Tier::new("default", ["3/1h".parse().unwrap()]).unwrap());
+//! let clock = ManualClock::new(Timestamp::from_millis(1_700_000_000_000));
+//! let limiter = Limiter::new(MemoryStore::new(), tiers, clock);
+//!
+//! for _ in 0..3 {
+//!     assert!(limiter.acquire("alice@example.com", Cost::message(1, 0)).unwrap().is_allowed());
+//! }
+//! let refused = limiter.acquire("alice@example.com", Cost::message(1, 0)).unwrap();
+//! assert!(!refused.is_allowed());
+//! assert!(limiter.acquire("bob@example.com", Cost::message(1, 0)).unwrap().is_allowed());
+//! ```
+//!
+//! # Modules
+//!
+//! Four concerns, four modules, tied together by [`Limiter`]:
+//! - [`quota`]: what is allowed — [`Limit`] (`"100/1h"`), [`Unit`], [`Algorithm`];
+//!   [`tier`]: named sets of limits and who is in which.
+//! - [`algorithm`]: how it is decided — [`KeyState::apply`], pure code.
+//! - [`store`]: where state lives — the [`Store`] trait, [`MemoryStore`], snapshots.
+//! - [`clock`]: when "now" is — [`Clock`], [`SystemClock`], [`ManualClock`].
+//!
+//! [`decision`] holds what a check returns: a denial is data ([`Decision`]); a store
+//! failure is an error ([`StoreError`]).
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod algorithm;
+pub mod clock;
+pub mod decision;
+pub mod limiter;
+pub mod quota;
+pub mod store;
+pub mod tier;
+
+pub use algorithm::KeyState;
+pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
+pub use decision::{Cost, Decision, Denial, LimitStatus, MAX_LIMITS, Mode};
+pub use limiter::Limiter;
+pub use quota::{Algorithm, CounterId, Limit, LimitError, Unit};
+pub use store::{MemoryStore, MemoryStoreConfig, Store, StoreError};
+pub use tier::{Tier, TierError, TierMap};

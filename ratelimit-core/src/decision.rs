@@ -1,0 +1,158 @@
+//! What a check returns: [`Decision`] (allowed or denied, and why), with the
+//! [`Cost`] of the event and the [`Mode`] it was checked in.
+//!
+//! A denial is data, not an error: it says which limit refused, when to retry and
+//! what remains. A store failure is a [`StoreError`](crate::StoreError), a different type.
+
+use std::time::Duration;
+
+use crate::quota::Unit;
+
+/// The most limits one tier may hold; decisions carry per-limit status inline
+/// (no allocation).
+pub const MAX_LIMITS: usize = 8;
+
+/// The cost of one event, in each unit a limit may count.
+///
+/// # Examples
+///
+/// ```
+/// use ratelimit_core::{Cost, Unit};
+/// let c = Cost::message(3, 1200);
+/// assert_eq!(c.get(Unit::Messages), 1);
+/// assert_eq!(c.get(Unit::Recipients), 3);
+/// assert_eq!(c.get(Unit::Bytes), 1200);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub struct Cost {
+    /// Messages (usually 1).
+    pub messages: u64,
+    /// Recipients.
+    pub recipients: u64,
+    /// Bytes.
+    pub bytes: u64,
+}
+
+impl Cost {
+    /// One message with `recipients` recipients and `bytes` bytes.
+    pub const fn message(recipients: u64, bytes: u64) -> Cost {
+        Cost {
+            messages: 1,
+            recipients,
+            bytes,
+        }
+    }
+
+    /// `n` of every unit: the cost for a limiter that counts plain events.
+    pub const fn units(n: u64) -> Cost {
+        Cost {
+            messages: n,
+            recipients: n,
+            bytes: n,
+        }
+    }
+
+    /// Nothing: peeking with a zero cost shows usage without asking for more.
+    pub const ZERO: Cost = Cost {
+        messages: 0,
+        recipients: 0,
+        bytes: 0,
+    };
+
+    /// The cost in `unit`.
+    pub const fn get(&self, unit: Unit) -> u64 {
+        match unit {
+            Unit::Messages => self.messages,
+            Unit::Recipients => self.recipients,
+            Unit::Bytes => self.bytes,
+        }
+    }
+}
+
+/// Whether a check records what it admits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Check only: would this cost be admitted now? Nothing is recorded.
+    Peek,
+    /// Check and, if every limit admits, record the cost on all of them, atomically.
+    Acquire,
+}
+
+/// The state of one limit at the time of a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub struct LimitStatus {
+    /// Units counted against this limit before this event.
+    pub used: u64,
+    /// The limit's count.
+    pub limit: u64,
+    /// Units still admissible after this decision (after recording, if it was recorded).
+    pub remaining: u64,
+}
+
+/// Why an event was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Denial {
+    /// Index (in the tier's list) of the first limit that refused.
+    pub limit: usize,
+    /// How long until the same request would be admitted, if nothing else is
+    /// recorded meanwhile. `None`: never, because the cost exceeds the limit itself.
+    pub retry_after: Option<Duration>,
+}
+
+/// The outcome of a check: allowed, or denied with a [`Denial`]; and the status of
+/// every limit of the tier, in the tier's order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Decision {
+    denial: Option<Denial>,
+    statuses: [LimitStatus; MAX_LIMITS],
+    len: u8,
+}
+
+impl Decision {
+    /// An allowed decision with no limits (an unlimited tier).
+    pub const UNLIMITED: Decision = Decision {
+        denial: None,
+        statuses: [LimitStatus {
+            used: 0,
+            limit: 0,
+            remaining: 0,
+        }; MAX_LIMITS],
+        len: 0,
+    };
+
+    /// Builds a decision from parts (for [`Store`](crate::Store) implementations).
+    /// Statuses past [`MAX_LIMITS`] are dropped.
+    pub fn new(denial: Option<Denial>, statuses: &[LimitStatus]) -> Decision {
+        let mut d = Decision::UNLIMITED;
+        d.denial = denial;
+        for (slot, s) in d.statuses.iter_mut().zip(statuses) {
+            *slot = *s;
+        }
+        d.len = statuses.len().min(MAX_LIMITS) as u8;
+        d
+    }
+
+    /// Whether the event was admitted.
+    pub fn is_allowed(&self) -> bool {
+        self.denial.is_none()
+    }
+
+    /// Why it was refused, if it was.
+    pub fn denial(&self) -> Option<Denial> {
+        self.denial
+    }
+
+    /// The status of each limit, in the tier's order.
+    pub fn statuses(&self) -> &[LimitStatus] {
+        &self.statuses[..usize::from(self.len)]
+    }
+
+    /// The smallest `remaining` over all limits (`u64::MAX` for an unlimited tier).
+    pub fn remaining(&self) -> u64 {
+        self.statuses()
+            .iter()
+            .map(|s| s.remaining)
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+}

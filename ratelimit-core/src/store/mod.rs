@@ -1,0 +1,98 @@
+//! Where state lives: the [`Store`] trait and its implementations.
+//!
+//! The store is the one seam between the algorithm ([`KeyState::apply`]) and storage.
+//! Optional capabilities are separate traits: [`Sweep`] (forget idle keys), [`Scan`]
+//! (iterate for snapshots and top-N), [`Reset`] (forget one key).
+
+use crate::algorithm::KeyState;
+use crate::clock::Timestamp;
+use crate::decision::{Cost, Decision, Mode};
+use crate::quota::Limit;
+
+mod memory;
+pub mod snapshot;
+
+pub use memory::{MemoryStore, MemoryStoreConfig};
+pub use snapshot::SnapshotError;
+
+/// A store failed to decide. (A refusal is not an error: it is a [`Decision`].)
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store tracks as many keys as it may; a new key cannot be added. Existing
+    /// keys are never evicted to make room (that would hand their quota back).
+    #[error("the store is full: it tracks its maximum of {max_keys} keys")]
+    Full {
+        /// The configured cap.
+        max_keys: usize,
+    },
+    /// The backend could not be reached or failed.
+    #[error("the store backend is unavailable: {0}")]
+    Unavailable(String),
+    /// The backend did not answer in time.
+    #[error("the store backend did not answer within {0:?}")]
+    Timeout(std::time::Duration),
+    /// The backend answered something this code does not understand.
+    #[error("the store backend answered unexpectedly: {0}")]
+    Protocol(String),
+}
+
+/// Where per-key state lives.
+///
+/// # Contract
+///
+/// [`Store::check`] on one key is **atomic against every other caller of the same
+/// store** — other threads, other processes, other hosts sharing the backend: the
+/// decision and (in [`Mode::Acquire`], when every limit admits) the recording of
+/// `cost` happen as one step, so concurrent callers can never together exceed a limit.
+/// It must decide exactly as [`KeyState::apply`] does for the same history and times
+/// (the conformance suite checks this), and it must not record anything for a
+/// refused event or a peek.
+///
+/// `now` is the caller's clock. A store that shares state between hosts may use its
+/// own clock instead (the Redis store can use the Redis server's time), and says so.
+pub trait Store: Send + Sync {
+    /// Checks `cost` for `key` against `limits` at `now`; in [`Mode::Acquire`],
+    /// records it on every limit if all admit.
+    fn check(
+        &self,
+        key: &str,
+        limits: &[Limit],
+        cost: Cost,
+        now: Timestamp,
+        mode: Mode,
+    ) -> Result<Decision, StoreError>;
+}
+
+impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
+    fn check(
+        &self,
+        key: &str,
+        limits: &[Limit],
+        cost: Cost,
+        now: Timestamp,
+        mode: Mode,
+    ) -> Result<Decision, StoreError> {
+        (**self).check(key, limits, cost, now, mode)
+    }
+}
+
+/// A store that can forget keys whose state has fully decayed.
+pub trait Sweep {
+    /// Removes every key idle at `now`; returns how many were removed.
+    fn sweep(&self, now: Timestamp) -> usize;
+}
+
+/// A store whose keys can be listed with their state.
+pub trait Scan {
+    /// Calls `f` for every tracked key. The callback must not call back into the store.
+    fn scan(&self, f: &mut dyn FnMut(&str, &KeyState));
+
+    /// The number of tracked keys.
+    fn key_count(&self) -> usize;
+}
+
+/// A store that can forget one key (unblock a user).
+pub trait Reset {
+    /// Forgets everything recorded for `key`; returns whether anything was.
+    fn reset(&self, key: &str) -> Result<bool, StoreError>;
+}
