@@ -69,7 +69,7 @@ pub enum SnapshotError {
         offset: usize,
     },
     /// The checksum does not match: the file was damaged.
-    #[error("snapshot {0}: checksum mismatch (the file is corrupt)")]
+    #[error("snapshot {0}: checksum mismatch (the file is corrupt or was cut short)")]
     Checksum(PathBuf),
     /// The content is inconsistent.
     #[error("snapshot {path}: corrupt at byte {offset}: {what}")]
