@@ -378,7 +378,9 @@ fn check_window(window: Duration) -> Result<u64, LimitErrorKind> {
 /// assert!(ratelimit_core::quota::parse_duration_ms("1x").is_err());
 /// ```
 pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
-    parse_window(text).map_err(|e| e.to_string())
+    parse_window(text).map_err(|_| {
+        format!("\"{text}\" is not a duration (use a number and a unit: ms, s, m, h, d, w; e.g. 500ms, 30s, 1h)")
+    })
 }
 
 fn parse_window(text: &str) -> Result<u64, LimitErrorKind> {

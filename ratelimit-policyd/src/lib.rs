@@ -1,1 +1,2 @@
-//! placeholder
+//! The Postfix policy server.
+pub mod config;

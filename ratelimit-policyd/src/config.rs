@@ -1,0 +1,1069 @@
+//! Configuration: TOML parsed into raw structs, then validated once into typed values.
+//!
+//! Unknown fields are rejected. Every error names the file, the line and the field.
+//! The full reference is `config/example.toml` (and the README).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ahash::{AHashMap, AHashSet};
+use ipnet::IpNet;
+use ratelimit_core::quota::parse_duration_ms;
+use ratelimit_core::{Limit, Tier, TierMap, Unit};
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The built-in default configuration (used when no `--config` is given).
+pub const DEFAULT_CONFIG: &str = include_str!("../config/default.toml");
+
+/// A configuration error: what was wrong and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file (or "built-in default").
+    pub file: String,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// The field, as a dotted path (`tiers.bulk.limits`), when known.
+    pub field: Option<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": {field}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Where the server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// A TCP address (`127.0.0.1:10031`, `[::1]:10031`).
+    Tcp(SocketAddr),
+    /// A Unix socket path (`unix:/run/ratelimit/policy.sock`).
+    Unix(PathBuf),
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+impl std::str::FromStr for ListenAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("a unix: address needs a path".into());
+            }
+            return Ok(ListenAddr::Unix(PathBuf::from(path)));
+        }
+        s.parse::<SocketAddr>().map(ListenAddr::Tcp).map_err(|_| {
+            format!("\"{s}\" is neither host:port (an IP address and port) nor unix:/path")
+        })
+    }
+}
+
+/// What to answer when the store fails or does not answer in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailMode {
+    /// Let the mail through (`DUNNO`): a broken limiter never stops mail.
+    Open,
+    /// Defer the mail (`DEFER_IF_PERMIT`): nothing gets out unchecked.
+    Closed,
+}
+
+/// What to do with mail from a user who has no SASL login.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WithoutSasl {
+    /// Do not count it (answer `DUNNO`).
+    Skip,
+    /// Count it per client IP address.
+    ClientAddress,
+    /// Count it per client network (`ipv4_prefix` / `ipv6_prefix`).
+    ClientPrefix,
+    /// Count it per envelope sender.
+    Sender,
+}
+
+/// The answer to a user over a limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ActionKind {
+    /// `DEFER_IF_PERMIT text` (Postfix answers `450 4.7.1 text`): the client retries later.
+    Defer,
+    /// An explicit temporary code, `4NN X.Y.Z text`.
+    Code(String),
+    /// `HOLD text`: accept into the hold queue for review.
+    Hold,
+    /// `REJECT text` (or an explicit `5NN X.Y.Z`): the mail bounces. Use with care.
+    Reject(Option<String>),
+    /// Dry run: log what would have been refused, answer `DUNNO`.
+    Warn,
+}
+
+/// What a tier does to a user over its limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TierPolicy {
+    /// The action.
+    pub action: ActionKind,
+    /// The reply text template (`{user}`, `{limit}`, `{tier}`, `{retry}`, `{retry_at}`).
+    pub message: String,
+}
+
+/// The default reply text.
+pub const DEFAULT_MESSAGE: &str =
+    "Too much mail from {user}: limit of {limit} reached, try again in {retry}";
+
+/// Where counters live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// In this process.
+    Memory {
+        /// Most keys tracked.
+        max_keys: usize,
+    },
+    /// In Redis, shared by every server that uses it.
+    Redis {
+        /// `redis://[:password@]host:port/db`.
+        url: String,
+        /// Prefix of every key written.
+        key_prefix: String,
+        /// Connect timeout.
+        connect_timeout: Duration,
+        /// Per-command timeout.
+        command_timeout: Duration,
+        /// Use the Redis server's clock (true) or this host's.
+        server_time: bool,
+    },
+}
+
+/// Snapshots of the memory store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotConfig {
+    /// The snapshot file.
+    pub path: PathBuf,
+    /// How often to write it (also written on graceful shutdown).
+    pub interval: Duration,
+    /// Start with empty counters (and warn) when the snapshot is unreadable, instead
+    /// of refusing to start.
+    pub start_empty_if_bad: bool,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where it was read from.
+    pub source: String,
+    /// Listening sockets.
+    pub listen: Vec<ListenAddr>,
+    /// Client networks allowed to connect over TCP.
+    pub allow: Vec<IpNet>,
+    /// Most simultaneous connections.
+    pub max_connections: usize,
+    /// Close a connection idle this long (also frees a client stalled mid-request).
+    pub idle_timeout: Duration,
+    /// Longest a decision may take before the failure answer is sent.
+    pub decision_timeout: Duration,
+    /// Answer when the store fails.
+    pub on_store_error: FailMode,
+    /// Log as JSON lines instead of text.
+    pub log_json: bool,
+    /// Store backend.
+    pub backend: Backend,
+    /// Snapshots (memory store only).
+    pub snapshot: Option<SnapshotConfig>,
+    /// How often idle keys are swept from the memory store.
+    pub sweep_interval: Duration,
+    /// What to key on without SASL.
+    pub without_sasl: WithoutSasl,
+    /// IPv4 prefix length for client networks.
+    pub ipv4_prefix: u8,
+    /// IPv6 prefix length for client networks.
+    pub ipv6_prefix: u8,
+    /// Users never limited (normalized).
+    pub exempt_users: AHashSet<String>,
+    /// Domains never limited (lowercase).
+    pub exempt_domains: AHashSet<String>,
+    /// Client networks never limited.
+    pub exempt_clients: Vec<IpNet>,
+    /// Tiers and assignments (inline and from the map file).
+    pub tiers: TierMap,
+    /// The action and text of each tier, by name.
+    pub policies: AHashMap<String, TierPolicy>,
+    /// The tier map file, re-read on reload.
+    pub assign_file: Option<PathBuf>,
+}
+
+// ---------------------------------------------------------------- raw structs
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
+    keying: RawKeying,
+    #[serde(default)]
+    exempt: RawExempt,
+    #[serde(default)]
+    tiers: BTreeMap<String, Spanned<RawTier>>,
+    default_tier: Option<Spanned<String>>,
+    #[serde(default)]
+    assign: BTreeMap<String, Spanned<String>>,
+    assign_file: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<Vec<Spanned<String>>>,
+    allow: Option<Vec<Spanned<String>>>,
+    max_connections: Option<Spanned<usize>>,
+    idle_timeout: Option<Spanned<String>>,
+    decision_timeout: Option<Spanned<String>>,
+    on_store_error: Option<Spanned<String>>,
+    log_format: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    backend: Option<Spanned<String>>,
+    max_keys: Option<Spanned<usize>>,
+    snapshot_path: Option<String>,
+    snapshot_interval: Option<Spanned<String>>,
+    on_bad_snapshot: Option<Spanned<String>>,
+    sweep_interval: Option<Spanned<String>>,
+    redis_url: Option<String>,
+    redis_key_prefix: Option<String>,
+    redis_connect_timeout: Option<Spanned<String>>,
+    redis_command_timeout: Option<Spanned<String>>,
+    redis_time: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawKeying {
+    without_sasl: Option<Spanned<String>>,
+    ipv4_prefix: Option<Spanned<u8>>,
+    ipv6_prefix: Option<Spanned<u8>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawExempt {
+    #[serde(default)]
+    users: Vec<String>,
+    #[serde(default)]
+    domains: Vec<String>,
+    #[serde(default)]
+    clients: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTier {
+    #[serde(default)]
+    limits: Vec<Spanned<RawLimit>>,
+    action: Option<Spanned<String>>,
+    reply_code: Option<Spanned<String>>,
+    message: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawLimit {
+    Text(String),
+    Table(RawLimitTable),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimitTable {
+    limit: String,
+    unit: Option<String>,
+    algorithm: Option<String>,
+    burst: Option<u64>,
+    precision: Option<u64>,
+}
+
+// ---------------------------------------------------------------- loading
+
+/// Reads and validates a configuration file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.display().to_string(),
+        line: None,
+        field: None,
+        message: format!("cannot read: {e}"),
+    })?;
+    parse(&text, &path.display().to_string(), path.parent())
+}
+
+/// The built-in default configuration.
+pub fn builtin() -> Config {
+    // The embedded file is tested (`builtin_default_is_valid`); fall back to a
+    // hand-built equivalent rather than panicking if it ever were not.
+    parse(DEFAULT_CONFIG, "built-in default", None).unwrap_or_else(|_| minimal())
+}
+
+fn minimal() -> Config {
+    let tier = Tier::new(
+        "default",
+        Limit::sliding(100, Duration::from_secs(3600)).ok(),
+    )
+    .unwrap_or_else(|_| unreachable_tier());
+    let mut policies = AHashMap::new();
+    policies.insert(
+        "default".to_string(),
+        TierPolicy {
+            action: ActionKind::Defer,
+            message: DEFAULT_MESSAGE.into(),
+        },
+    );
+    Config {
+        source: "built-in default".into(),
+        listen: vec![ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 10031)))],
+        allow: default_allow(),
+        max_connections: 1024,
+        idle_timeout: Duration::from_secs(600),
+        decision_timeout: Duration::from_millis(500),
+        on_store_error: FailMode::Open,
+        log_json: false,
+        backend: Backend::Memory {
+            max_keys: 1_000_000,
+        },
+        snapshot: None,
+        sweep_interval: Duration::from_secs(60),
+        without_sasl: WithoutSasl::Skip,
+        ipv4_prefix: 24,
+        ipv6_prefix: 64,
+        exempt_users: AHashSet::new(),
+        exempt_domains: AHashSet::new(),
+        exempt_clients: Vec::new(),
+        tiers: TierMap::new(tier),
+        policies,
+        assign_file: None,
+    }
+}
+
+fn unreachable_tier() -> Tier {
+    // "default" is a valid name and no limits is a valid tier.
+    match Tier::new("default", []) {
+        Ok(t) => t,
+        Err(_) => unreachable!("an empty tier named default is valid"),
+    }
+}
+
+fn default_allow() -> Vec<IpNet> {
+    ["127.0.0.0/8", "::1/128"]
+        .iter()
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
+/// Normalizes a user name as keys are normalized: trimmed and lowercased.
+pub fn normalize_user(s: &str) -> String {
+    s.trim().to_lowercase()
+}
+
+struct Ctx<'a> {
+    file: &'a str,
+    text: &'a str,
+}
+
+impl Ctx<'_> {
+    fn line_of(&self, offset: usize) -> usize {
+        self.text
+            .get(..offset.min(self.text.len()))
+            .map_or(1, |s| s.bytes().filter(|b| *b == b'\n').count() + 1)
+    }
+    fn err<T>(
+        &self,
+        span: Option<std::ops::Range<usize>>,
+        field: &str,
+        message: impl Into<String>,
+    ) -> Result<T, ConfigError> {
+        Err(ConfigError {
+            file: self.file.to_string(),
+            line: span.map(|s| self.line_of(s.start)),
+            field: Some(field.to_string()),
+            message: message.into(),
+        })
+    }
+    fn duration(
+        &self,
+        v: &Option<Spanned<String>>,
+        field: &str,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(s) => match parse_duration_ms(s.get_ref()) {
+                Ok(ms) if ms > 0 => Ok(Duration::from_millis(ms)),
+                Ok(_) => self.err(Some(s.span()), field, "must be longer than zero"),
+                Err(e) => self.err(Some(s.span()), field, e),
+            },
+        }
+    }
+}
+
+/// Parses and validates configuration text. `base` resolves a relative `assign_file`.
+pub fn parse(text: &str, file: &str, base: Option<&Path>) -> Result<Config, ConfigError> {
+    let cx = Ctx { file, text };
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let (field, message) = split_toml_error(&e);
+        ConfigError {
+            file: file.to_string(),
+            line: e.span().map(|s| cx.line_of(s.start)),
+            field,
+            message,
+        }
+    })?;
+    let mut cfg = minimal();
+    cfg.source = file.to_string();
+
+    // [server]
+    let s = &raw.server;
+    if let Some(listen) = &s.listen {
+        if listen.is_empty() {
+            return cx.err(None, "server.listen", "needs at least one address");
+        }
+        cfg.listen = listen
+            .iter()
+            .map(|l| {
+                l.get_ref()
+                    .parse()
+                    .or_else(|e: String| cx.err(Some(l.span()), "server.listen", e))
+            })
+            .collect::<Result<_, _>>()?;
+    }
+    if let Some(allow) = &s.allow {
+        cfg.allow = allow
+            .iter()
+            .map(|a| parse_net(a.get_ref()).or_else(|e| cx.err(Some(a.span()), "server.allow", e)))
+            .collect::<Result<_, _>>()?;
+    }
+    if let Some(m) = &s.max_connections {
+        if *m.get_ref() == 0 {
+            return cx.err(
+                Some(m.span()),
+                "server.max_connections",
+                "must be at least 1",
+            );
+        }
+        cfg.max_connections = *m.get_ref();
+    }
+    cfg.idle_timeout = cx.duration(&s.idle_timeout, "server.idle_timeout", cfg.idle_timeout)?;
+    cfg.decision_timeout = cx.duration(
+        &s.decision_timeout,
+        "server.decision_timeout",
+        cfg.decision_timeout,
+    )?;
+    if let Some(v) = &s.on_store_error {
+        cfg.on_store_error = match v.get_ref().as_str() {
+            "open" | "dunno" => FailMode::Open,
+            "closed" | "defer" => FailMode::Closed,
+            other => {
+                return cx.err(
+                    Some(v.span()),
+                    "server.on_store_error",
+                    format!("\"{other}\": expected \"open\" (answer DUNNO) or \"closed\" (defer)"),
+                );
+            }
+        };
+    }
+    if let Some(v) = &s.log_format {
+        cfg.log_json = match v.get_ref().as_str() {
+            "text" => false,
+            "json" => true,
+            other => {
+                return cx.err(
+                    Some(v.span()),
+                    "server.log_format",
+                    format!("\"{other}\": expected \"text\" or \"json\""),
+                );
+            }
+        };
+    }
+
+    // [store]
+    let st = &raw.store;
+    let backend = st
+        .backend
+        .as_ref()
+        .map_or("memory", |b| b.get_ref().as_str());
+    cfg.backend = match backend {
+        "memory" => Backend::Memory {
+            max_keys: match &st.max_keys {
+                Some(m) if *m.get_ref() == 0 => {
+                    return cx.err(Some(m.span()), "store.max_keys", "must be at least 1");
+                }
+                Some(m) => *m.get_ref(),
+                None => 1_000_000,
+            },
+        },
+        "redis" => Backend::Redis {
+            url: st
+                .redis_url
+                .clone()
+                .unwrap_or_else(|| "redis://127.0.0.1:6379/".into()),
+            key_prefix: st.redis_key_prefix.clone().unwrap_or_else(|| "rl".into()),
+            connect_timeout: cx.duration(
+                &st.redis_connect_timeout,
+                "store.redis_connect_timeout",
+                Duration::from_millis(500),
+            )?,
+            command_timeout: cx.duration(
+                &st.redis_command_timeout,
+                "store.redis_command_timeout",
+                Duration::from_millis(250),
+            )?,
+            server_time: match st
+                .redis_time
+                .as_ref()
+                .map(|t| (t.get_ref().as_str(), t.span()))
+            {
+                None | Some(("server", _)) => true,
+                Some(("local", _)) => false,
+                Some((other, span)) => {
+                    return cx.err(
+                        Some(span),
+                        "store.redis_time",
+                        format!("\"{other}\": expected \"server\" or \"local\""),
+                    );
+                }
+            },
+        },
+        other => {
+            let span = st.backend.as_ref().map(|b| b.span());
+            return cx.err(
+                span,
+                "store.backend",
+                format!("\"{other}\": expected \"memory\" or \"redis\""),
+            );
+        }
+    };
+    if let Some(path) = &st.snapshot_path {
+        let start_empty_if_bad = match st
+            .on_bad_snapshot
+            .as_ref()
+            .map(|v| (v.get_ref().as_str(), v.span()))
+        {
+            None | Some(("refuse", _)) => false,
+            Some(("start-empty", _)) => true,
+            Some((other, span)) => {
+                return cx.err(
+                    Some(span),
+                    "store.on_bad_snapshot",
+                    format!("\"{other}\": expected \"refuse\" or \"start-empty\""),
+                );
+            }
+        };
+        cfg.snapshot = Some(SnapshotConfig {
+            path: PathBuf::from(path),
+            interval: cx.duration(
+                &st.snapshot_interval,
+                "store.snapshot_interval",
+                Duration::from_secs(60),
+            )?,
+            start_empty_if_bad,
+        });
+    }
+    cfg.sweep_interval = cx.duration(
+        &st.sweep_interval,
+        "store.sweep_interval",
+        cfg.sweep_interval,
+    )?;
+
+    // [keying]
+    let k = &raw.keying;
+    if let Some(v) = &k.without_sasl {
+        cfg.without_sasl = match v.get_ref().as_str() {
+            "skip" => WithoutSasl::Skip,
+            "client_address" => WithoutSasl::ClientAddress,
+            "client_prefix" => WithoutSasl::ClientPrefix,
+            "sender" => WithoutSasl::Sender,
+            other => {
+                return cx.err(
+                    Some(v.span()),
+                    "keying.without_sasl",
+                    format!("\"{other}\": expected skip, client_address, client_prefix or sender"),
+                );
+            }
+        };
+    }
+    if let Some(v) = &k.ipv4_prefix {
+        if *v.get_ref() > 32 {
+            return cx.err(Some(v.span()), "keying.ipv4_prefix", "must be from 0 to 32");
+        }
+        cfg.ipv4_prefix = *v.get_ref();
+    }
+    if let Some(v) = &k.ipv6_prefix {
+        if *v.get_ref() > 128 {
+            return cx.err(
+                Some(v.span()),
+                "keying.ipv6_prefix",
+                "must be from 0 to 128",
+            );
+        }
+        cfg.ipv6_prefix = *v.get_ref();
+    }
+
+    // [exempt]
+    cfg.exempt_users = raw.exempt.users.iter().map(|u| normalize_user(u)).collect();
+    cfg.exempt_domains = raw
+        .exempt
+        .domains
+        .iter()
+        .map(|d| normalize_user(d.trim_start_matches('@')))
+        .collect();
+    cfg.exempt_clients = raw
+        .exempt
+        .clients
+        .iter()
+        .map(|a| parse_net(a.get_ref()).or_else(|e| cx.err(Some(a.span()), "exempt.clients", e)))
+        .collect::<Result<_, _>>()?;
+
+    // [tiers.*]
+    if !raw.tiers.is_empty() {
+        let default_name = match &raw.default_tier {
+            Some(d) => {
+                if !raw.tiers.contains_key(d.get_ref()) {
+                    return cx.err(
+                        Some(d.span()),
+                        "default_tier",
+                        format!("tier \"{}\" is not defined under [tiers]", d.get_ref()),
+                    );
+                }
+                d.get_ref().clone()
+            }
+            None if raw.tiers.contains_key("default") => "default".to_string(),
+            None => {
+                return cx.err(
+                    None,
+                    "default_tier",
+                    "no tier is called \"default\": name one with default_tier = \"...\"",
+                );
+            }
+        };
+        let mut policies = AHashMap::new();
+        let mut built = Vec::new();
+        for (name, tier) in &raw.tiers {
+            let field = format!("tiers.{name}");
+            let span = tier.span();
+            let tier = tier.get_ref();
+            let mut limits = Vec::new();
+            for l in &tier.limits {
+                limits.push(
+                    build_limit(l.get_ref())
+                        .or_else(|e| cx.err(Some(l.span()), &format!("{field}.limits"), e))?,
+                );
+            }
+            let t = Tier::new(name.clone(), limits)
+                .or_else(|e| cx.err(Some(span.clone()), &field, e.to_string()))?;
+            let action = build_action(tier)
+                .or_else(|(span, f, e)| cx.err(span, &format!("{field}.{f}"), e))?;
+            policies.insert(
+                name.clone(),
+                TierPolicy {
+                    action,
+                    message: tier
+                        .message
+                        .clone()
+                        .unwrap_or_else(|| DEFAULT_MESSAGE.to_string()),
+                },
+            );
+            built.push(t);
+        }
+        let pos = built
+            .iter()
+            .position(|t| t.name() == default_name)
+            .unwrap_or(0);
+        let default = built.remove(pos);
+        let mut map = TierMap::new(default);
+        for t in built {
+            let name = t.name().to_string();
+            map.add_tier(t)
+                .or_else(|e| cx.err(None, &format!("tiers.{name}"), e.to_string()))?;
+        }
+        cfg.tiers = map;
+        cfg.policies = policies;
+    }
+
+    // [assign] and assign_file
+    for (key, tier) in &raw.assign {
+        let key = normalize_user(key);
+        cfg.tiers.assign(&key, tier.get_ref()).or_else(|e| {
+            cx.err(
+                Some(tier.span()),
+                &format!("assign.\"{key}\""),
+                e.to_string(),
+            )
+        })?;
+    }
+    if let Some(f) = &raw.assign_file {
+        let p = PathBuf::from(f.get_ref());
+        let p = match base {
+            Some(b) if p.is_relative() => b.join(p),
+            _ => p,
+        };
+        let text = std::fs::read_to_string(&p).or_else(|e| {
+            cx.err(
+                Some(f.span()),
+                "assign_file",
+                format!("cannot read {}: {e}", p.display()),
+            )
+        })?;
+        apply_map_file(&mut cfg.tiers, &text, &p.display().to_string())?;
+        cfg.assign_file = Some(p);
+    }
+    Ok(cfg)
+}
+
+fn split_toml_error(e: &toml::de::Error) -> (Option<String>, String) {
+    let msg = e.message().trim().to_string();
+    (None, msg)
+}
+
+fn parse_net(s: &str) -> Result<IpNet, String> {
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+        .map(|n| n.trunc())
+        .map_err(|_| format!("\"{s}\" is not an IP address or CIDR network"))
+}
+
+fn build_limit(raw: &RawLimit) -> Result<Limit, String> {
+    match raw {
+        RawLimit::Text(t) => t.parse::<Limit>().map_err(|e| e.to_string()),
+        RawLimit::Table(t) => {
+            let base: Limit = t
+                .limit
+                .parse()
+                .map_err(|e: ratelimit_core::LimitError| e.to_string())?;
+            let mut l = match t.algorithm.as_deref() {
+                None | Some("window") | Some("sliding") => {
+                    if t.burst.is_some() {
+                        return Err("burst applies only to algorithm = \"bucket\"".into());
+                    }
+                    match t.precision {
+                        Some(p) => base.with_precision(p).map_err(|e| e.to_string())?,
+                        None => base,
+                    }
+                }
+                Some("bucket") => {
+                    if t.precision.is_some() {
+                        return Err("precision applies only to sliding windows".into());
+                    }
+                    Limit::token_bucket(
+                        base.count(),
+                        base.window(),
+                        t.burst.unwrap_or(base.count()),
+                    )
+                    .map_err(|e| e.to_string())?
+                }
+                Some(other) => {
+                    return Err(format!(
+                        "algorithm \"{other}\": expected \"window\" or \"bucket\""
+                    ));
+                }
+            };
+            if let Some(u) = &t.unit {
+                l = l.with_unit(u.parse::<Unit>()?);
+            }
+            Ok(l)
+        }
+    }
+}
+
+type ActionErr = (Option<std::ops::Range<usize>>, &'static str, String);
+
+fn build_action(t: &RawTier) -> Result<ActionKind, ActionErr> {
+    let code = match &t.reply_code {
+        None => None,
+        Some(c) => Some((
+            check_code(c.get_ref()).map_err(|e| (Some(c.span()), "reply_code", e))?,
+            c.span(),
+        )),
+    };
+    let action = t.action.as_ref().map_or("defer", |a| a.get_ref().as_str());
+    let aspan = t.action.as_ref().map(|a| a.span());
+    Ok(match (action, code) {
+        ("defer", None) => ActionKind::Defer,
+        ("defer", Some((c, span))) => {
+            if !c.starts_with('4') {
+                return Err((
+                    Some(span),
+                    "reply_code",
+                    format!("\"{c}\": action \"defer\" needs a 4xx code"),
+                ));
+            }
+            ActionKind::Code(c)
+        }
+        ("reject", c) => match c {
+            Some((c, span)) if !c.starts_with('5') => {
+                return Err((
+                    Some(span),
+                    "reply_code",
+                    format!("\"{c}\": action \"reject\" needs a 5xx code"),
+                ));
+            }
+            c => ActionKind::Reject(c.map(|(c, _)| c)),
+        },
+        ("hold", None) => ActionKind::Hold,
+        ("warn", None) | ("dry-run", None) => ActionKind::Warn,
+        ("hold" | "warn" | "dry-run", Some((_, span))) => {
+            return Err((
+                Some(span),
+                "reply_code",
+                "reply_code applies only to defer and reject".into(),
+            ));
+        }
+        (other, _) => {
+            return Err((
+                aspan,
+                "action",
+                format!("\"{other}\": expected defer, hold, reject or warn"),
+            ));
+        }
+    })
+}
+
+/// Checks an SMTP reply code with an optional enhanced status: `451` or `451 4.7.1`.
+fn check_code(s: &str) -> Result<String, String> {
+    let mut parts = s.split_whitespace();
+    let code = parts.next().unwrap_or("");
+    let valid_code = code.len() == 3
+        && code.bytes().all(|b| b.is_ascii_digit())
+        && matches!(code.as_bytes()[0], b'4' | b'5');
+    let enhanced = parts.next();
+    let valid_enh = enhanced.is_none_or(|e| {
+        let f: Vec<&str> = e.split('.').collect();
+        f.len() == 3
+            && f.iter()
+                .all(|x| !x.is_empty() && x.len() <= 3 && x.bytes().all(|b| b.is_ascii_digit()))
+            && f[0].as_bytes().first() == code.as_bytes().first()
+    });
+    if !valid_code || !valid_enh || parts.next().is_some() {
+        return Err(format!(
+            "\"{s}\": expected a 4xx or 5xx code, optionally with a matching enhanced status (e.g. \"451 4.7.1\")"
+        ));
+    }
+    Ok(s.split_whitespace().collect::<Vec<_>>().join(" "))
+}
+
+/// Applies a tier map file: one `user tier` or `@domain tier` per line; `#` starts a
+/// comment; blank lines are ignored. Errors name the file and line.
+pub fn apply_map_file(map: &mut TierMap, text: &str, file: &str) -> Result<usize, ConfigError> {
+    let mut n = 0;
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let err = |message: String| ConfigError {
+            file: file.to_string(),
+            line: Some(i + 1),
+            field: None,
+            message,
+        };
+        let mut words = line.split_whitespace();
+        let (Some(key), Some(tier), None) = (words.next(), words.next(), words.next()) else {
+            return Err(err(format!(
+                "expected \"user tier\" or \"@domain tier\", found \"{line}\""
+            )));
+        };
+        map.assign(&normalize_user(key), tier)
+            .map_err(|e| err(e.to_string()))?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_default_is_valid() {
+        let c = parse(DEFAULT_CONFIG, "default", None).unwrap();
+        assert_eq!(
+            c.listen,
+            [ListenAddr::Tcp("127.0.0.1:10031".parse().unwrap())]
+        );
+        assert_eq!(
+            c.tiers.default_tier().limits(),
+            &["100/1h".parse().unwrap()]
+        );
+        assert_eq!(
+            c.backend,
+            Backend::Memory {
+                max_keys: 1_000_000
+            }
+        );
+        assert_eq!(c.without_sasl, WithoutSasl::Skip);
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/example.toml");
+        let c = load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.tiers.get("bulk").is_some());
+    }
+
+    fn err(text: &str) -> String {
+        parse(text, "test.toml", None).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_file_line_and_field() {
+        let cases = [
+            (
+                "[server]\nlisten = [\"nowhere\"]\n",
+                "test.toml:2: server.listen: \"nowhere\" is neither",
+            ),
+            (
+                "[server]\nbogus = 1\n",
+                "test.toml:2: unknown field `bogus`",
+            ),
+            (
+                "[tiers.default]\nlimits = [\"100/0h\"]\n",
+                "test.toml:2: tiers.default.limits: invalid limit \"100/0h\"",
+            ),
+            (
+                "[tiers.default]\nlimits = [\"10/1h\"]\naction = \"explode\"\n",
+                "test.toml:3: tiers.default.action: \"explode\"",
+            ),
+            (
+                "[tiers.default]\nreply_code = \"550\"\n",
+                "test.toml:2: tiers.default.reply_code: \"550\": action \"defer\" needs a 4xx code",
+            ),
+            (
+                "[tiers.gold]\nlimits = []\n",
+                "test.toml: default_tier: no tier is called \"default\"",
+            ),
+            (
+                "[tiers.default]\n[assign]\n\"a@b\" = \"gold\"\n",
+                "test.toml:3: assign.\"a@b\": \"a@b\" is assigned to tier \"gold\"",
+            ),
+            (
+                "[server]\nidle_timeout = \"soon\"\n",
+                "test.toml:2: server.idle_timeout: \"soon\" is not a duration",
+            ),
+            (
+                "[exempt]\nclients = [\"10.0.0.0/33\"]\n",
+                "test.toml:2: exempt.clients: \"10.0.0.0/33\" is not",
+            ),
+            (
+                "[store]\nbackend = \"sql\"\n",
+                "test.toml:2: store.backend: \"sql\"",
+            ),
+            (
+                "[tiers.default]\nlimits = [{ limit = \"10/1h\", unit = \"parsecs\" }]\n",
+                "test.toml:2: tiers.default.limits: unknown unit",
+            ),
+        ];
+        for (text, want) in cases {
+            let got = err(text);
+            assert!(
+                got.starts_with(want),
+                "for\n{text}\n got: {got}\nwant: {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn limits_as_strings_and_tables() {
+        let c = parse(
+            r#"
+[tiers.default]
+limits = [
+  "100/1h",
+  { limit = "1000/1d", unit = "recipients" },
+  { limit = "50/10m", algorithm = "bucket", burst = 10 },
+  { limit = "10/1h", precision = 3600, unit = "bytes" },
+]
+action = "defer"
+reply_code = "452 4.7.1"
+message = "slow down"
+"#,
+            "t",
+            None,
+        )
+        .unwrap();
+        let l = c.tiers.default_tier().limits();
+        assert_eq!(l.len(), 4);
+        assert_eq!(l[1].unit(), Unit::Recipients);
+        assert_eq!(
+            l[2].algorithm(),
+            ratelimit_core::Algorithm::TokenBucket { burst: 10 }
+        );
+        assert_eq!(
+            l[3].algorithm(),
+            ratelimit_core::Algorithm::SlidingWindow { precision: 3600 }
+        );
+        let p = &c.policies["default"];
+        assert_eq!(p.action, ActionKind::Code("452 4.7.1".into()));
+        assert_eq!(p.message, "slow down");
+    }
+
+    #[test]
+    fn map_file_lines_and_errors() {
+        let mut c = parse(
+            "[tiers.default]\n[tiers.bulk]\nlimits=[\"1000/1h\"]\n",
+            "t",
+            None,
+        )
+        .unwrap();
+        let n = apply_map_file(
+            &mut c.tiers,
+            "# comment\n\nAlice@Example.com bulk\n@lists.example bulk # trailing\n",
+            "map",
+        )
+        .unwrap();
+        assert_eq!(n, 2);
+        assert_eq!(c.tiers.tier_of("alice@example.com").name(), "bulk");
+        assert_eq!(c.tiers.tier_of("x@lists.example").name(), "bulk");
+        let e = apply_map_file(&mut c.tiers, "a bulk\nb gold\n", "map").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "map:2: \"b\" is assigned to tier \"gold\", which is not defined"
+        );
+        let e = apply_map_file(&mut c.tiers, "just-one-word\n", "map").unwrap_err();
+        assert!(e.to_string().starts_with("map:1: expected"), "{e}");
+    }
+
+    #[test]
+    fn codes_are_validated() {
+        assert_eq!(check_code("451 4.7.1"), Ok("451 4.7.1".into()));
+        assert_eq!(check_code("421"), Ok("421".into()));
+        for bad in [
+            "45",
+            "351",
+            "451 5.7.1",
+            "451 4.7",
+            "abc",
+            "451 4.7.1 extra",
+        ] {
+            assert!(check_code(bad).is_err(), "{bad}");
+        }
+    }
+}
