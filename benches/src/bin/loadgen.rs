@@ -83,6 +83,10 @@ struct Args {
     /// Seed for the user draws (connection i uses seed + i).
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Also report the CPU time this process (the server) used while
+    /// measuring, from /proc/PID/stat.
+    #[arg(long)]
+    server_pid: Option<u32>,
     /// Print the result as one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -581,11 +585,35 @@ fn cpu_time() -> Duration {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
+/// User+system CPU time of another process, from /proc/PID/stat.
+fn process_cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) in parentheses:
+    // state is field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = if hz > 0 { hz as u64 } else { 100 };
+    Some(Duration::from_nanos(ticks * 1_000_000_000 / hz))
+}
+
 /// Times and CPU use of the measured phase.
 struct Measured {
     stats: Stats,
     started: Instant,
     cpu: Duration,
+    /// The server's CPU time in the measured phase (with --server-pid).
+    server_cpu: Option<Duration>,
+    /// When the last connection stopped (used when no request completed).
+    ended: Instant,
+}
+
+/// The server's CPU time since `before` (both read from /proc).
+fn server_cpu_since(args: &Args, before: Option<Duration>) -> Option<Duration> {
+    let after = process_cpu_time(args.server_pid?)?;
+    Some(after.saturating_sub(before?))
 }
 
 /// How long the measured phase may last: --duration, else unbounded with
@@ -605,10 +633,12 @@ fn orchestrate(
     control: &Control,
     sleep: &dyn Fn(Duration),
     finished: &dyn Fn() -> bool,
+    server0: &mut Option<Duration>,
 ) -> (Instant, Duration) {
     if !args.warmup.is_zero() {
         sleep(args.warmup);
     }
+    *server0 = args.server_pid.and_then(process_cpu_time);
     let cpu0 = cpu_time();
     let started = Instant::now();
     control.phase.store(MEASURE, Ordering::Relaxed);
@@ -651,9 +681,14 @@ fn run_threads(
                 .expect("spawn connection thread")
         })
         .collect();
-    let (started, cpu0) = orchestrate(args, &control, &thread::sleep, &|| {
-        handles.iter().all(|h| h.is_finished())
-    });
+    let mut server0 = None;
+    let (started, cpu0) = orchestrate(
+        args,
+        &control,
+        &thread::sleep,
+        &|| handles.iter().all(|h| h.is_finished()),
+        &mut server0,
+    );
     let mut stats = Stats::new();
     for h in handles {
         stats.merge(&h.join().expect("connection thread panicked"));
@@ -662,6 +697,8 @@ fn run_threads(
         stats,
         started,
         cpu: cpu_time().saturating_sub(cpu0),
+        server_cpu: server_cpu_since(args, server0),
+        ended: Instant::now(),
     }
 }
 
@@ -696,6 +733,7 @@ fn run_tokio(args: &Args, addr: Addr, pickers: Vec<UserPicker>, control: Arc<Con
         if !args.warmup.is_zero() {
             tokio::time::sleep(args.warmup).await;
         }
+        let server0 = args.server_pid.and_then(process_cpu_time);
         let cpu0 = cpu_time();
         let started = Instant::now();
         control.phase.store(MEASURE, Ordering::Relaxed);
@@ -719,6 +757,8 @@ fn run_tokio(args: &Args, addr: Addr, pickers: Vec<UserPicker>, control: Arc<Con
             stats,
             started,
             cpu: cpu_time().saturating_sub(cpu0),
+            server_cpu: server_cpu_since(args, server0),
+            ended: Instant::now(),
         }
     })
 }
@@ -762,19 +802,34 @@ struct Report {
     actions: BTreeMap<String, u64>,
     errors: Errors,
     loadgen_cpu: Cpu,
+    /// With --server-pid: the server's CPU over the same measured phase.
+    server_cpu: Option<Cpu>,
 }
 
 fn report(args: &Args, m: &Measured) -> Report {
     let s = &m.stats;
-    let end = s.finished.unwrap_or(m.started).max(m.started);
+    let end = s.finished.unwrap_or(m.ended).max(m.started);
     let elapsed = end.duration_since(m.started).as_secs_f64();
     let us = |ns: u64| ns as f64 / 1000.0;
     let nproc = thread::available_parallelism().map_or(1, |n| n.get());
-    let cpu_s = m.cpu.as_secs_f64();
-    let pct = if elapsed > 0.0 {
-        100.0 * cpu_s / elapsed
-    } else {
-        0.0
+    let cpu = |t: Duration| {
+        let cpu_s = t.as_secs_f64();
+        let pct = if elapsed > 0.0 {
+            100.0 * cpu_s / elapsed
+        } else {
+            0.0
+        };
+        Cpu {
+            user_plus_sys_s: cpu_s,
+            percent_of_one_core: pct,
+            percent_of_machine: pct / nproc as f64,
+            nproc,
+            us_per_request: if s.requests > 0 {
+                cpu_s * 1e6 / s.requests as f64
+            } else {
+                0.0
+            },
+        }
     };
     Report {
         addr: args.addr.clone(),
@@ -811,17 +866,8 @@ fn report(args: &Args, m: &Measured) -> Report {
         },
         actions: s.actions.sorted().into_iter().collect(),
         errors: s.errors,
-        loadgen_cpu: Cpu {
-            user_plus_sys_s: cpu_s,
-            percent_of_one_core: pct,
-            percent_of_machine: pct / nproc as f64,
-            nproc,
-            us_per_request: if s.requests > 0 {
-                cpu_s * 1e6 / s.requests as f64
-            } else {
-                0.0
-            },
-        },
+        loadgen_cpu: cpu(m.cpu),
+        server_cpu: m.server_cpu.map(cpu),
     }
 }
 
@@ -859,11 +905,20 @@ fn print_table(r: &Report) {
         "  errors         connect {}  io {}  timeout {}  malformed {}",
         e.connect, e.io, e.timeout, e.malformed
     );
-    let c = &r.loadgen_cpu;
-    println!(
-        "  loadgen CPU    {:.2} s user+sys = {:.0}% of one core ({:.0}% of {} cores), {:.2} µs/request",
-        c.user_plus_sys_s, c.percent_of_one_core, c.percent_of_machine, c.nproc, c.us_per_request
-    );
+    let cpu_line = |label: &str, c: &Cpu| {
+        println!(
+            "  {label:<14} {:.2} s user+sys = {:.0}% of one core ({:.0}% of {} cores), {:.2} µs/request",
+            c.user_plus_sys_s,
+            c.percent_of_one_core,
+            c.percent_of_machine,
+            c.nproc,
+            c.us_per_request
+        );
+    };
+    cpu_line("loadgen CPU", &r.loadgen_cpu);
+    if let Some(c) = &r.server_cpu {
+        cpu_line("server CPU", c);
+    }
 }
 
 fn main() {
