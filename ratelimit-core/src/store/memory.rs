@@ -19,8 +19,9 @@ pub struct MemoryStoreConfig {
     /// Number of lock shards; rounded up to a power of two. Default: 8 per available
     /// CPU, so that two threads rarely want the same lock.
     pub shards: usize,
-    /// The most keys tracked at once. Enforced per shard (`max_keys / shards` each),
-    /// so the store refuses new keys with [`StoreError::Full`] at about this number.
+    /// The most keys tracked at once: a new key beyond it is refused with
+    /// [`StoreError::Full`]. (Each shard also has a hard cap of a quarter more than
+    /// its share, so a skewed flood cannot grow one table without bound.)
     /// Default: 4,000,000 (a few hundred MB at most).
     pub max_keys: usize,
 }
@@ -125,7 +126,7 @@ impl MemoryStore {
                 .collect(),
             hasher: ahash::RandomState::new(),
             mask: shards as u64 - 1,
-            per_shard_cap: max_keys.div_ceil(shards),
+            per_shard_cap: max_keys.div_ceil(shards) + max_keys.div_ceil(shards * 4) + 1,
             max_keys,
             len: AtomicUsize::new(0),
         }
@@ -139,6 +140,11 @@ impl MemoryStore {
     /// The configured key cap.
     pub fn max_keys(&self) -> usize {
         self.max_keys
+    }
+
+    /// Whether a new key may not be added (the caller holds `shard`'s lock).
+    fn is_full(&self, shard: &Shard) -> bool {
+        self.len.load(Ordering::Relaxed) >= self.max_keys || shard.table.len() >= self.per_shard_cap
     }
 
     fn shard_for(&self, hash: u64) -> &Mutex<Shard> {
@@ -162,7 +168,7 @@ impl MemoryStore {
             e.state = state;
             return Ok(());
         }
-        if shard.table.len() >= self.per_shard_cap {
+        if self.is_full(&shard) {
             return Err(StoreError::Full {
                 max_keys: self.max_keys,
             });
@@ -206,14 +212,14 @@ impl Store for MemoryStore {
             return Ok(decision);
         }
         let now_ms = now.as_millis();
-        if shard.table.len() >= self.per_shard_cap && now_ms >= shard.last_full_sweep + 1000 {
+        if self.is_full(&shard) && now_ms >= shard.last_full_sweep + 1000 {
             shard.last_full_sweep = now_ms;
             let before = shard.table.len();
             shard.table.retain(|e| !e.state.is_idle(now));
             self.len
                 .fetch_sub(before - shard.table.len(), Ordering::Relaxed);
         }
-        if shard.table.len() >= self.per_shard_cap {
+        if self.is_full(&shard) {
             return Err(StoreError::Full {
                 max_keys: self.max_keys,
             });
