@@ -898,6 +898,120 @@ pub fn apply_map_file(map: &mut TierMap, text: &str, file: &str) -> Result<usize
     Ok(n)
 }
 
+/// A URL with any password replaced by `***` (for logs and `check-config`).
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            if userinfo.contains(':') {
+                format!("{scheme}://{user}:***@{host}")
+            } else {
+                format!("{scheme}://***@{host}")
+            }
+        }
+        None => url.to_string(),
+    }
+}
+
+/// A human summary of what a configuration sets up (no secrets).
+pub fn describe(cfg: &Config) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    let _ = writeln!(
+        s,
+        "listen: {}",
+        list(&cfg.listen.iter().map(|l| l.to_string()).collect::<Vec<_>>())
+    );
+    let _ = writeln!(
+        s,
+        "allow: {}",
+        list(&cfg.allow.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+    );
+    let _ = writeln!(
+        s,
+        "max_connections: {}, idle_timeout: {:?}, decision_timeout: {:?}, on_store_error: {:?}",
+        cfg.max_connections, cfg.idle_timeout, cfg.decision_timeout, cfg.on_store_error
+    );
+    match &cfg.backend {
+        Backend::Memory { max_keys } => {
+            let _ = writeln!(s, "store: memory, max_keys {max_keys}");
+        }
+        Backend::Redis {
+            url,
+            key_prefix,
+            server_time,
+            ..
+        } => {
+            let _ = writeln!(
+                s,
+                "store: redis {} (prefix \"{key_prefix}\", {} time)",
+                redact_url(url),
+                if *server_time { "server" } else { "local" }
+            );
+        }
+    }
+    if let Some(snap) = &cfg.snapshot {
+        let _ = writeln!(
+            s,
+            "snapshot: {} every {:?}{}",
+            snap.path.display(),
+            snap.interval,
+            if snap.start_empty_if_bad {
+                " (start empty if unreadable)"
+            } else {
+                ""
+            }
+        );
+    }
+    let _ = writeln!(s, "without sasl: {:?}", cfg.without_sasl);
+    let mut tiers: Vec<_> = cfg.tiers.tiers().collect();
+    tiers.sort_by(|a, b| a.name().cmp(b.name()));
+    for t in tiers {
+        let limits: Vec<String> = t.limits().iter().map(|l| l.to_string()).collect();
+        let action = cfg
+            .policies
+            .get(t.name())
+            .map(|p| format!("{:?}", p.action))
+            .unwrap_or_else(|| "Defer".into());
+        let default = if t.name() == cfg.tiers.default_tier().name() {
+            " (default)"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            s,
+            "tier {}{default}: {} -> {action}",
+            t.name(),
+            if limits.is_empty() {
+                "unlimited".to_string()
+            } else {
+                limits.join(", ")
+            }
+        );
+    }
+    let mut assigned: Vec<_> = cfg.tiers.assignments().collect();
+    assigned.sort();
+    let _ = writeln!(s, "assignments: {}", assigned.len());
+    let _ = writeln!(
+        s,
+        "exempt: {} users, {} domains, {} client networks",
+        cfg.exempt_users.len(),
+        cfg.exempt_domains.len(),
+        cfg.exempt_clients.len()
+    );
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,2 +1,21 @@
-//! The Postfix policy server.
+//! A Postfix policy server that rate-limits outbound mail per SASL user.
+//!
+//! Postfix asks about every message (policy delegation protocol); the server counts
+//! per `sasl_username` — whatever IP the client comes from — against the limits of
+//! the user's tier, and answers a temporary refusal once a user is over, so a phished
+//! account cannot flood the ISP's outbound IPs onto blocklists, and no mail is lost.
+//!
+//! # Modules
+//! - [`protocol`]: the request parser and reply encoder; [`connection`]: framing.
+//! - [`config`]: TOML configuration, validated once.
+//! - [`policy`]: request → key → tier → decision → action.
+//! - [`server`]: listeners, connections, shutdown; [`run`](server::run) is what `main` calls.
+//! - [`daemon`]: start-up (config, snapshot restore, signals).
+
 pub mod config;
+pub mod connection;
+pub mod daemon;
+pub mod policy;
+pub mod protocol;
+mod redis_backend;
+pub mod server;

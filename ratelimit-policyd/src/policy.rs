@@ -1,0 +1,656 @@
+//! Request → key → tier → decision → action.
+//!
+//! - **Key**: `sasl_username`, trimmed and lowercased, whatever IP it comes from.
+//!   Without SASL: skip, or key on client address, client network or sender
+//!   (`[keying] without_sasl`).
+//! - **Stages**: RCPT and DATA *peek* (a user already over a limit is refused before
+//!   the body is sent; nothing is recorded); END-OF-MESSAGE *acquires* (the only stage
+//!   with the real size and accepted recipient count), once per `instance`. Every other
+//!   stage answers `DUNNO`.
+//! - **Decision**: all limits of the user's tier; recorded only if all admit.
+//! - **Action**: `DUNNO` when allowed; otherwise the tier's action with a text that
+//!   says which limit and when to retry. A store failure gets the configured
+//!   fail-open (`DUNNO`) or fail-closed (defer) answer, within `decision_timeout`.
+
+use std::borrow::Cow;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use ahash::AHashMap;
+use arc_swap::ArcSwap;
+use ipnet::IpNet;
+use parking_lot::Mutex;
+use ratelimit_core::store::{Reset, Scan, Sweep};
+use ratelimit_core::{
+    Clock, Cost, Decision, Limit, MemoryStore, Mode, Store, StoreError, Tier, Timestamp,
+};
+
+use crate::config::{ActionKind, Config, FailMode, TierPolicy, WithoutSasl};
+use crate::protocol::{Action, PolicyRequest, Stage};
+
+/// Where counters live, as the server sees it.
+#[derive(Clone)]
+pub enum Counters {
+    /// In-process: decided inline, without leaving the connection's task.
+    Memory(Arc<MemoryStore>),
+    /// A store that may block on the network (Redis): decided on the blocking pool,
+    /// bounded by `decision_timeout`.
+    Remote(Arc<dyn Store>),
+}
+
+impl Counters {
+    /// The memory store, when counters are in-process.
+    pub fn memory(&self) -> Option<&Arc<MemoryStore>> {
+        match self {
+            Counters::Memory(m) => Some(m),
+            Counters::Remote(_) => None,
+        }
+    }
+}
+
+/// Request and decision counters (for metrics and `stats`).
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Requests by stage: RCPT, DATA, END-OF-MESSAGE, other.
+    pub requests: [AtomicU64; 4],
+    /// Answers: DUNNO (allowed or not counted), refused (by the tier's action), dry-run
+    /// would-refuse, failure answers.
+    pub allowed: AtomicU64,
+    /// Refusals sent (defer, code, hold, reject).
+    pub refused: AtomicU64,
+    /// Refusals logged only (warn tiers).
+    pub dry_run: AtomicU64,
+    /// Store failures and timeouts.
+    pub store_errors: AtomicU64,
+    /// Requests not counted: no key, exempt, unlimited tier.
+    pub skipped: AtomicU64,
+    /// Messages charged at END-OF-MESSAGE.
+    pub charged: AtomicU64,
+}
+
+impl Stats {
+    fn stage(&self, stage: Stage) {
+        let i = match stage {
+            Stage::Rcpt => 0,
+            Stage::Data => 1,
+            Stage::EndOfMessage => 2,
+            _ => 3,
+        };
+        self.requests[i].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Per-connection memory: the message (`instance`) last charged and its answer, so
+/// one message is charged once however many END-OF-MESSAGE requests it produces.
+#[derive(Debug, Default)]
+pub struct ConnState {
+    last_instance: Vec<u8>,
+    last_answer: Option<Action<'static>>,
+}
+
+/// An incident: the first refusal of a key for one limit, until it clears.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Incident {
+    /// The key (user).
+    pub key: String,
+    /// Its tier.
+    pub tier: String,
+    /// The limit that refused, as written (`100/1h`).
+    pub limit: String,
+    /// The count used when refused.
+    pub used: u64,
+    /// When it clears (ms since the epoch), if ever.
+    pub clears_at: Option<u64>,
+    /// The client address of the refused request.
+    pub client_address: Option<String>,
+    /// Whether the refusal was only logged (warn tier).
+    pub dry_run: bool,
+}
+
+/// Called once per incident (alert hook, metrics); must not block.
+pub type IncidentSink = Arc<dyn Fn(&Incident) + Send + Sync>;
+
+/// The policy engine shared by every connection.
+pub struct Engine {
+    config: ArcSwap<Config>,
+    counters: Counters,
+    clock: Arc<dyn Clock>,
+    /// Counters for metrics.
+    pub stats: Stats,
+    incidents: Mutex<AHashMap<(String, usize), u64>>,
+    incident_sink: Mutex<Option<IncidentSink>>,
+    peeks_without_eom: AtomicU64,
+    eom_seen: AtomicBool,
+    wiring_warned: AtomicBool,
+    last_snapshot_ms: AtomicU64,
+}
+
+/// Requests at RCPT/DATA with no END-OF-MESSAGE ever seen before the wiring warning.
+const WIRING_WARNING_AFTER: u64 = 50;
+/// Most open incidents remembered (one per user and limit); older ones are dropped
+/// first when full, which at worst logs an incident twice.
+const MAX_INCIDENTS: usize = 100_000;
+
+impl Engine {
+    /// An engine deciding by `config` with `counters`, at the times `clock` gives.
+    pub fn new(config: Config, counters: Counters, clock: Arc<dyn Clock>) -> Engine {
+        Engine {
+            config: ArcSwap::from_pointee(config),
+            counters,
+            clock,
+            stats: Stats::default(),
+            incidents: Mutex::new(AHashMap::new()),
+            incident_sink: Mutex::new(None),
+            peeks_without_eom: AtomicU64::new(0),
+            eom_seen: AtomicBool::new(false),
+            wiring_warned: AtomicBool::new(false),
+            last_snapshot_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    /// Replaces the configuration atomically (in-flight requests finish with the old one).
+    pub fn set_config(&self, config: Config) {
+        self.config.store(Arc::new(config));
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// The clock.
+    pub fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    /// Records that a snapshot was written at `at`.
+    pub fn note_snapshot(&self, at: Timestamp) {
+        self.last_snapshot_ms
+            .store(at.as_millis(), Ordering::Relaxed);
+    }
+
+    /// When the last snapshot was written, if one was.
+    pub fn last_snapshot(&self) -> Option<Timestamp> {
+        match self.last_snapshot_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(Timestamp::from_millis(ms)),
+        }
+    }
+
+    /// Sets the function called once per incident.
+    pub fn set_incident_sink(&self, sink: IncidentSink) {
+        *self.incident_sink.lock() = Some(sink);
+    }
+
+    /// Decides one request.
+    pub async fn decide(&self, req: &PolicyRequest<'_>, conn: &mut ConnState) -> Action<'static> {
+        self.stats.stage(req.protocol_state);
+        let mode = match req.protocol_state {
+            Stage::Rcpt | Stage::Data => Mode::Peek,
+            Stage::EndOfMessage => Mode::Acquire,
+            _ => return self.skip(),
+        };
+        self.watch_wiring(req.protocol_state);
+        let cfg = self.config.load();
+        let Some(key) = request_key(&cfg, req) else {
+            return self.skip();
+        };
+        if is_exempt(&cfg, &key, req) {
+            tracing::debug!(user = %key, "exempt");
+            return self.skip();
+        }
+        let tier = Arc::clone(cfg.tiers.tier_of(&key));
+        if tier.is_unlimited() {
+            return self.skip();
+        }
+        if mode == Mode::Acquire
+            && let Some(instance) = req.instance
+            && conn.last_instance == instance
+            && let Some(answer) = &conn.last_answer
+        {
+            return answer.clone();
+        }
+        let recipients = req.recipient_count.unwrap_or(0).max(1);
+        let cost = match req.protocol_state {
+            Stage::Rcpt => Cost::message(1, req.size.unwrap_or(0)),
+            _ => Cost::message(recipients, req.size.unwrap_or(0)),
+        };
+        let now = self.clock.now();
+        let result = self.check(&cfg, &key, &tier, cost, now, mode).await;
+        let answer = match result {
+            Ok(decision) => self.answer(&cfg, &key, &tier, &decision, now, req),
+            Err(e) => {
+                self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(user = %key, error = %e, fail = ?cfg.on_store_error, "store failure");
+                match cfg.on_store_error {
+                    FailMode::Open => Action::Dunno,
+                    FailMode::Closed => Action::DeferIfPermit(Cow::Borrowed(
+                        "4.3.0 Rate limiter temporarily unavailable, try again later",
+                    )),
+                }
+            }
+        };
+        if mode == Mode::Acquire
+            && let Some(instance) = req.instance
+        {
+            conn.last_instance.clear();
+            conn.last_instance.extend_from_slice(instance);
+            conn.last_answer = Some(answer.clone());
+        }
+        tracing::debug!(user = %key, stage = %req.protocol_state, action = answer.keyword(), "decided");
+        answer
+    }
+
+    fn skip(&self) -> Action<'static> {
+        self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+        Action::Dunno
+    }
+
+    async fn check(
+        &self,
+        cfg: &Config,
+        key: &str,
+        tier: &Arc<Tier>,
+        cost: Cost,
+        now: Timestamp,
+        mode: Mode,
+    ) -> Result<Decision, StoreError> {
+        match &self.counters {
+            Counters::Memory(m) => m.check(key, tier.limits(), cost, now, mode),
+            Counters::Remote(store) => {
+                let store = Arc::clone(store);
+                let key = key.to_string();
+                let tier = Arc::clone(tier);
+                let job = tokio::task::spawn_blocking(move || {
+                    store.check(&key, tier.limits(), cost, now, mode)
+                });
+                match tokio::time::timeout(cfg.decision_timeout, job).await {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(join)) => Err(StoreError::Unavailable(format!(
+                        "store task failed: {join}"
+                    ))),
+                    Err(_) => Err(StoreError::Timeout(cfg.decision_timeout)),
+                }
+            }
+        }
+    }
+
+    fn answer(
+        &self,
+        cfg: &Config,
+        key: &str,
+        tier: &Tier,
+        decision: &Decision,
+        now: Timestamp,
+        req: &PolicyRequest<'_>,
+    ) -> Action<'static> {
+        let Some(denial) = decision.denial() else {
+            self.stats.allowed.fetch_add(1, Ordering::Relaxed);
+            if req.protocol_state == Stage::EndOfMessage {
+                self.stats.charged.fetch_add(1, Ordering::Relaxed);
+            }
+            return Action::Dunno;
+        };
+        let default_policy = TierPolicy {
+            action: ActionKind::Defer,
+            message: crate::config::DEFAULT_MESSAGE.into(),
+        };
+        let policy = cfg.policies.get(tier.name()).unwrap_or(&default_policy);
+        let limit = tier.limits().get(denial.limit).copied();
+        let used = decision.statuses().get(denial.limit).map_or(0, |s| s.used);
+        let clears_at = denial
+            .retry_after
+            .map(|r| now.saturating_add(r).as_millis());
+        let dry_run = policy.action == ActionKind::Warn;
+        self.note_incident(
+            key,
+            tier,
+            denial.limit,
+            limit,
+            used,
+            clears_at,
+            now,
+            req,
+            dry_run,
+        );
+        let text = render(
+            &policy.message,
+            key,
+            tier.name(),
+            limit,
+            denial.retry_after,
+            clears_at,
+        );
+        if dry_run {
+            self.stats.dry_run.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(user = %key, tier = tier.name(), limit = %limit.map(|l| l.to_string()).unwrap_or_default(), "dry run: would refuse");
+            return Action::Dunno;
+        }
+        self.stats.refused.fetch_add(1, Ordering::Relaxed);
+        match &policy.action {
+            ActionKind::Defer | ActionKind::Warn => Action::DeferIfPermit(Cow::Owned(text)),
+            ActionKind::Code(code) => code_action(code, text),
+            ActionKind::Hold => Action::Hold(Cow::Owned(text)),
+            ActionKind::Reject(None) => Action::Reject(Cow::Owned(text)),
+            ActionKind::Reject(Some(code)) => code_action(code, text),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn note_incident(
+        &self,
+        key: &str,
+        tier: &Tier,
+        limit_index: usize,
+        limit: Option<Limit>,
+        used: u64,
+        clears_at: Option<u64>,
+        now: Timestamp,
+        req: &PolicyRequest<'_>,
+        dry_run: bool,
+    ) {
+        let now_ms = now.as_millis();
+        {
+            let mut open = self.incidents.lock();
+            if let Some(until) = open.get_mut(&(key.to_string(), limit_index))
+                && *until > now_ms
+            {
+                return; // still the same incident
+            }
+            if open.len() >= MAX_INCIDENTS {
+                open.retain(|_, until| *until > now_ms);
+                if open.len() >= MAX_INCIDENTS {
+                    open.clear();
+                }
+            }
+            // An incident with no retry time (cost above the limit) lasts a window.
+            let until = clears_at.unwrap_or(now_ms + limit.map_or(3_600_000, |l| l.window_ms()));
+            open.insert((key.to_string(), limit_index), until);
+        }
+        let incident = Incident {
+            key: key.to_string(),
+            tier: tier.name().to_string(),
+            limit: limit.map(|l| l.to_string()).unwrap_or_default(),
+            used,
+            clears_at,
+            client_address: req.client_address_str().map(str::to_string),
+            dry_run,
+        };
+        tracing::warn!(
+            user = %incident.key,
+            tier = %incident.tier,
+            limit = %incident.limit,
+            used = incident.used,
+            client = incident.client_address.as_deref().unwrap_or("-"),
+            clears_in = %clears_at.map(|c| fmt_duration(Duration::from_millis(c.saturating_sub(now_ms)))).unwrap_or_else(|| "never (message larger than the limit)".into()),
+            dry_run,
+            "incident: user over limit"
+        );
+        let sink = self.incident_sink.lock().clone();
+        if let Some(sink) = sink {
+            sink(&incident);
+        }
+    }
+
+    fn watch_wiring(&self, stage: Stage) {
+        if stage == Stage::EndOfMessage {
+            self.eom_seen.store(true, Ordering::Relaxed);
+            return;
+        }
+        if self.eom_seen.load(Ordering::Relaxed) || self.wiring_warned.load(Ordering::Relaxed) {
+            return;
+        }
+        if self.peeks_without_eom.fetch_add(1, Ordering::Relaxed) + 1 >= WIRING_WARNING_AFTER
+            && !self.wiring_warned.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(
+                "{WIRING_WARNING_AFTER} RCPT/DATA requests and no END-OF-MESSAGE request yet: nothing is being counted. \
+                 Mail is charged at END-OF-MESSAGE; add \"check_policy_service inet:HOST:PORT\" to \
+                 smtpd_end_of_data_restrictions in main.cf (and keep it in smtpd_recipient_restrictions \
+                 and smtpd_data_restrictions so blocked users are refused before sending the body)"
+            );
+        }
+    }
+
+    /// Sweeps idle keys from the memory store; returns how many were removed.
+    pub fn sweep(&self) -> usize {
+        let now = self.clock.now();
+        self.incidents
+            .lock()
+            .retain(|_, until| *until > now.as_millis());
+        match &self.counters {
+            Counters::Memory(m) => m.sweep(now),
+            Counters::Remote(_) => 0,
+        }
+    }
+
+    /// Forgets a key's counters (unblocks it) and its open incidents.
+    pub fn reset(&self, key: &str) -> Result<bool, StoreError> {
+        self.incidents.lock().retain(|(k, _), _| k != key);
+        match &self.counters {
+            Counters::Memory(m) => m.reset(key),
+            Counters::Remote(_) => Err(StoreError::Unavailable(
+                "reset is not supported by this store".into(),
+            )),
+        }
+    }
+
+    /// Number of tracked keys (memory store), if known.
+    pub fn tracked_keys(&self) -> Option<usize> {
+        self.counters.memory().map(|m| m.key_count())
+    }
+}
+
+fn code_action(code: &str, text: String) -> Action<'static> {
+    let mut parts = code.splitn(2, ' ');
+    let num: u16 = parts.next().and_then(|c| c.parse().ok()).unwrap_or(450);
+    let text = match parts.next() {
+        Some(enhanced) => format!("{enhanced} {text}"),
+        None => text,
+    };
+    Action::code(num, text.clone()).unwrap_or(Action::DeferIfPermit(Cow::Owned(text)))
+}
+
+/// The key for a request, normalized; `None` when it is not counted.
+pub fn request_key<'a>(cfg: &Config, req: &PolicyRequest<'a>) -> Option<Cow<'a, str>> {
+    if let Some(user) = req.sasl_username {
+        return Some(normalize(String::from_utf8_lossy(user)));
+    }
+    match cfg.without_sasl {
+        WithoutSasl::Skip => None,
+        WithoutSasl::ClientAddress => {
+            let ip = parse_ip(req.client_address?)?;
+            Some(Cow::Owned(format!("ip:{ip}")))
+        }
+        WithoutSasl::ClientPrefix => {
+            let ip = parse_ip(req.client_address?)?;
+            let net = client_network(ip, cfg.ipv4_prefix, cfg.ipv6_prefix);
+            Some(Cow::Owned(format!("net:{net}")))
+        }
+        WithoutSasl::Sender => {
+            let sender = req.sender?;
+            Some(Cow::Owned(format!(
+                "sender:{}",
+                normalize(String::from_utf8_lossy(sender))
+            )))
+        }
+    }
+}
+
+/// The network of `ip` at the configured prefix lengths.
+pub fn client_network(ip: IpAddr, v4: u8, v6: u8) -> IpNet {
+    let prefix = if ip.is_ipv4() { v4 } else { v6 };
+    IpNet::new(ip, prefix)
+        .map(|n| n.trunc())
+        .unwrap_or_else(|_| IpNet::from(ip))
+}
+
+fn parse_ip(raw: &[u8]) -> Option<IpAddr> {
+    std::str::from_utf8(raw).ok()?.parse().ok()
+}
+
+/// Trimmed and lowercased, borrowing when it already is.
+fn normalize(s: Cow<'_, str>) -> Cow<'_, str> {
+    let trimmed = s.trim();
+    let needs_lower = trimmed.chars().any(char::is_uppercase);
+    if !needs_lower && trimmed.len() == s.len() {
+        return s;
+    }
+    if needs_lower {
+        Cow::Owned(trimmed.to_lowercase())
+    } else {
+        Cow::Owned(trimmed.to_string())
+    }
+}
+
+fn is_exempt(cfg: &Config, key: &str, req: &PolicyRequest<'_>) -> bool {
+    if cfg.exempt_users.contains(key) {
+        return true;
+    }
+    if !cfg.exempt_domains.is_empty()
+        && let Some((_, domain)) = key.rsplit_once('@')
+        && cfg.exempt_domains.contains(domain)
+    {
+        return true;
+    }
+    if !cfg.exempt_clients.is_empty()
+        && let Some(ip) = req.client_address.and_then(parse_ip)
+    {
+        return cfg.exempt_clients.iter().any(|n| n.contains(&ip));
+    }
+    false
+}
+
+/// Fills a reply template: `{user}`, `{tier}`, `{limit}`, `{retry}`, `{retry_at}`.
+pub fn render(
+    template: &str,
+    user: &str,
+    tier: &str,
+    limit: Option<Limit>,
+    retry_after: Option<Duration>,
+    clears_at: Option<u64>,
+) -> String {
+    let limit = limit.map(|l| l.to_string()).unwrap_or_default();
+    let retry = retry_after.map_or_else(
+        || "never (the message exceeds the limit)".to_string(),
+        fmt_duration,
+    );
+    let retry_at = clears_at.map_or_else(|| "never".to_string(), fmt_time_of_day);
+    template
+        .replace("{user}", user)
+        .replace("{tier}", tier)
+        .replace("{limit}", &limit)
+        .replace("{retry_at}", &retry_at)
+        .replace("{retry}", &retry)
+}
+
+/// `1h5m`, `12m30s`, `45s` (rounded up to whole seconds).
+pub fn fmt_duration(d: Duration) -> String {
+    let secs = d.as_millis().div_ceil(1000) as u64;
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    match (h, m, s) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, 0) => format!("{m}m"),
+        (0, m, s) => format!("{m}m{s}s"),
+        (h, 0, _) => format!("{h}h"),
+        (h, m, _) => format!("{h}h{m}m"),
+    }
+}
+
+/// `14:05:30 UTC` for a wall-clock time in ms.
+pub fn fmt_time_of_day(ms: u64) -> String {
+    let secs = ms.div_ceil(1000) % 86_400;
+    format!(
+        "{:02}:{:02}:{:02} UTC",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+/// Tracked keys and their usage of their tier's first limit, heaviest first.
+pub fn top_senders(engine: &Engine, n: usize) -> Vec<(String, String, u64, u64)> {
+    let Some(mem) = engine.counters.memory() else {
+        return Vec::new();
+    };
+    let cfg = engine.config();
+    let now = engine.now();
+    let mut all: Vec<(String, String, u64, u64)> = Vec::new();
+    mem.scan(&mut |key, state| {
+        let tier = cfg.tiers.tier_of(key);
+        if let Some(first) = tier.limits().first() {
+            let used = state.used(first, now);
+            if used > 0 {
+                all.push((
+                    key.to_string(),
+                    tier.name().to_string(),
+                    used,
+                    first.count(),
+                ));
+            }
+        }
+    });
+    all.sort_by(|a, b| b.2.cmp(&a.2).then_with(|| a.0.cmp(&b.0)));
+    all.truncate(n);
+    all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_naturally() {
+        assert_eq!(fmt_duration(Duration::from_millis(1)), "1s");
+        assert_eq!(fmt_duration(Duration::from_secs(45)), "45s");
+        assert_eq!(fmt_duration(Duration::from_secs(750)), "12m30s");
+        assert_eq!(fmt_duration(Duration::from_secs(600)), "10m");
+        assert_eq!(fmt_duration(Duration::from_secs(3900)), "1h5m");
+        assert_eq!(fmt_duration(Duration::from_secs(7200)), "2h");
+        assert_eq!(fmt_time_of_day(1_700_000_000_000), "22:13:20 UTC");
+    }
+
+    #[test]
+    fn templates_are_filled() {
+        let t = render(
+            "{user} in {tier} hit {limit}; retry in {retry} ({retry_at})",
+            "a@b",
+            "default",
+            "100/1h".parse().ok(),
+            Some(Duration::from_secs(90)),
+            Some(1_700_000_000_000),
+        );
+        assert_eq!(
+            t,
+            "a@b in default hit 100/1h; retry in 1m30s (22:13:20 UTC)"
+        );
+    }
+
+    #[test]
+    fn normalization_trims_and_lowercases_without_copying_clean_names() {
+        assert!(matches!(
+            normalize(Cow::Borrowed("alice@example.com")),
+            Cow::Borrowed(_)
+        ));
+        assert_eq!(
+            normalize(Cow::Borrowed(" Alice@Example.COM ")),
+            "alice@example.com"
+        );
+        assert_eq!(normalize(Cow::Borrowed("ÉLODIE")), "élodie");
+    }
+
+    #[test]
+    fn client_networks_use_the_prefix() {
+        let ip: IpAddr = "192.0.2.77".parse().unwrap();
+        assert_eq!(client_network(ip, 24, 64).to_string(), "192.0.2.0/24");
+        let ip6: IpAddr = "2001:db8:1:2:3:4:5:6".parse().unwrap();
+        assert_eq!(client_network(ip6, 24, 64).to_string(), "2001:db8:1:2::/64");
+    }
+}

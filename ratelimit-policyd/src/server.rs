@@ -1,0 +1,277 @@
+//! The TCP / Unix-socket server: connections, allowlist, cap, idle timeout, graceful
+//! shutdown, and the periodic sweep and snapshot.
+//!
+//! [`run`] is what `main` calls and what the integration tests call.
+
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{Semaphore, watch};
+
+use crate::config::ListenAddr;
+use crate::connection::Connection;
+use crate::policy::{ConnState, Engine};
+use crate::protocol::{Attribute, Limits};
+
+/// A bound listening socket.
+#[derive(Debug)]
+pub enum Listener {
+    /// TCP: clients are checked against `[server] allow`.
+    Tcp(TcpListener),
+    /// A Unix socket (mode 0660: give its group to Postfix).
+    Unix(UnixListener, std::path::PathBuf),
+}
+
+impl Listener {
+    /// Binds `addr`. A stale Unix socket file at the path is replaced.
+    pub async fn bind(addr: &ListenAddr) -> io::Result<Listener> {
+        match addr {
+            ListenAddr::Tcp(a) => Ok(Listener::Tcp(TcpListener::bind(a).await?)),
+            ListenAddr::Unix(path) => {
+                use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+                if let Ok(meta) = std::fs::symlink_metadata(path)
+                    && meta.file_type().is_socket()
+                {
+                    std::fs::remove_file(path)?;
+                }
+                let l = UnixListener::bind(path)?;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+                Ok(Listener::Unix(l, path.clone()))
+            }
+        }
+    }
+
+    /// The address bound (TCP).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().ok(),
+            Listener::Unix(..) => None,
+        }
+    }
+
+    /// A description for logs.
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map_or_else(|_| "tcp".into(), |a| a.to_string()),
+            Listener::Unix(_, p) => format!("unix:{}", p.display()),
+        }
+    }
+}
+
+/// How long connections get to finish their current request at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Serves `listeners` with `engine` until `shutdown` completes, then stops accepting,
+/// lets every connection finish the request it is on (connections stop only between
+/// requests), and writes a last snapshot if snapshots are configured.
+///
+/// Also runs the periodic sweep of idle keys and the periodic snapshot.
+pub async fn run(
+    listeners: Vec<Listener>,
+    engine: Arc<Engine>,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let cfg = engine.config();
+    let max = cfg.max_connections.min(Semaphore::MAX_PERMITS);
+    let permits = Arc::new(Semaphore::new(max));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    for listener in listeners {
+        tracing::info!(listen = %listener.describe(), "listening");
+        tasks.spawn(accept_loop(
+            listener,
+            Arc::clone(&engine),
+            Arc::clone(&permits),
+            stop_rx.clone(),
+        ));
+    }
+    tasks.spawn(maintenance(Arc::clone(&engine), stop_rx.clone()));
+    shutdown.await;
+    tracing::info!("shutting down: finishing requests in flight");
+    let _ = stop_tx.send(true);
+    while tasks.join_next().await.is_some() {}
+    // Every connection holds a permit; when all are back, all connections are done.
+    let all = u32::try_from(max).unwrap_or(u32::MAX);
+    if tokio::time::timeout(SHUTDOWN_GRACE, permits.acquire_many(all))
+        .await
+        .is_err()
+    {
+        tracing::warn!("some connections did not finish within {SHUTDOWN_GRACE:?}");
+    }
+    write_snapshot(&engine);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+async fn accept_loop(
+    listener: Listener,
+    engine: Arc<Engine>,
+    permits: Arc<Semaphore>,
+    stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        // Take a connection slot first: at the cap, new clients wait in the backlog
+        // while served clients keep being served.
+        let permit = tokio::select! {
+            p = Arc::clone(&permits).acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = stopped(stop.clone()) => return,
+        };
+        let accepted = tokio::select! {
+            r = accept(&listener) => r,
+            _ = stopped(stop.clone()) => return,
+        };
+        match accepted {
+            Ok(Accepted::Tcp(stream, peer)) => {
+                backoff = Duration::from_millis(5);
+                let ip = canonical(peer.ip());
+                if !engine.config().allow.iter().any(|n| n.contains(&ip)) {
+                    tracing::warn!(client = %peer, "connection refused: client not in [server] allow");
+                    continue;
+                }
+                let _ = stream.set_nodelay(true);
+                let engine = Arc::clone(&engine);
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    serve(stream, &peer.to_string(), &engine, stop).await;
+                    drop(permit);
+                });
+            }
+            Ok(Accepted::Unix(stream)) => {
+                backoff = Duration::from_millis(5);
+                let engine = Arc::clone(&engine);
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    serve(stream, "unix", &engine, stop).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: wait, then try again.
+                tracing::warn!(error = %e, "accept failed; retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+enum Accepted {
+    Tcp(tokio::net::TcpStream, SocketAddr),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(l: &Listener) -> io::Result<Accepted> {
+    match l {
+        Listener::Tcp(l) => l.accept().await.map(|(s, a)| Accepted::Tcp(s, a)),
+        Listener::Unix(l, _) => l.accept().await.map(|(s, _)| Accepted::Unix(s)),
+    }
+}
+
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Serves one connection until the client closes it, it idles out, it sends a
+/// malformed request (logged; nothing is sent; only this connection is closed), or
+/// the server shuts down (between requests).
+pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    peer: &str,
+    engine: &Engine,
+    stop: watch::Receiver<bool>,
+) {
+    let mut conn = Connection::new(stream, Limits::DEFAULT);
+    let mut state = ConnState::default();
+    loop {
+        let idle = engine.config().idle_timeout;
+        let next = tokio::select! {
+            r = tokio::time::timeout(idle, conn.read_request()) => r,
+            _ = stopped(stop.clone()) => return,
+        };
+        match next {
+            Err(_) => {
+                tracing::debug!(client = peer, "closing idle connection");
+                return;
+            }
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                tracing::warn!(client = peer, error = %e, "closing connection: bad request");
+                return;
+            }
+            Ok(Ok(Some(_))) => {}
+        }
+        let action = {
+            let mut slots = [Attribute::EMPTY; 64];
+            match conn.request(&mut slots) {
+                Ok(req) => engine.decide(&req, &mut state).await,
+                Err(e) => {
+                    tracing::warn!(client = peer, error = %e, "closing connection: bad request");
+                    return;
+                }
+            }
+        };
+        if let Err(e) = conn.write_response(&action).await {
+            tracing::debug!(client = peer, error = %e, "write failed");
+            return;
+        }
+    }
+}
+
+async fn maintenance(engine: Arc<Engine>, stop: watch::Receiver<bool>) {
+    let cfg = engine.config();
+    let mut sweep = tokio::time::interval(cfg.sweep_interval);
+    let snap_every = cfg
+        .snapshot
+        .as_ref()
+        .map_or(Duration::from_secs(3600), |s| s.interval);
+    let mut snap = tokio::time::interval(snap_every);
+    sweep.tick().await;
+    snap.tick().await;
+    loop {
+        tokio::select! {
+            _ = sweep.tick() => {
+                let e = Arc::clone(&engine);
+                let removed = tokio::task::spawn_blocking(move || e.sweep()).await.unwrap_or(0);
+                tracing::debug!(removed, "swept idle keys");
+            }
+            _ = snap.tick() => {
+                let e = Arc::clone(&engine);
+                let _ = tokio::task::spawn_blocking(move || write_snapshot(&e)).await;
+            }
+            _ = stopped(stop.clone()) => return,
+        }
+    }
+}
+
+/// Writes the memory store's snapshot, if configured; logs the outcome.
+pub fn write_snapshot(engine: &Engine) -> Option<ratelimit_core::store::snapshot::SnapshotStats> {
+    let cfg = engine.config();
+    let snap = cfg.snapshot.as_ref()?;
+    let mem = engine.counters().memory()?;
+    match mem.save_snapshot(&snap.path, engine.now()) {
+        Ok(stats) => {
+            engine.note_snapshot(engine.now());
+            tracing::debug!(path = %snap.path.display(), keys = stats.keys, bytes = stats.bytes, "snapshot written");
+            Some(stats)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "snapshot failed");
+            None
+        }
+    }
+}
