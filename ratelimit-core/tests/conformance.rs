@@ -693,6 +693,78 @@ mod redis_store {
         assert_eq!(acquire().unwrap().statuses()[0].used, 3);
     }
 
+    /// A private redis-server for tests that stop and restart it; killed on drop.
+    struct OwnServer {
+        child: std::process::Child,
+    }
+
+    impl OwnServer {
+        fn start(port: u16) -> OwnServer {
+            let bin = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+            let child = std::process::Command::new(&bin)
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no", "--dir", "/tmp"])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!("cannot start {bin} (apt-get install redis-server): {e}")
+                });
+            OwnServer { child }
+        }
+    }
+
+    impl Drop for OwnServer {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn wait_until_up(store: &RedisStore) {
+        for _ in 0..100 {
+            if store.ping().is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        store
+            .ping()
+            .expect("the test's own redis-server did not come up");
+    }
+
+    #[test]
+    #[ignore = "needs redis-server; scripts/test installs and starts it"]
+    fn the_store_reconnects_after_redis_restarts() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut c = config("restart", TimeSource::Caller);
+        c.url = format!("redis://127.0.0.1:{port}/");
+        c.connect_timeout = std::time::Duration::from_millis(300);
+        let store = RedisStore::new(c).unwrap();
+        let limits = [lim("100/1h")];
+        let t = Timestamp::from_millis(BASE);
+        let acquire = || store.check("carol", &limits, Cost::units(1), t, Mode::Acquire);
+
+        let server = OwnServer::start(port);
+        wait_until_up(&store);
+        assert_eq!(acquire().unwrap().statuses()[0].used, 0);
+        assert_eq!(acquire().unwrap().statuses()[0].used, 1);
+
+        drop(server); // killed: the pooled connection is dead, nothing listens
+        let err = acquire().unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+
+        let _server = OwnServer::start(port);
+        wait_until_up(&store);
+        // A new server (no persistence): counters and the script cache are gone,
+        // and the store reconnects and reloads the script by itself.
+        assert_eq!(acquire().unwrap().statuses()[0].used, 0);
+        assert_eq!(acquire().unwrap().statuses()[0].used, 1);
+    }
+
     #[test]
     #[ignore = "needs redis-server; scripts/test installs and starts it"]
     fn wrong_credentials_are_reported_as_unavailable_without_the_password() {
