@@ -777,6 +777,45 @@ mod redis_store {
         assert!(!err.to_string().contains("hunter2"), "{err}");
     }
 
+    #[test]
+    #[ignore = "needs redis-server; scripts/test installs and starts it"]
+    fn scan_reads_back_the_same_states_as_the_memory_store() {
+        use ratelimit_core::store::Scan;
+        use std::collections::BTreeMap;
+
+        let redis = store("scan", TimeSource::Caller);
+        let memory = MemoryStore::new();
+        let tiers = tiers();
+        let keys = ["alice@example.com", "odd {key} 100%", "ünï@例え.jp"];
+        for step in 0..40u64 {
+            let now = Timestamp::from_millis(BASE + step * 700);
+            let key = keys[(step % 3) as usize];
+            let limits = &tiers[(step % tiers.len() as u64) as usize];
+            let cost = Cost::message(step % 4, step * 1000);
+            let a = memory.check(key, limits, cost, now, Mode::Acquire).unwrap();
+            let b = redis.check(key, limits, cost, now, Mode::Acquire).unwrap();
+            assert_eq!(a, b);
+        }
+        let now = Timestamp::from_millis(BASE + 40 * 700);
+        // Per key: (counters, idle, used by every limit of every tier).
+        let summary = |store: &dyn Scan| {
+            let mut out = BTreeMap::new();
+            store.scan(&mut |key, state| {
+                let used: Vec<u64> = tiers.iter().flatten().map(|l| state.used(l, now)).collect();
+                out.insert(
+                    key.to_string(),
+                    (state.counter_count(), state.is_idle(now), used),
+                );
+            });
+            out
+        };
+        let want = summary(&memory);
+        assert_eq!(want.len(), 3);
+        assert_eq!(summary(&redis), want);
+        assert_eq!(redis.try_key_count().unwrap(), 3);
+        assert_eq!(Scan::key_count(&redis), 3);
+    }
+
     // --- Memory and Redis decide alike on random histories --------------------------
 
     /// Tiers mixing both algorithms, shared counters, odd windows, and bucket levels

@@ -14,7 +14,7 @@ use crate::quota::Limit;
 
 mod memory;
 #[cfg(feature = "redis")]
-mod redis;
+pub mod redis;
 pub mod snapshot;
 
 pub use memory::{MemoryStore, MemoryStoreConfig};

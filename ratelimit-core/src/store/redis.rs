@@ -16,7 +16,7 @@
 //!
 //! One hash per key, named `<prefix>{<encoded key>}` (`rl:{alice@example.com}`):
 //! - field `i`: `idle_at`, when every counter will have decayed (ms, decimal);
-//! - one field per counter, named by its [`CounterId`](crate::CounterId) in decimal: a
+//! - one field per counter, named by its [`CounterId`] in decimal: a
 //!   sliding window as `idx:count,idx:count` (the non-empty sub-windows, oldest first,
 //!   `idx` = sub-window number mod 2^32, as in `KeyState`); a token bucket as
 //!   `level:last` (level in unit·ms, which can exceed 2^53, so it is kept as a decimal
@@ -33,6 +33,14 @@
 //! TTL is only garbage collection: a hash that outlives `idle_at` reads as empty, and
 //! the grace keeps a hash from expiring early when the caller's clock lags the
 //! server's. A refused event or a peek writes nothing, not even the TTL.
+//!
+//! # Capabilities
+//!
+//! [`Reset`] is one `DEL`. [`Scan`] walks the keyspace with `SCAN` (never `KEYS`) and
+//! reads each batch of hashes in one pipelined round trip; it and `key_count` are
+//! O(keys) and meant for occasional admin use (top senders, statistics), with
+//! [`RedisStore::try_scan`] and [`RedisStore::try_key_count`] reporting Redis errors
+//! that the trait cannot. `Sweep` is not provided: Redis expires idle keys itself.
 //!
 //! # Time
 //!
@@ -65,10 +73,11 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use redis::{Connection, ConnectionLike, ErrorKind, RedisError, ServerErrorKind};
 
-use super::{Reset, Store, StoreError};
+use super::{Reset, Scan, Store, StoreError};
+use crate::algorithm::{Counter, CounterData, KeyState, Slot};
 use crate::clock::{Timestamp, duration_to_millis};
 use crate::decision::{Cost, Decision, Denial, LimitStatus, Mode};
-use crate::quota::{Algorithm, Limit};
+use crate::quota::{Algorithm, CounterId, Limit};
 
 /// The decision script (see the module docs).
 const SCRIPT: &str = include_str!("redis_check.lua");
@@ -549,6 +558,150 @@ impl Store for RedisStore {
     }
 }
 
+impl RedisStore {
+    /// Calls `f` for every key this store holds (every hash under its prefix) with its
+    /// state; returns how many. Walks the keyspace with `SCAN` (never `KEYS`, so the
+    /// server is not blocked) and reads each batch's hashes in one pipelined round
+    /// trip. Hashes past their `idle_at` but still within the TTL grace are included:
+    /// check [`KeyState::is_idle`] (with the Redis server's time under
+    /// [`TimeSource::Server`]). Keys written meanwhile may or may not be seen.
+    pub fn try_scan(&self, f: &mut dyn FnMut(&str, &KeyState)) -> Result<usize, StoreError> {
+        let mut seen = 0;
+        self.scan_names(&mut |store, names| {
+            let mut pipe = redis::pipe();
+            for name in names {
+                pipe.cmd("HGETALL").arg(name);
+            }
+            let hashes: Vec<Vec<(String, String)>> = store.run(|con| pipe.query(con))?;
+            for (name, fields) in names.iter().zip(hashes) {
+                // Expired between SCAN and HGETALL, or not one of ours.
+                let Some(key) = store.key_from_name(name) else {
+                    continue;
+                };
+                if fields.is_empty() {
+                    continue;
+                }
+                let state = state_from_fields(&fields).ok_or_else(|| {
+                    StoreError::Protocol(format!("unreadable rate-limit state in {name}"))
+                })?;
+                f(&key, &state);
+                seen += 1;
+            }
+            Ok(())
+        })?;
+        Ok(seen)
+    }
+
+    /// The number of keys this store holds, counted with `SCAN` (it walks the whole
+    /// keyspace: for occasional statistics, not the hot path).
+    pub fn try_key_count(&self) -> Result<usize, StoreError> {
+        let mut count = 0;
+        self.scan_names(&mut |_, names| {
+            count += names.len();
+            Ok(())
+        })?;
+        Ok(count)
+    }
+
+    fn scan_names(&self, batch: &mut NameBatch<'_>) -> Result<(), StoreError> {
+        let mut pattern = String::new();
+        for c in self.config.key_prefix.chars() {
+            if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+                pattern.push('\\');
+            }
+            pattern.push(c);
+        }
+        pattern.push_str("{*");
+        let mut cursor = 0u64;
+        loop {
+            let (next, names): (u64, Vec<String>) = self.run(|con| {
+                redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query(con)
+            })?;
+            if !names.is_empty() {
+                batch(self, &names)?;
+            }
+            if next == 0 {
+                return Ok(());
+            }
+            cursor = next;
+        }
+    }
+
+    /// The key whose hash is `name` (the inverse of [`RedisStore::key_name`]).
+    fn key_from_name(&self, name: &str) -> Option<String> {
+        let inner = name
+            .strip_prefix(self.config.key_prefix.as_str())?
+            .strip_prefix('{')?
+            .strip_suffix('}')?;
+        let mut out = Vec::with_capacity(inner.len());
+        let mut bytes = inner.bytes();
+        while let Some(b) = bytes.next() {
+            if b == b'%' {
+                let hex = [bytes.next()?, bytes.next()?];
+                let hex = std::str::from_utf8(&hex).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+            } else {
+                out.push(b);
+            }
+        }
+        String::from_utf8(out).ok()
+    }
+}
+
+/// Called with each batch of hash names that `SCAN` returns.
+type NameBatch<'a> = dyn FnMut(&RedisStore, &[String]) -> Result<(), StoreError> + 'a;
+
+/// Rebuilds a [`KeyState`] from a hash's fields (the layout in the module docs).
+fn state_from_fields(fields: &[(String, String)]) -> Option<KeyState> {
+    let mut state = KeyState::new();
+    for (field, value) in fields {
+        if field == "i" {
+            let v: u128 = value.parse().ok()?;
+            state.idle_at = u64::try_from(v).unwrap_or(u64::MAX);
+            continue;
+        }
+        let id = CounterId::from_u64(field.parse().ok()?);
+        let data = if id.is_bucket() {
+            let (level, last) = value.split_once(':')?;
+            CounterData::Bucket {
+                level: level.parse().ok()?,
+                last: last.parse().ok()?,
+            }
+        } else {
+            let mut slots = smallvec::SmallVec::new();
+            for slot in value.split(',').filter(|s| !s.is_empty()) {
+                let (idx, count) = slot.split_once(':')?;
+                slots.push(Slot {
+                    idx: idx.parse().ok()?,
+                    count: count.parse().ok()?,
+                });
+            }
+            CounterData::Window(slots)
+        };
+        state.counters.push(Counter { id, data });
+    }
+    Some(state)
+}
+
+impl Scan for RedisStore {
+    /// [`RedisStore::try_scan`]; a Redis failure ends the scan early (this trait
+    /// cannot report it: call `try_scan` to see it).
+    fn scan(&self, f: &mut dyn FnMut(&str, &KeyState)) {
+        let _ = self.try_scan(f);
+    }
+
+    /// [`RedisStore::try_key_count`], or 0 if Redis fails.
+    fn key_count(&self) -> usize {
+        self.try_key_count().unwrap_or(0)
+    }
+}
+
 impl Reset for RedisStore {
     /// One `DEL`.
     fn reset(&self, key: &str) -> Result<bool, StoreError> {
@@ -601,6 +754,11 @@ mod tests {
         unique.dedup();
         assert_eq!(unique.len(), names.len(), "{names:?}");
         assert_eq!(names[4], "rl:{ümlaut@例え.jp}");
+        for (k, n) in keys.iter().zip(&names) {
+            assert_eq!(store.key_from_name(n).as_deref(), Some(*k));
+        }
+        assert_eq!(store.key_from_name("rl:{a%2}"), None);
+        assert_eq!(store.key_from_name("other:{a}"), None);
     }
 
     #[test]
