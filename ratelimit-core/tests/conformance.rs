@@ -816,6 +816,35 @@ mod redis_store {
         assert_eq!(Scan::key_count(&redis), 3);
     }
 
+    #[test]
+    #[ignore = "needs redis-server; scripts/test installs and starts it"]
+    fn concurrent_callers_together_never_exceed_a_limit() {
+        let store = store("concurrent", TimeSource::Server);
+        let limits = [lim("100/1h"), bucket(1, 3_600_000, 120)];
+        let admitted = AtomicU64::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..60 {
+                        let d = store
+                            .check(
+                                "shared",
+                                &limits,
+                                Cost::units(1),
+                                Timestamp::EPOCH,
+                                Mode::Acquire,
+                            )
+                            .unwrap();
+                        if d.is_allowed() {
+                            admitted.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(admitted.load(Ordering::Relaxed), 100);
+    }
+
     // --- Memory and Redis decide alike on random histories --------------------------
 
     /// Tiers mixing both algorithms, shared counters, odd windows, and bucket levels
