@@ -22,7 +22,8 @@
 //! - [`quota`]: what is allowed — [`Limit`] (`"100/1h"`), [`Unit`], [`Algorithm`];
 //!   [`tier`]: named sets of limits and who is in which.
 //! - [`algorithm`]: how it is decided — [`KeyState::apply`], pure code.
-//! - [`store`]: where state lives — the [`Store`] trait, [`MemoryStore`], snapshots.
+//! - [`store`]: where state lives — the [`Store`] trait, [`MemoryStore`], snapshots,
+//!   and with the cargo feature `redis` the shared `store::RedisStore`.
 //! - [`clock`]: when "now" is — [`Clock`], [`SystemClock`], [`ManualClock`].
 //!
 //! [`decision`] holds what a check returns: a denial is data ([`Decision`]); a store

@@ -3,6 +3,9 @@
 //! The store is the one seam between the algorithm ([`KeyState::apply`]) and storage.
 //! Optional capabilities are separate traits: [`Sweep`] (forget idle keys), [`Scan`]
 //! (iterate for snapshots and top-N), [`Reset`] (forget one key).
+//!
+//! Stores: [`MemoryStore`] (sharded, in process) and, with the cargo feature `redis`,
+//! [`RedisStore`] (shared by every host using the same Redis).
 
 use crate::algorithm::KeyState;
 use crate::clock::Timestamp;
@@ -10,9 +13,13 @@ use crate::decision::{Cost, Decision, Mode};
 use crate::quota::Limit;
 
 mod memory;
+#[cfg(feature = "redis")]
+pub mod redis;
 pub mod snapshot;
 
 pub use memory::{MemoryStore, MemoryStoreConfig};
+#[cfg(feature = "redis")]
+pub use redis::{RedisStore, RedisStoreConfig, TimeSource};
 pub use snapshot::SnapshotError;
 
 /// A store failed to decide. (A refusal is not an error: it is a [`Decision`].)
