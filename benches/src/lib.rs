@@ -15,6 +15,8 @@
 //! - [`users`] picks which user sends the next message (uniform, Zipf, or
 //!   sequential).
 //! - [`duration`] parses `10s`-style command-line durations.
+//! - [`keyspace`] renders keys, orders them and paces simulated time for the
+//!   in-process store benches (`benches/core.rs`, `benches/keymem.rs`).
 //!
 //! # Examples
 //!
@@ -33,6 +35,7 @@
 
 pub mod duration;
 pub mod framing;
+pub mod keyspace;
 pub mod reply;
 pub mod request;
 pub mod users;
