@@ -26,6 +26,7 @@
 //!     let action = Action::Dunno; // the policy decides here
 //!     conn.write_response(&action).await?;
 //! }
+//! drop(conn); // closes the server side, so the client sees EOF
 //!
 //! let mut reply = Vec::new();
 //! postfix.read_to_end(&mut reply).await?;
