@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ratelimit_core::store::SnapshotError;
+use ratelimit_core::store::{RedisStore, RedisStoreConfig, SnapshotError, TimeSource};
 use ratelimit_core::{Clock, MemoryStore, MemoryStoreConfig, SystemClock};
 
 use crate::config::{self, Backend, Config, ConfigError, ListenAddr};
@@ -61,7 +61,34 @@ pub fn build_engine(cfg: Config, clock: Arc<dyn Clock>) -> Result<Arc<Engine>, S
             }
             Counters::Memory(Arc::new(store))
         }
-        Backend::Redis { .. } => Counters::Remote(crate::redis_backend::connect(&cfg.backend)?),
+        Backend::Redis {
+            url,
+            key_prefix,
+            connect_timeout,
+            command_timeout,
+            server_time,
+        } => {
+            let mut rc = RedisStoreConfig::new(url.clone());
+            rc.key_prefix = key_prefix.clone();
+            rc.connect_timeout = *connect_timeout;
+            rc.command_timeout = *command_timeout;
+            rc.time_source = if *server_time {
+                TimeSource::Server
+            } else {
+                TimeSource::Caller
+            };
+            let store = RedisStore::new(rc).map_err(|e| StartError::Store(e.to_string()))?;
+            // Not fatal: Redis may come up after us; decisions fail per on_store_error until it does.
+            match store.ping() {
+                Ok(()) => {
+                    tracing::info!(redis = %store.config().redacted_url(), "connected to Redis")
+                }
+                Err(e) => {
+                    tracing::warn!(redis = %store.config().redacted_url(), error = %e, "Redis is not answering yet; answering per on_store_error until it does")
+                }
+            }
+            Counters::Remote(Arc::new(store))
+        }
     };
     Ok(Arc::new(Engine::new(cfg, counters, clock)))
 }

@@ -17,5 +17,4 @@ pub mod connection;
 pub mod daemon;
 pub mod policy;
 pub mod protocol;
-mod redis_backend;
 pub mod server;

@@ -22,7 +22,7 @@ use ahash::AHashMap;
 use arc_swap::ArcSwap;
 use ipnet::IpNet;
 use parking_lot::Mutex;
-use ratelimit_core::store::{Reset, Scan, Sweep};
+use ratelimit_core::store::{RedisStore, Reset, Scan, Sweep};
 use ratelimit_core::{
     Clock, Cost, Decision, Limit, MemoryStore, Mode, Store, StoreError, Tier, Timestamp,
 };
@@ -35,9 +35,9 @@ use crate::protocol::{Action, PolicyRequest, Stage};
 pub enum Counters {
     /// In-process: decided inline, without leaving the connection's task.
     Memory(Arc<MemoryStore>),
-    /// A store that may block on the network (Redis): decided on the blocking pool,
-    /// bounded by `decision_timeout`.
-    Remote(Arc<dyn Store>),
+    /// Redis, shared by every server using it: decided on the blocking pool, bounded
+    /// by `decision_timeout`.
+    Remote(Arc<RedisStore>),
 }
 
 impl Counters {
@@ -436,15 +436,28 @@ impl Engine {
         self.incidents.lock().retain(|(k, _), _| k != key);
         match &self.counters {
             Counters::Memory(m) => m.reset(key),
-            Counters::Remote(_) => Err(StoreError::Unavailable(
-                "reset is not supported by this store".into(),
-            )),
+            Counters::Remote(r) => r.reset(key),
         }
     }
 
     /// Number of tracked keys (memory store), if known.
     pub fn tracked_keys(&self) -> Option<usize> {
         self.counters.memory().map(|m| m.key_count())
+    }
+
+    /// Calls `f` for every tracked key with its state (memory: one shard lock at a
+    /// time; Redis: SCAN, for admin use).
+    pub fn scan(
+        &self,
+        f: &mut dyn FnMut(&str, &ratelimit_core::KeyState),
+    ) -> Result<(), StoreError> {
+        match &self.counters {
+            Counters::Memory(m) => {
+                m.scan(f);
+                Ok(())
+            }
+            Counters::Remote(r) => r.try_scan(f).map(|_| ()),
+        }
     }
 }
 
@@ -577,13 +590,10 @@ pub fn fmt_time_of_day(ms: u64) -> String {
 
 /// Tracked keys and their usage of their tier's first limit, heaviest first.
 pub fn top_senders(engine: &Engine, n: usize) -> Vec<(String, String, u64, u64)> {
-    let Some(mem) = engine.counters.memory() else {
-        return Vec::new();
-    };
     let cfg = engine.config();
     let now = engine.now();
     let mut all: Vec<(String, String, u64, u64)> = Vec::new();
-    mem.scan(&mut |key, state| {
+    let _ = engine.scan(&mut |key, state| {
         let tier = cfg.tiers.tier_of(key);
         if let Some(first) = tier.limits().first() {
             let used = state.used(first, now);
