@@ -1,6 +1,8 @@
 //! A policy server on 127.0.0.1:0 for integration tests, and a raw-bytes client.
 #![allow(dead_code)]
 
+pub mod proc;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
