@@ -259,3 +259,49 @@ fn hold_goes_to_the_hold_queue_and_late_refusals_report_their_step() {
     assert!(pf.hold_queue().is_empty());
     assert_eq!(pf.delivered_messages()[0].mail_from, "mallory@example.com");
 }
+
+#[test]
+#[ignore = "needs a real Postfix; scripts/test installs it and runs ignored tests"]
+fn no_open_relay_and_policy_outage_gives_the_default_action() {
+    // Nothing listens on the policy address.
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let pf = PostfixInstance::start(PostfixOptions::new(dead)).unwrap_or_else(|e| panic!("{e}"));
+
+    // Unauthenticated and outside mynetworks: refused as a relay before the
+    // policy service is asked (else this would be the 451 below).
+    let anon = pf.send_as("", "192.0.2.9", "anon@example.com", &["x@example.net"], "x");
+    let (step, reply) = anon.first_error.clone().expect("relay refused");
+    assert_eq!(
+        (step, reply.code),
+        (SmtpStep::RcptTo("x@example.net".into()), 554),
+        "{anon:#?}"
+    );
+    assert!(reply.text().contains("Relay access denied"), "{anon:#?}");
+
+    // Authenticated: the policy service is consulted, is down, and Postfix
+    // answers smtpd_policy_service_default_action.
+    let alice = pf.send_as(
+        "alice",
+        "192.0.2.10",
+        "alice@example.com",
+        &["x@example.net"],
+        "x",
+    );
+    let (step, reply) = alice.first_error.clone().expect("policy outage");
+    assert_eq!(
+        (step, reply.code),
+        (SmtpStep::RcptTo("x@example.net".into()), 451),
+        "{alice:#?}"
+    );
+    // Postfix formats it like any restriction reply: "4.3.5 <rcpt>: Recipient
+    // address rejected: policy service unavailable".
+    let text = reply.text();
+    assert!(
+        text.starts_with("4.3.5 ") && text.ends_with("policy service unavailable"),
+        "{alice:#?}"
+    );
+    pf.assert_delivered_exactly(0, WAIT);
+}
