@@ -35,6 +35,13 @@ pub const KEEP_ENV: &str = "RATELIMIT_KEEP_POSTFIX";
 const NOT_INSTALLED: &str = "Postfix is not installed (needs the Debian packages postfix and \
      libsasl2-modules); run scripts/test, which installs them and runs the ignored tests";
 
+/// Prefix of every instance directory: `/tmp/ratelimit-postfix-PID-N-NANOS`.
+const ROOT_PREFIX: &str = "ratelimit-postfix-";
+/// In an instance directory: smtp-sink's pid (for sweeping after a crash).
+const SINK_PID_FILE: &str = "smtp-sink.pid";
+/// In an instance directory kept with `RATELIMIT_KEEP_POSTFIX=1`: never swept.
+const KEPT_MARKER: &str = "KEPT";
+
 static INSTANCE_COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// An SMTP stage at which `check_policy_service` is wired.
@@ -191,6 +198,7 @@ impl PostfixInstance {
                 "a private Postfix instance needs root (postfix start, smtp-sink -u nobody)",
             ));
         }
+        sweep_stale(&bins);
         // A port picked by bind-and-release can be taken by someone else before
         // Postfix or the sink binds it: retry the whole start a few times.
         let mut last_err = None;
@@ -382,6 +390,7 @@ postlog   unix-dgram n  -       n       -       1       postlogd
             .stdout(sink_log.try_clone()?)
             .stderr(sink_log)
             .spawn()?;
+        fs::write(self.root.join(SINK_PID_FILE), child.id().to_string())?;
         self.sink = Some(child);
         let deadline = Instant::now() + self.opts.io_timeout;
         loop {
@@ -792,6 +801,7 @@ impl Drop for PostfixInstance {
             let _ = sink.wait();
         }
         if std::env::var(KEEP_ENV).is_ok_and(|v| v == "1") {
+            let _ = fs::write(self.root.join(KEPT_MARKER), "");
             eprintln!("{KEEP_ENV}=1: keeping {}", self.root.display());
         } else {
             let _ = fs::remove_dir_all(&self.root);
@@ -1069,5 +1079,55 @@ fn make_root_dir() -> io::Result<(PathBuf, usize)> {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e),
         }
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Clean up after test processes that died without running `Drop` (killed,
+/// aborted): their Postfix master and smtp-sink daemons would otherwise run
+/// forever. Only directories whose creating test process is gone are touched,
+/// so instances of concurrent test runs are safe; kept ones are left alone.
+fn sweep_stale(bins: &Binaries) {
+    let Ok(entries) = fs::read_dir("/tmp") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(owner) = name
+            .strip_prefix(ROOT_PREFIX)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let dir = entry.path();
+        if pid_alive(owner) || dir.join(KEPT_MARKER).exists() {
+            continue;
+        }
+        if dir.join("etc/main.cf").exists() {
+            let _ = Command::new(&bins.postfix)
+                .arg("-c")
+                .arg(dir.join("etc"))
+                .arg("abort")
+                .stdin(Stdio::null())
+                .output();
+        }
+        let sink_pid = fs::read_to_string(dir.join(SINK_PID_FILE))
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok());
+        if let Some(pid) = sink_pid {
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            if cmdline.contains("smtp-sink") && cmdline.contains(&name) {
+                let _ = Command::new("kill")
+                    .arg("-KILL")
+                    .arg(pid.to_string())
+                    .status();
+            }
+        }
+        let _ = fs::remove_dir_all(&dir);
     }
 }
