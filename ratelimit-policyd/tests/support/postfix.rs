@@ -226,10 +226,11 @@ impl PostfixInstance {
         let (nobody_uid, nobody_gid) = nobody_ids();
         std::os::unix::fs::chown(&sink_dir, Some(nobody_uid), Some(nobody_gid))?;
 
+        let [smtpd_addr, sink_addr] = free_loopback_ports()?;
         let mut pf = PostfixInstance {
             maillog: log_dir.join("maillog"),
-            smtpd_addr: free_loopback_port()?,
-            sink_addr: free_loopback_port()?,
+            smtpd_addr,
+            sink_addr,
             root,
             config_dir,
             queue_dir,
@@ -1051,10 +1052,12 @@ fn nobody_ids() -> (u32, u32) {
         .unwrap_or((65534, 65534))
 }
 
-/// Bind 127.0.0.1:0 to learn a free port, then release it.
-fn free_loopback_port() -> io::Result<SocketAddr> {
-    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    l.local_addr()
+/// Two distinct free ports: bind 127.0.0.1:0 twice (both held at once, so
+/// they differ), note the ports, release them.
+fn free_loopback_ports() -> io::Result<[SocketAddr; 2]> {
+    let a = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let b = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    Ok([a.local_addr()?, b.local_addr()?])
 }
 
 /// A fresh `/tmp/ratelimit-postfix-PID-N-NANOS`, mode 0755, owned by us (root).
