@@ -142,7 +142,8 @@ pub fn postfix_wiring(listen: &[String]) -> String {
         .unwrap_or_else(|| "inet:127.0.0.1:10031".into());
     format!(
         "wire Postfix to this server in main.cf (or per service in master.cf):\n  \
-         smtpd_recipient_restrictions = check_policy_service {target}, permit_sasl_authenticated, reject_unauth_destination\n  \
+         smtpd_relay_restrictions = permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination\n  \
+         smtpd_recipient_restrictions = check_policy_service {target}, permit_sasl_authenticated, permit_mynetworks, reject_unauth_destination\n  \
          smtpd_data_restrictions = check_policy_service {target}\n  \
          smtpd_end_of_data_restrictions = check_policy_service {target}\n  \
          smtpd_policy_service_default_action = DUNNO   # when this server is down: DUNNO lets mail through, the default 451 4.3.5 defers it"
