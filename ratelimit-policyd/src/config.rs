@@ -526,7 +526,7 @@ pub fn parse(text: &str, file: &str, base: Option<&Path>) -> Result<Config, Conf
                 .redis_url
                 .clone()
                 .unwrap_or_else(|| "redis://127.0.0.1:6379/".into()),
-            key_prefix: st.redis_key_prefix.clone().unwrap_or_else(|| "rl".into()),
+            key_prefix: st.redis_key_prefix.clone().unwrap_or_else(|| "rl:".into()),
             connect_timeout: cx.duration(
                 &st.redis_connect_timeout,
                 "store.redis_connect_timeout",
