@@ -86,7 +86,8 @@ impl Report {
     }
 }
 
-/// Replays the JSON lines of `input` through `cfg`.
+/// Replays the JSON lines of `input` through `cfg` (starts its own runtime: call
+/// [`replay`] from async code).
 pub fn run(cfg: Config, input: impl BufRead) -> std::io::Result<Report> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
@@ -94,7 +95,8 @@ pub fn run(cfg: Config, input: impl BufRead) -> std::io::Result<Report> {
     rt.block_on(replay(cfg, input))
 }
 
-async fn replay(cfg: Config, input: impl BufRead) -> std::io::Result<Report> {
+/// Replays the JSON lines of `input` through `cfg`.
+pub async fn replay(cfg: Config, input: impl BufRead) -> std::io::Result<Report> {
     let max_keys = match &cfg.backend {
         Backend::Memory { max_keys } => *max_keys,
         Backend::Redis { .. } => MemoryStoreConfig::default().max_keys,

@@ -128,10 +128,17 @@ async fn worker(
             _ = stop.wait_for(|s| *s) => return,
         };
         let cfg = engine.config();
-        let (cmd, hook) = tokio::join!(
-            run_command(&cfg.ops.alerts, &alert),
-            post_webhook(&cfg.ops.alerts, &alert)
-        );
+        let deliver = async {
+            tokio::join!(
+                run_command(&cfg.ops.alerts, &alert),
+                post_webhook(&cfg.ops.alerts, &alert)
+            )
+        };
+        // At shutdown an alert in progress is abandoned (a command is killed).
+        let (cmd, hook) = tokio::select! {
+            r = deliver => r,
+            _ = stop.wait_for(|s| *s) => return,
+        };
         for outcome in [cmd, hook].into_iter().flatten() {
             let counter = if outcome {
                 &engine.ops.alerts_sent
