@@ -220,9 +220,10 @@ pub fn render(report: &Report, config: &str) -> String {
         }
         let _ = writeln!(
             s,
-            "\nrefused requests per user ({} in all, {} users):",
+            "\nrefused requests per user ({} in all, {} user{}):",
             report.refused().count(),
-            per_user.len()
+            per_user.len(),
+            if per_user.len() == 1 { "" } else { "s" }
         );
         for (user, (count, a, b)) in &per_user {
             let _ = writeln!(

@@ -81,7 +81,7 @@ pub fn render(r: &TopReply) -> String {
     for x in &r.senders {
         let _ = writeln!(
             s,
-            "{:<w$}  {:<12} {:>8} / {:<8}",
+            "{:<w$}  {:<12} {:>8} / {}",
             x.user, x.tier, x.used, x.limit
         );
     }
