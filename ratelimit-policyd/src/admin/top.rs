@@ -73,11 +73,7 @@ pub fn render(r: &TopReply) -> String {
         .max()
         .unwrap_or(4)
         .max(4);
-    let _ = writeln!(
-        s,
-        "{:<w$}  {:<12} {:>8} / {:<8}",
-        "USER", "TIER", "USED", "LIMIT"
-    );
+    let _ = writeln!(s, "{:<w$}  {:<12} {:>8} / LIMIT", "USER", "TIER", "USED");
     for x in &r.senders {
         let _ = writeln!(
             s,
