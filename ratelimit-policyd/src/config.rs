@@ -1024,6 +1024,7 @@ pub fn describe(cfg: &Config) -> String {
         cfg.exempt_domains.len(),
         cfg.exempt_clients.len()
     );
+    s.push_str(&crate::ops::config::describe(&cfg.ops));
     s
 }
 

@@ -303,6 +303,56 @@ pub fn build(
     Ok(ops)
 }
 
+/// Lines for `check-config` (no secrets: the token is shown as set or not, the
+/// webhook by host).
+pub fn describe(ops: &OpsConfig) -> String {
+    let mut out = String::new();
+    let a = &ops.alerts;
+    if a.enabled() {
+        out.push_str(&format!(
+            "alerts: {}{}{} (timeout {:?}, queue {})\n",
+            a.command
+                .as_ref()
+                .map_or(String::new(), |c| format!("command `{c}`")),
+            if a.command.is_some() && a.webhook_url.is_some() {
+                ", "
+            } else {
+                ""
+            },
+            a.webhook_url.as_ref().map_or(String::new(), |u| format!(
+                "webhook http://{}/...{}",
+                u.authority,
+                if a.webhook_token.is_some() {
+                    " with a bearer token"
+                } else {
+                    ""
+                }
+            )),
+            a.timeout,
+            a.queue
+        ));
+    } else {
+        out.push_str("alerts: off\n");
+    }
+    match ops.metrics {
+        Some(m) => out.push_str(&format!("metrics: http://{m}/metrics\n")),
+        None => out.push_str("metrics: off\n"),
+    }
+    match &ops.admin.socket {
+        Some(p) => out.push_str(&format!(
+            "admin socket: {} (tier overrides in {})\n",
+            p.display(),
+            ops.admin.tier_overrides.display()
+        )),
+        None => out.push_str("admin socket: off\n"),
+    }
+    match &ops.record {
+        Some(p) => out.push_str(&format!("recording requests to {}\n", p.display())),
+        None => out.push_str("recording: off\n"),
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,5 +378,14 @@ mod tests {
             "http://hooks.example/..."
         );
         assert_eq!(format!("{:?}", Secret("s3cret".into())), "Secret(***)");
+        let mut ops = OpsConfig::default();
+        ops.alerts.webhook_url = HttpUrl::parse("http://h.example/x?token=abc").ok();
+        ops.alerts.webhook_token = Some(Secret("s3cret".into()));
+        let d = describe(&ops);
+        assert!(
+            d.contains("webhook http://h.example/... with a bearer token"),
+            "{d}"
+        );
+        assert!(!d.contains("s3cret") && !d.contains("abc"), "{d}");
     }
 }
