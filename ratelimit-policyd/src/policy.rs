@@ -235,7 +235,13 @@ impl Engine {
             Ok(decision) => self.answer(&cfg, &key, &tier, &decision, now, req),
             Err(e) => {
                 self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(user = %key, error = %e, fail = ?cfg.on_store_error, "store failure");
+                // During an outage every request fails: warn at most every few seconds.
+                match self.ops.store_error_log_due(now.as_millis()) {
+                    Some(suppressed) => {
+                        tracing::warn!(user = %key, error = %e, fail = ?cfg.on_store_error, suppressed, "store failure")
+                    }
+                    None => tracing::debug!(user = %key, error = %e, "store failure"),
+                }
                 match cfg.on_store_error {
                     FailMode::Open => Action::Dunno,
                     FailMode::Closed => Action::DeferIfPermit(Cow::Borrowed(

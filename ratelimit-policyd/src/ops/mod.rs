@@ -91,6 +91,10 @@ impl Outcome {
 /// the tier label `"other"`.
 pub const MAX_TIER_LABELS: usize = 64;
 
+/// Store failures are logged at WARN at most this often (ms); the others at DEBUG,
+/// and counted in `ratelimit_store_errors_total`.
+pub const STORE_ERROR_LOG_EVERY_MS: u64 = 10_000;
+
 /// Upper bounds of the request latency histogram, in microseconds.
 pub const LATENCY_BUCKETS_US: [u64; 14] = [
     50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
@@ -175,6 +179,8 @@ pub struct OpsState {
     ready: watch::Sender<bool>,
     reload: Mutex<Option<ReloadHook>>,
     started: Instant,
+    store_error_logged_ms: AtomicU64,
+    store_errors_suppressed: AtomicU64,
 }
 
 impl Default for OpsState {
@@ -197,6 +203,8 @@ impl Default for OpsState {
             ready: watch::channel(false).0,
             reload: Mutex::new(None),
             started: Instant::now(),
+            store_error_logged_ms: AtomicU64::new(0),
+            store_errors_suppressed: AtomicU64::new(0),
         }
     }
 }
@@ -298,6 +306,25 @@ impl OpsState {
     /// What `admin reload` does, if set.
     pub fn reload_hook(&self) -> Option<ReloadHook> {
         self.reload.lock().clone()
+    }
+
+    /// Whether a store failure at `now_ms` should be logged at WARN (at most one per
+    /// [`STORE_ERROR_LOG_EVERY`]); if so, how many were not since the last one.
+    pub fn store_error_log_due(&self, now_ms: u64) -> Option<u64> {
+        let last = self.store_error_logged_ms.load(Ordering::Relaxed);
+        if last != 0 && now_ms < last.saturating_add(STORE_ERROR_LOG_EVERY_MS) {
+            self.store_errors_suppressed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        if self
+            .store_error_logged_ms
+            .compare_exchange(last, now_ms.max(1), Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            self.store_errors_suppressed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(self.store_errors_suppressed.swap(0, Ordering::Relaxed))
     }
 
     /// Time since the engine was built.
@@ -417,6 +444,16 @@ mod tests {
         assert_eq!(b.last(), Some(&3));
         assert_eq!(n, 3);
         assert_eq!(sum, 5_000_340);
+    }
+
+    #[test]
+    fn store_failures_are_logged_at_most_every_ten_seconds() {
+        let ops = OpsState::default();
+        assert_eq!(ops.store_error_log_due(1_000), Some(0));
+        assert_eq!(ops.store_error_log_due(2_000), None);
+        assert_eq!(ops.store_error_log_due(10_999), None);
+        assert_eq!(ops.store_error_log_due(11_000), Some(2));
+        assert_eq!(ops.store_error_log_due(11_001), None);
     }
 
     #[test]
