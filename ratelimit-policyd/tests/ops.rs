@@ -89,13 +89,7 @@ async fn a_burst_of_refusals_logs_one_incident_line_naming_the_clients_seen() {
 #[tokio::test]
 async fn json_logs_carry_the_incident_fields() {
     let logs = Logs::default();
-    let l2 = logs.clone();
-    let sub = tracing_subscriber::fmt()
-        .json()
-        .with_ansi(false)
-        .with_writer(move || l2.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(sub);
+    let _guard = logs.capture_json(tracing::Level::INFO);
     let dir = tempfile::tempdir().unwrap();
     let srv = start(dir.path(), &config("")).await;
     let mut c = srv.client().await;

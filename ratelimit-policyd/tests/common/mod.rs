@@ -34,6 +34,7 @@ pub async fn start(dir: &Path, toml: &str) -> Server {
 }
 
 pub async fn start_at(dir: &Path, toml: &str, clock: ManualClock) -> Server {
+    init_logs();
     let config_path = dir.join("ratelimit.toml");
     std::fs::write(&config_path, toml).unwrap();
     let listen: ListenAddr = "127.0.0.1:0".parse().unwrap();
@@ -160,20 +161,103 @@ impl std::io::Write for Logs {
     }
 }
 
+thread_local! {
+    static CURRENT: std::cell::RefCell<Option<tracing::Dispatch>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The global subscriber of the test binary: forwards to this thread's capturing
+/// subscriber, if any. (Scoped `set_default` subscribers share tracing's global
+/// callsite cache, so tests running in parallel could disable each other's events.)
+struct PerThread;
+
+fn with_current<T>(f: impl FnOnce(&tracing::Dispatch) -> T) -> Option<T> {
+    CURRENT.with(|c| c.borrow().as_ref().map(f))
+}
+
+impl tracing::Subscriber for PerThread {
+    fn register_callsite(
+        &self,
+        _: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        tracing::subscriber::Interest::sometimes()
+    }
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        Some(tracing::level_filters::LevelFilter::TRACE)
+    }
+    fn enabled(&self, m: &tracing::Metadata<'_>) -> bool {
+        with_current(|d| d.enabled(m)).unwrap_or(false)
+    }
+    fn new_span(&self, a: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        with_current(|d| d.new_span(a)).unwrap_or_else(|| tracing::span::Id::from_u64(1))
+    }
+    fn record(&self, id: &tracing::span::Id, v: &tracing::span::Record<'_>) {
+        with_current(|d| d.record(id, v));
+    }
+    fn record_follows_from(&self, a: &tracing::span::Id, b: &tracing::span::Id) {
+        with_current(|d| d.record_follows_from(a, b));
+    }
+    fn event(&self, e: &tracing::Event<'_>) {
+        with_current(|d| d.event(e));
+    }
+    fn enter(&self, id: &tracing::span::Id) {
+        with_current(|d| d.enter(id));
+    }
+    fn exit(&self, id: &tracing::span::Id) {
+        with_current(|d| d.exit(id));
+    }
+}
+
+/// Installs [`PerThread`] as the global subscriber (once per test binary).
+pub fn init_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = tracing::subscriber::set_global_default(PerThread);
+    });
+}
+
+/// Stops capturing on this thread when dropped.
+pub struct Capture;
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        CURRENT.with(|c| c.borrow_mut().take());
+    }
+}
+
 impl Logs {
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
     }
 
-    /// Captures this thread's logs at `level` until the guard is dropped (tests run the
-    /// server on a current-thread runtime, so its tasks log on this thread).
-    pub fn capture(&self, level: tracing::Level) -> tracing::subscriber::DefaultGuard {
+    /// Captures this thread's logs at `level` (text format) until the guard is dropped.
+    /// Tests run the server on a current-thread runtime, so its tasks log on this thread.
+    pub fn capture(&self, level: tracing::Level) -> Capture {
         let logs = self.clone();
-        let sub = tracing_subscriber::fmt()
-            .with_max_level(level)
-            .with_ansi(false)
-            .with_writer(move || logs.clone())
-            .finish();
-        tracing::subscriber::set_default(sub)
+        self.capture_with(
+            tracing_subscriber::fmt()
+                .with_max_level(level)
+                .with_ansi(false)
+                .with_writer(move || logs.clone())
+                .finish(),
+        )
+    }
+
+    /// Captures in JSON.
+    pub fn capture_json(&self, level: tracing::Level) -> Capture {
+        let logs = self.clone();
+        self.capture_with(
+            tracing_subscriber::fmt()
+                .json()
+                .with_max_level(level)
+                .with_ansi(false)
+                .with_writer(move || logs.clone())
+                .finish(),
+        )
+    }
+
+    fn capture_with(&self, sub: impl tracing::Subscriber + Send + Sync + 'static) -> Capture {
+        init_logs();
+        CURRENT.with(|c| *c.borrow_mut() = Some(tracing::Dispatch::new(sub)));
+        Capture
     }
 }
