@@ -208,6 +208,8 @@ pub struct Config {
     pub policies: AHashMap<String, TierPolicy>,
     /// The tier map file, re-read on reload.
     pub assign_file: Option<PathBuf>,
+    /// Alerts, metrics, admin socket, recording (`[alerts]`, `[metrics]`, `[admin]`, `[record]`).
+    pub ops: crate::ops::config::OpsConfig,
 }
 
 // ---------------------------------------------------------------- raw structs
@@ -229,6 +231,14 @@ struct RawConfig {
     #[serde(default)]
     assign: BTreeMap<String, Spanned<String>>,
     assign_file: Option<Spanned<String>>,
+    #[serde(default)]
+    alerts: crate::ops::config::RawAlerts,
+    #[serde(default)]
+    metrics: crate::ops::config::RawMetrics,
+    #[serde(default)]
+    admin: crate::ops::config::RawAdmin,
+    #[serde(default)]
+    record: crate::ops::config::RawRecord,
 }
 
 #[derive(Deserialize, Default)]
@@ -362,6 +372,7 @@ fn minimal() -> Config {
         tiers: TierMap::new(tier),
         policies,
         assign_file: None,
+        ops: crate::ops::config::OpsConfig::default(),
     }
 }
 
@@ -593,6 +604,10 @@ pub fn parse(text: &str, file: &str, base: Option<&Path>) -> Result<Config, Conf
         "store.sweep_interval",
         cfg.sweep_interval,
     )?;
+
+    // [alerts], [metrics], [admin], [record]
+    cfg.ops = crate::ops::config::build(&raw.alerts, &raw.metrics, &raw.admin, &raw.record, base)
+        .or_else(|(span, field, message)| cx.err(span, &field, message))?;
 
     // [keying]
     let k = &raw.keying;
@@ -1009,6 +1024,7 @@ pub fn describe(cfg: &Config) -> String {
         cfg.exempt_domains.len(),
         cfg.exempt_clients.len()
     );
+    s.push_str(&crate::ops::config::describe(&cfg.ops));
     s
 }
 

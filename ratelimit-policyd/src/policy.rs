@@ -105,6 +105,8 @@ pub struct Incident {
     pub clears_at: Option<u64>,
     /// The client address of the refused request.
     pub client_address: Option<String>,
+    /// The last few distinct client addresses of the key, most recent first.
+    pub clients: Vec<String>,
     /// Whether the refusal was only logged (warn tier).
     pub dry_run: bool,
 }
@@ -119,6 +121,8 @@ pub struct Engine {
     clock: Arc<dyn Clock>,
     /// Counters for metrics.
     pub stats: Stats,
+    /// Operational counters and worker handles (metrics, alerts, recording).
+    pub ops: crate::ops::OpsState,
     incidents: Mutex<AHashMap<(String, usize), u64>>,
     incident_sink: Mutex<Option<IncidentSink>>,
     peeks_without_eom: AtomicU64,
@@ -141,6 +145,7 @@ impl Engine {
             counters,
             clock,
             stats: Stats::default(),
+            ops: crate::ops::OpsState::default(),
             incidents: Mutex::new(AHashMap::new()),
             incident_sink: Mutex::new(None),
             peeks_without_eom: AtomicU64::new(0),
@@ -210,6 +215,7 @@ impl Engine {
         if tier.is_unlimited() {
             return self.skip();
         }
+        self.ops.clients.note(&key, req.client_address);
         if mode == Mode::Acquire
             && let Some(instance) = req.instance
             && conn.last_instance == instance
@@ -224,11 +230,18 @@ impl Engine {
         };
         let now = self.clock.now();
         let result = self.check(&cfg, &key, &tier, cost, now, mode).await;
+        let allowed = result.as_ref().ok().map(Decision::is_allowed);
         let answer = match result {
             Ok(decision) => self.answer(&cfg, &key, &tier, &decision, now, req),
             Err(e) => {
                 self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(user = %key, error = %e, fail = ?cfg.on_store_error, "store failure");
+                // During an outage every request fails: warn at most every few seconds.
+                match self.ops.store_error_log_due(now.as_millis()) {
+                    Some(suppressed) => {
+                        tracing::warn!(user = %key, error = %e, fail = ?cfg.on_store_error, suppressed, "store failure")
+                    }
+                    None => tracing::debug!(user = %key, error = %e, "store failure"),
+                }
                 match cfg.on_store_error {
                     FailMode::Open => Action::Dunno,
                     FailMode::Closed => Action::DeferIfPermit(Cow::Borrowed(
@@ -237,6 +250,8 @@ impl Engine {
                 }
             }
         };
+        self.ops
+            .note_decision(tier.name(), crate::ops::Outcome::of(allowed, &answer));
         if mode == Mode::Acquire
             && let Some(instance) = req.instance
         {
@@ -330,7 +345,7 @@ impl Engine {
         );
         if dry_run {
             self.stats.dry_run.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(user = %key, tier = tier.name(), limit = %limit.map(|l| l.to_string()).unwrap_or_default(), "dry run: would refuse");
+            tracing::debug!(user = %key, tier = tier.name(), limit = %limit.map(|l| l.to_string()).unwrap_or_default(), "dry run: would refuse");
             return Action::Dunno;
         }
         self.stats.refused.fetch_add(1, Ordering::Relaxed);
@@ -381,14 +396,24 @@ impl Engine {
             used,
             clears_at,
             client_address: req.client_address_str().map(str::to_string),
+            clients: self
+                .ops
+                .clients
+                .get(key)
+                .iter()
+                .map(|ip| ip.to_string())
+                .collect(),
             dry_run,
         };
+        self.ops.incidents.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
             user = %incident.key,
             tier = %incident.tier,
             limit = %incident.limit,
             used = incident.used,
             client = incident.client_address.as_deref().unwrap_or("-"),
+            clients_seen = %if incident.clients.is_empty() { "-".to_string() } else { incident.clients.join(",") },
+            clears_at = %clears_at.map(crate::ops::rfc3339).unwrap_or_else(|| "never".into()),
             clears_in = %clears_at.map(|c| fmt_duration(Duration::from_millis(c.saturating_sub(now_ms)))).unwrap_or_else(|| "never (message larger than the limit)".into()),
             dry_run,
             "incident: user over limit"
