@@ -32,6 +32,8 @@ impl TestServer {
         let mut cfg =
             config::parse(config_text, "test.toml", None).unwrap_or_else(|e| panic!("{e}"));
         cfg.listen = vec!["127.0.0.1:0".parse().unwrap()];
+        // Tests run in parallel: no shared admin socket at the default path.
+        cfg.ops.admin.socket = None;
         let clock = ManualClock::new(Timestamp::from_millis(T0));
         let engine = daemon::build_engine(cfg, Arc::new(clock.clone())).unwrap();
         let listeners = daemon::bind(&engine.config()).await.unwrap();
