@@ -226,6 +226,8 @@ pub struct Config {
     pub policies: AHashMap<String, TierPolicy>,
     /// The tier map file, re-read on reload.
     pub assign_file: Option<PathBuf>,
+    /// Alerts, metrics, admin socket, recording (`[alerts]`, `[metrics]`, `[admin]`, `[record]`).
+    pub ops: crate::ops::config::OpsConfig,
     /// The compromise signal, by tier name (tiers without one are not watched).
     pub networks: AHashMap<String, NetworksPolicy>,
     /// Users never watched for the networks they send from (normalized).
@@ -253,6 +255,14 @@ struct RawConfig {
     #[serde(default)]
     assign: BTreeMap<String, Spanned<String>>,
     assign_file: Option<Spanned<String>>,
+    #[serde(default)]
+    alerts: crate::ops::config::RawAlerts,
+    #[serde(default)]
+    metrics: crate::ops::config::RawMetrics,
+    #[serde(default)]
+    admin: crate::ops::config::RawAdmin,
+    #[serde(default)]
+    record: crate::ops::config::RawRecord,
 }
 
 #[derive(Deserialize, Default)]
@@ -403,6 +413,7 @@ fn minimal() -> Config {
         tiers: TierMap::new(tier),
         policies,
         assign_file: None,
+        ops: crate::ops::config::OpsConfig::default(),
         networks: AHashMap::new(),
         roaming_users: AHashSet::new(),
     }
@@ -569,7 +580,7 @@ pub fn parse(text: &str, file: &str, base: Option<&Path>) -> Result<Config, Conf
                 .redis_url
                 .clone()
                 .unwrap_or_else(|| "redis://127.0.0.1:6379/".into()),
-            key_prefix: st.redis_key_prefix.clone().unwrap_or_else(|| "rl".into()),
+            key_prefix: st.redis_key_prefix.clone().unwrap_or_else(|| "rl:".into()),
             connect_timeout: cx.duration(
                 &st.redis_connect_timeout,
                 "store.redis_connect_timeout",
@@ -636,6 +647,10 @@ pub fn parse(text: &str, file: &str, base: Option<&Path>) -> Result<Config, Conf
         "store.sweep_interval",
         cfg.sweep_interval,
     )?;
+
+    // [alerts], [metrics], [admin], [record]
+    cfg.ops = crate::ops::config::build(&raw.alerts, &raw.metrics, &raw.admin, &raw.record, base)
+        .or_else(|(span, field, message)| cx.err(span, &field, message))?;
 
     // [keying]
     let k = &raw.keying;
@@ -1205,6 +1220,7 @@ pub fn describe(cfg: &Config) -> String {
     if !cfg.roaming_users.is_empty() {
         let _ = writeln!(s, "roaming users: {}", cfg.roaming_users.len());
     }
+    s.push_str(&crate::ops::config::describe(&cfg.ops));
     s
 }
 

@@ -36,7 +36,8 @@ pub enum StartError {
 }
 
 /// Loads the configuration: the file if given, else the built-in default; `listen`
-/// (from the command line) replaces the configured addresses when not empty.
+/// (from the command line) replaces the configured addresses when not empty; the
+/// tier moves made with `admin tier` are applied on top.
 pub fn load_config(path: Option<&Path>, listen: &[ListenAddr]) -> Result<Config, ConfigError> {
     let mut cfg = match path {
         Some(p) => config::load(p)?,
@@ -45,6 +46,7 @@ pub fn load_config(path: Option<&Path>, listen: &[ListenAddr]) -> Result<Config,
     if !listen.is_empty() {
         cfg.listen = listen.to_vec();
     }
+    crate::admin::overrides::apply(&mut cfg)?;
     Ok(cfg)
 }
 
@@ -142,7 +144,8 @@ pub fn postfix_wiring(listen: &[String]) -> String {
         .unwrap_or_else(|| "inet:127.0.0.1:10031".into());
     format!(
         "wire Postfix to this server in main.cf (or per service in master.cf):\n  \
-         smtpd_recipient_restrictions = check_policy_service {target}, permit_sasl_authenticated, reject_unauth_destination\n  \
+         smtpd_relay_restrictions = permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination\n  \
+         smtpd_recipient_restrictions = check_policy_service {target}, permit_sasl_authenticated, permit_mynetworks, reject_unauth_destination\n  \
          smtpd_data_restrictions = check_policy_service {target}\n  \
          smtpd_end_of_data_restrictions = check_policy_service {target}\n  \
          smtpd_policy_service_default_action = DUNNO   # when this server is down: DUNNO lets mail through, the default 451 4.3.5 defers it"
@@ -168,6 +171,10 @@ pub async fn serve(
         env!("CARGO_PKG_VERSION")
     );
     tracing::info!("{}", postfix_wiring(&addrs));
+    let (hook_path, hook_listen) = (config_path.clone(), listen.clone());
+    engine.ops.set_reload_hook(Arc::new(move |e: &Engine| {
+        try_reload(e, hook_path.as_deref(), &hook_listen).map_err(|err| err.to_string())
+    }));
     let reload_engine = Arc::clone(&engine);
     let reload_path = config_path.clone();
     let reload_listen = listen.clone();
@@ -191,6 +198,16 @@ pub async fn serve(
 /// Re-reads the configuration and swaps it in; on error keeps the old one and logs why.
 /// Listeners, the store backend and the connection cap need a restart to change.
 pub fn reload(engine: &Engine, path: Option<&Path>, listen: &[ListenAddr]) -> bool {
+    try_reload(engine, path, listen).is_ok()
+}
+
+/// [`reload`], returning what was loaded or why not (for `admin reload`).
+pub fn try_reload(
+    engine: &Engine,
+    path: Option<&Path>,
+    listen: &[ListenAddr],
+) -> Result<String, ConfigError> {
+    let _overrides = crate::admin::overrides::lock();
     match load_config(path, listen) {
         Ok(new) => {
             let old = engine.config();
@@ -203,12 +220,17 @@ pub fn reload(engine: &Engine, path: Option<&Path>, listen: &[ListenAddr]) -> bo
                 );
             }
             tracing::info!(config = %new.source, tiers = new.tiers.tiers().count(), "configuration reloaded");
+            let summary = format!(
+                "reloaded {} ({} tiers)",
+                new.source,
+                new.tiers.tiers().count()
+            );
             engine.set_config(new);
-            true
+            Ok(summary)
         }
         Err(e) => {
             tracing::error!(error = %e, "reload failed; keeping the previous configuration");
-            false
+            Err(e)
         }
     }
 }

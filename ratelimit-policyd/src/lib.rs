@@ -11,10 +11,16 @@
 //! - [`policy`]: request → key → tier → decision → action.
 //! - [`server`]: listeners, connections, shutdown; [`run`](server::run) is what `main` calls.
 //! - [`daemon`]: start-up (config, snapshot restore, signals).
+//! - [`ops`]: incident alerts, Prometheus metrics, request recording.
+//! - [`admin`]: the admin socket and the `admin` CLI commands.
+//! - [`replay`]: recorded requests through a configuration, offline.
 
+pub mod admin;
 pub mod config;
 pub mod connection;
 pub mod daemon;
+pub mod ops;
 pub mod policy;
 pub mod protocol;
+pub mod replay;
 pub mod server;

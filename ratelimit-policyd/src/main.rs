@@ -31,12 +31,65 @@ enum Command {
         /// The file.
         file: PathBuf,
     },
+    /// Talk to a running server over its admin socket.
+    Admin {
+        /// The admin socket (default: [admin] socket of --config, else the built-in default).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Print the reply as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+    /// Run recorded requests ([record] path) through --config offline and print who
+    /// would have been refused, when, and by which limit.
+    Replay {
+        /// The record file (JSON lines).
+        log: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// A user's tier, usage per limit, and retry time.
+    Show {
+        /// The user (sasl_username).
+        user: String,
+    },
+    /// Forget a user's counters (unblock).
+    Reset {
+        /// The user.
+        user: String,
+    },
+    /// Move a user (or @domain) to a tier; persisted across restarts and reloads.
+    Tier {
+        /// The user.
+        user: String,
+        /// The tier.
+        tier: String,
+    },
+    /// The heaviest senders now.
+    Top {
+        /// How many.
+        n: Option<usize>,
+    },
+    /// Request, decision and connection counters.
+    Stats,
+    /// Re-read the configuration (like SIGHUP).
+    Reload,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::CheckConfig { file }) => check_config(&file),
+        Some(Command::Admin {
+            socket,
+            json,
+            command,
+        }) => admin(cli.config.as_deref(), socket, json, command),
+        Some(Command::Replay { log }) => replay(cli.config.as_deref(), &log),
         None => {
             let cfg_json = daemon::load_config(cli.config.as_deref(), &cli.listen)
                 .map(|c| c.log_json)
@@ -69,7 +122,9 @@ fn init_logging(json: bool) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colours only on a terminal: a log file or journald gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if json {
         let _ = builder.json().try_init();
     } else {
@@ -86,6 +141,86 @@ fn check_config(file: &std::path::Path) -> ExitCode {
         }
         Err(e) => {
             eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn admin(
+    config: Option<&std::path::Path>,
+    socket: Option<PathBuf>,
+    json: bool,
+    command: AdminCommand,
+) -> ExitCode {
+    use ratelimit_policyd::admin::{self, Command as C};
+    let socket = match socket {
+        Some(s) => s,
+        None => {
+            let cfg = match config {
+                Some(p) => match ratelimit_policyd::config::load(p) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("{e}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+                None => ratelimit_policyd::config::builtin(),
+            };
+            match cfg.ops.admin.socket {
+                Some(s) => s,
+                None => {
+                    eprintln!(
+                        "ratelimit-policyd: the admin socket is disabled in {} ([admin] enabled = false)",
+                        cfg.source
+                    );
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    };
+    let cmd = match command {
+        AdminCommand::Show { user } => C::Show(admin::show::Show { user }),
+        AdminCommand::Reset { user } => C::Reset(admin::reset::Reset { user }),
+        AdminCommand::Tier { user, tier } => C::Tier(admin::tier::SetTier { user, tier }),
+        AdminCommand::Top { n } => C::Top(admin::top::Top { n }),
+        AdminCommand::Stats => C::Stats(admin::stats::Stats {}),
+        AdminCommand::Reload => C::Reload(admin::reload::Reload {}),
+    };
+    match admin::client::run(&socket, &cmd, json) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ratelimit-policyd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn replay(config: Option<&std::path::Path>, log: &std::path::Path) -> ExitCode {
+    let cfg = match daemon::load_config(config, &[]) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let source = cfg.source.clone();
+    let file = match std::fs::File::open(log) {
+        Ok(f) => std::io::BufReader::new(f),
+        Err(e) => {
+            eprintln!("ratelimit-policyd: cannot read {}: {e}", log.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    match ratelimit_policyd::replay::run(cfg, file) {
+        Ok(report) => {
+            print!("{}", ratelimit_policyd::replay::render(&report, &source));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ratelimit-policyd: replaying {}: {e}", log.display());
             ExitCode::FAILURE
         }
     }

@@ -120,6 +120,8 @@ pub struct Incident {
     pub clears_at: Option<u64>,
     /// The client address of the refused request.
     pub client_address: Option<String>,
+    /// The last few distinct client addresses of the key, most recent first.
+    pub clients: Vec<String>,
     /// Whether the refusal was only logged (warn tier).
     pub dry_run: bool,
 }
@@ -146,6 +148,8 @@ pub struct Engine {
     clock: Arc<dyn Clock>,
     /// Counters for metrics.
     pub stats: Stats,
+    /// Operational counters and worker handles (metrics, alerts, recording).
+    pub ops: crate::ops::OpsState,
     incidents: Mutex<AHashMap<(String, usize), u64>>,
     incident_sink: Mutex<Option<IncidentSink>>,
     peeks_without_eom: AtomicU64,
@@ -178,6 +182,7 @@ impl Engine {
             networks,
             clock,
             stats: Stats::default(),
+            ops: crate::ops::OpsState::default(),
             incidents: Mutex::new(AHashMap::new()),
             incident_sink: Mutex::new(None),
             peeks_without_eom: AtomicU64::new(0),
@@ -251,6 +256,7 @@ impl Engine {
         if tier.is_unlimited() && watch.is_none() {
             return self.skip();
         }
+        self.ops.clients.note(&key, req.client_address);
         if mode == Mode::Acquire
             && let Some(instance) = req.instance
             && conn.last_instance == instance
@@ -266,11 +272,13 @@ impl Engine {
             }
             None => None,
         };
-        let answer = match flagged {
-            Some(answer) => answer,
+        let (answer, allowed) = match flagged {
+            Some(answer) => (answer, Some(false)),
             None if tier.is_unlimited() => return self.skip(),
             None => self.volume(&cfg, &key, &tier, now, mode, req).await,
         };
+        self.ops
+            .note_decision(tier.name(), crate::ops::Outcome::of(allowed, &answer));
         if mode == Mode::Acquire
             && let Some(instance) = req.instance
         {
@@ -287,7 +295,8 @@ impl Engine {
         Action::Dunno
     }
 
-    /// The volume decision: the tier's limits, charged at END-OF-MESSAGE.
+    /// The volume decision: the tier's limits, charged at END-OF-MESSAGE. Also whether
+    /// the limits admitted (`None`: the store failed).
     async fn volume(
         &self,
         cfg: &Config,
@@ -296,18 +305,25 @@ impl Engine {
         now: Timestamp,
         mode: Mode,
         req: &PolicyRequest<'_>,
-    ) -> Action<'static> {
+    ) -> (Action<'static>, Option<bool>) {
         let recipients = req.recipient_count.unwrap_or(0).max(1);
         let cost = match req.protocol_state {
             Stage::Rcpt => Cost::message(1, req.size.unwrap_or(0)),
             _ => Cost::message(recipients, req.size.unwrap_or(0)),
         };
         let result = self.check(cfg, key, tier, cost, now, mode).await;
-        match result {
+        let allowed = result.as_ref().ok().map(Decision::is_allowed);
+        let answer = match result {
             Ok(decision) => self.answer(cfg, key, tier, &decision, now, req),
             Err(e) => {
                 self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(user = %key, error = %e, fail = ?cfg.on_store_error, "store failure");
+                // During an outage every request fails: warn at most every few seconds.
+                match self.ops.store_error_log_due(now.as_millis()) {
+                    Some(suppressed) => {
+                        tracing::warn!(user = %key, error = %e, fail = ?cfg.on_store_error, suppressed, "store failure")
+                    }
+                    None => tracing::debug!(user = %key, error = %e, "store failure"),
+                }
                 match cfg.on_store_error {
                     FailMode::Open => Action::Dunno,
                     FailMode::Closed => Action::DeferIfPermit(Cow::Borrowed(
@@ -315,7 +331,8 @@ impl Engine {
                     )),
                 }
             }
-        }
+        };
+        (answer, allowed)
     }
 
     /// Observes the request's client network for `key`; the networks action when the
@@ -337,7 +354,14 @@ impl Engine {
             Ok(o) => o,
             Err(e) => {
                 self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(user = %key, error = %e, "store failure observing the client network; volume limits only");
+                match self.ops.store_error_log_due(now.as_millis()) {
+                    Some(suppressed) => {
+                        tracing::warn!(user = %key, error = %e, suppressed, "store failure observing the client network; volume limits only")
+                    }
+                    None => {
+                        tracing::debug!(user = %key, error = %e, "store failure observing the client network")
+                    }
+                }
                 return None;
             }
         };
@@ -436,15 +460,25 @@ impl Engine {
             used: u64::from(observation.distinct),
             clears_at: Some(until.as_millis()),
             client_address: req.client_address_str().map(str::to_string),
+            clients: self
+                .ops
+                .clients
+                .get(key)
+                .iter()
+                .map(|ip| ip.to_string())
+                .collect(),
             dry_run,
         };
+        self.ops.incidents.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
             user = %incident.key,
             tier = %incident.tier,
             limit = %incident.limit,
             networks = observation.distinct,
             client = incident.client_address.as_deref().unwrap_or("-"),
+            clients_seen = %if incident.clients.is_empty() { "-".to_string() } else { incident.clients.join(",") },
             action = ?policy.action,
+            clears_at = %crate::ops::rfc3339(until.as_millis()),
             clears_in = %fmt_duration(until.saturating_duration_since(now)),
             dry_run,
             "incident: user sending from too many networks (compromised account?)"
@@ -532,7 +566,7 @@ impl Engine {
         );
         if dry_run {
             self.stats.dry_run.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(user = %key, tier = tier.name(), limit = %limit.map(|l| l.to_string()).unwrap_or_default(), "dry run: would refuse");
+            tracing::debug!(user = %key, tier = tier.name(), limit = %limit.map(|l| l.to_string()).unwrap_or_default(), "dry run: would refuse");
             return Action::Dunno;
         }
         self.stats.refused.fetch_add(1, Ordering::Relaxed);
@@ -583,14 +617,24 @@ impl Engine {
             used,
             clears_at,
             client_address: req.client_address_str().map(str::to_string),
+            clients: self
+                .ops
+                .clients
+                .get(key)
+                .iter()
+                .map(|ip| ip.to_string())
+                .collect(),
             dry_run,
         };
+        self.ops.incidents.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
             user = %incident.key,
             tier = %incident.tier,
             limit = %incident.limit,
             used = incident.used,
             client = incident.client_address.as_deref().unwrap_or("-"),
+            clients_seen = %if incident.clients.is_empty() { "-".to_string() } else { incident.clients.join(",") },
+            clears_at = %clears_at.map(crate::ops::rfc3339).unwrap_or_else(|| "never".into()),
             clears_in = %clears_at.map(|c| fmt_duration(Duration::from_millis(c.saturating_sub(now_ms)))).unwrap_or_else(|| "never (message larger than the limit)".into()),
             dry_run,
             "incident: user over limit"

@@ -93,6 +93,7 @@ pub async fn run(
         ));
     }
     tasks.spawn(maintenance(Arc::clone(&engine), stop_rx.clone()));
+    crate::ops::start(&engine, &mut tasks, stop_rx.clone()).await;
     shutdown.await;
     tracing::info!("shutting down: finishing requests in flight");
     let _ = stop_tx.send(true);
@@ -137,6 +138,10 @@ async fn accept_loop(
                 backoff = Duration::from_millis(5);
                 let ip = canonical(peer.ip());
                 if !engine.config().allow.iter().any(|n| n.contains(&ip)) {
+                    engine
+                        .ops
+                        .connections_refused
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!(client = %peer, "connection refused: client not in [server] allow");
                     continue;
                 }
@@ -144,7 +149,9 @@ async fn accept_loop(
                 let engine = Arc::clone(&engine);
                 let stop = stop.clone();
                 tokio::spawn(async move {
+                    let open = engine.ops.connection_opened();
                     serve(stream, &peer.to_string(), &engine, stop).await;
+                    drop(open);
                     drop(permit);
                 });
             }
@@ -153,7 +160,9 @@ async fn accept_loop(
                 let engine = Arc::clone(&engine);
                 let stop = stop.clone();
                 tokio::spawn(async move {
+                    let open = engine.ops.connection_opened();
                     serve(stream, "unix", &engine, stop).await;
+                    drop(open);
                     drop(permit);
                 });
             }
@@ -197,6 +206,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
 ) {
     let mut conn = Connection::new(stream, Limits::DEFAULT);
     let mut state = ConnState::default();
+    let conn_id = engine.ops.next_connection_id();
     loop {
         let idle = engine.config().idle_timeout;
         let next = tokio::select! {
@@ -215,10 +225,16 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             }
             Ok(Ok(Some(_))) => {}
         }
+        let started = std::time::Instant::now();
         let action = {
             let mut slots = [Attribute::EMPTY; 64];
             match conn.request(&mut slots) {
-                Ok(req) => engine.decide(&req, &mut state).await,
+                Ok(req) => {
+                    let at = engine.now();
+                    let action = engine.decide(&req, &mut state).await;
+                    engine.ops.record(conn_id, at, &req, &action);
+                    action
+                }
                 Err(e) => {
                     tracing::warn!(client = peer, error = %e, "closing connection: bad request");
                     return;
@@ -229,6 +245,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             tracing::debug!(client = peer, error = %e, "write failed");
             return;
         }
+        engine.ops.latency.observe(started.elapsed());
     }
 }
 

@@ -73,14 +73,22 @@ networks_message = "{user}: {networks} networks (over {max} in {window}), retry 
 "deferred@example.com" = "deferring"
 "#;
 
+/// A server whose incidents are collected in-process (replacing the alert hook).
 async fn start(extra: &str) -> Server {
+    let s = start_with_hook(extra).await;
+    let sink = Arc::clone(&s.incidents);
+    s.engine
+        .set_incident_sink(Arc::new(move |i: &Incident| sink.lock().push(i.clone())));
+    s
+}
+
+/// A server with the configured alert hook (`[alerts]` in `extra`).
+async fn start_with_hook(extra: &str) -> Server {
     let text = format!("{BASE_CONFIG}{extra}");
     let cfg = config::parse(&text, "test.toml", None).unwrap_or_else(|e| panic!("{e}"));
     let clock = ManualClock::new(Timestamp::from_millis(START));
     let engine = build_engine(cfg, Arc::new(clock.clone())).unwrap();
     let incidents = Arc::new(Mutex::new(Vec::new()));
-    let sink = Arc::clone(&incidents);
-    engine.set_incident_sink(Arc::new(move |i: &Incident| sink.lock().push(i.clone())));
     let listener = Listener::bind(&ListenAddr::Tcp("127.0.0.1:0".parse().unwrap()))
         .await
         .unwrap();
@@ -94,14 +102,18 @@ async fn start(extra: &str) -> Server {
         },
     ));
     let client = BufReader::new(TcpStream::connect(addr).await.unwrap());
-    Server {
+    let mut s = Server {
         client,
         clock,
         engine,
         incidents,
         _stop: stop,
         instance: 0,
-    }
+    };
+    // Once a request is answered, `run` has installed its alert hook (it does so
+    // before its first await), so `start` can replace it.
+    assert_eq!(s.ask("CONNECT", "nobody", "127.0.0.1").await, "DUNNO");
+    s
 }
 
 fn request(stage: &str, user: &str, client: &str, instance: u64) -> String {
@@ -490,4 +502,40 @@ fn tier_settings_override_the_networks_defaults() {
             .as_deref(),
         Some(">4/1h")
     );
+}
+
+// ---------------------------------------------------------------- the alert hook
+
+#[tokio::test]
+async fn the_alert_hook_hears_of_it_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("alerts");
+    let mut s = start_with_hook(&format!(
+        "\n[alerts]\ncommand = \"env | grep ^RATELIMIT_ | sort >> '{0}'; echo --- >> '{0}'\"\n",
+        out.display()
+    ))
+    .await;
+    for i in 0..8 {
+        let answers = s.message("eve@example.com", &format!("10.{i}.0.1")).await;
+        assert_eq!(answers[0] == "DUNNO", i < 3, "{i}: {answers:?}");
+    }
+    let read = || std::fs::read_to_string(&out).unwrap_or_default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !read().contains("---") {
+        assert!(std::time::Instant::now() < deadline, "no alert");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let text = read();
+    assert_eq!(text.matches("---").count(), 1, "{text}");
+    for line in [
+        "RATELIMIT_EVENT=incident",
+        "RATELIMIT_USER=eve@example.com",
+        "RATELIMIT_LIMIT=networks>3/1h",
+        "RATELIMIT_USED=4",
+        "RATELIMIT_CLIENT=10.3.0.1",
+        "RATELIMIT_DRY_RUN=false",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+    }
 }

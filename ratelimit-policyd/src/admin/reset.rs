@@ -1,0 +1,53 @@
+//! `reset USER`: forget the user's counters and open incidents (unblock).
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::normalize_user;
+use crate::policy::Engine;
+
+/// `{"cmd":"reset","user":"alice@example.com"}`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reset {
+    /// The user.
+    pub user: String,
+}
+
+/// The reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResetReply {
+    /// The normalized user.
+    pub user: String,
+    /// Whether anything was recorded for the user.
+    pub had_counters: bool,
+}
+
+impl Reset {
+    /// Resets the user.
+    pub async fn apply(self, engine: &Arc<Engine>) -> Result<ResetReply, String> {
+        let key = normalize_user(&self.user);
+        if key.is_empty() {
+            return Err("reset needs a user".into());
+        }
+        let e = Arc::clone(engine);
+        let k = key.clone();
+        let had = super::blocking(move || e.reset(&k))
+            .await?
+            .map_err(|e| e.to_string())?;
+        tracing::info!(user = %key, had_counters = had, "admin: counters reset");
+        Ok(ResetReply {
+            user: key,
+            had_counters: had,
+        })
+    }
+}
+
+/// Text for the CLI.
+pub fn render(r: &ResetReply) -> String {
+    if r.had_counters {
+        format!("{}: counters reset (unblocked)\n", r.user)
+    } else {
+        format!("{}: nothing was recorded\n", r.user)
+    }
+}

@@ -1,0 +1,157 @@
+//! `show USER`: the user's tier, usage of each limit, and whether (and until when) the
+//! next message would be refused.
+
+use std::fmt::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ratelimit_core::{Cost, Decision, Mode, Store};
+use serde::{Deserialize, Serialize};
+
+use crate::config::normalize_user;
+use crate::policy::{Counters, Engine, fmt_duration};
+
+/// `{"cmd":"show","user":"alice@example.com"}`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Show {
+    /// The user (normalized as keys are: trimmed, lowercased).
+    pub user: String,
+}
+
+/// One limit of the user's tier.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitUsage {
+    /// As written (`100/1h`).
+    pub limit: String,
+    /// Counted in the window now.
+    pub used: u64,
+    /// Left before refusals.
+    pub remaining: u64,
+    /// This limit is what refuses the next message.
+    pub refusing: bool,
+}
+
+/// The reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShowReply {
+    /// The normalized user.
+    pub user: String,
+    /// Its tier now.
+    pub tier: String,
+    /// Never limited (`[exempt] users` or domain).
+    pub exempt: bool,
+    /// Usage per limit (empty: unlimited tier).
+    pub limits: Vec<LimitUsage>,
+    /// The next message (one recipient) would be refused.
+    pub blocked: bool,
+    /// When it would be admitted again, in seconds (`None`: not blocked, or never).
+    pub retry_after_secs: Option<u64>,
+    /// The same as a time (RFC 3339).
+    pub retry_at: Option<String>,
+    /// Last client addresses seen, most recent first.
+    pub clients: Vec<String>,
+}
+
+impl Show {
+    /// Peeks the user's counters (nothing is recorded).
+    pub async fn apply(self, engine: &Arc<Engine>) -> Result<ShowReply, String> {
+        let key = normalize_user(&self.user);
+        if key.is_empty() {
+            return Err("show needs a user".into());
+        }
+        let cfg = engine.config();
+        let tier = Arc::clone(cfg.tiers.tier_of(&key));
+        let exempt = cfg.exempt_users.contains(&key)
+            || key
+                .rsplit_once('@')
+                .is_some_and(|(_, d)| cfg.exempt_domains.contains(d));
+        let now = engine.now();
+        let decision: Decision = match engine.counters().clone() {
+            Counters::Memory(m) => m
+                .check(&key, tier.limits(), Cost::message(1, 0), now, Mode::Peek)
+                .map_err(|e| e.to_string())?,
+            Counters::Remote(r) => {
+                let (k, t) = (key.clone(), Arc::clone(&tier));
+                super::blocking(move || {
+                    r.check(&k, t.limits(), Cost::message(1, 0), now, Mode::Peek)
+                })
+                .await?
+                .map_err(|e| e.to_string())?
+            }
+        };
+        let denial = decision.denial();
+        let limits = tier
+            .limits()
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let s = decision.statuses().get(i).copied().unwrap_or_default();
+                LimitUsage {
+                    limit: l.to_string(),
+                    used: s.used,
+                    remaining: s.remaining,
+                    refusing: denial.is_some_and(|d| d.limit == i),
+                }
+            })
+            .collect();
+        let retry = denial.and_then(|d| d.retry_after);
+        Ok(ShowReply {
+            user: key.clone(),
+            tier: tier.name().to_string(),
+            exempt,
+            limits,
+            blocked: denial.is_some(),
+            retry_after_secs: retry.map(|r| r.as_millis().div_ceil(1000) as u64),
+            retry_at: retry.map(|r| crate::ops::rfc3339(now.saturating_add(r).as_millis())),
+            clients: engine
+                .ops
+                .clients
+                .get(&key)
+                .iter()
+                .map(|c| c.to_string())
+                .collect(),
+        })
+    }
+}
+
+/// Text for the CLI.
+pub fn render(r: &ShowReply) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "user:    {}", r.user);
+    let _ = writeln!(
+        s,
+        "tier:    {}{}",
+        r.tier,
+        if r.exempt {
+            " (exempt: never limited)"
+        } else {
+            ""
+        }
+    );
+    if r.limits.is_empty() {
+        let _ = writeln!(s, "limits:  none (unlimited tier)");
+    }
+    for l in &r.limits {
+        let _ = writeln!(
+            s,
+            "limit:   {:<12} used {:>8}  remaining {:>8}{}",
+            l.limit,
+            l.used,
+            l.remaining,
+            if l.refusing { "  <- refusing" } else { "" }
+        );
+    }
+    let status = match (r.blocked, r.retry_after_secs, &r.retry_at) {
+        (false, _, _) => "ok (the next message would be accepted)".to_string(),
+        (true, Some(secs), Some(at)) => format!(
+            "BLOCKED: retry in {} (at {at})",
+            fmt_duration(Duration::from_secs(secs))
+        ),
+        (true, _, _) => "BLOCKED".to_string(),
+    };
+    let _ = writeln!(s, "status:  {status}");
+    if !r.clients.is_empty() {
+        let _ = writeln!(s, "clients: {}", r.clients.join(" "));
+    }
+    s
+}

@@ -1,0 +1,84 @@
+//! `tier USER TIER`: move a user to another tier now, persisted in the overrides file
+//! so the move survives restarts and reloads. What the user has already sent is kept.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::normalize_user;
+use crate::policy::Engine;
+
+/// `{"cmd":"tier","user":"alice@example.com","tier":"bulk"}`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetTier {
+    /// The user (or `@domain`).
+    pub user: String,
+    /// A tier defined in the configuration.
+    pub tier: String,
+}
+
+/// The reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TierReply {
+    /// The normalized user.
+    pub user: String,
+    /// Its tier now.
+    pub tier: String,
+    /// Its tier before.
+    pub previous: String,
+    /// The overrides file written.
+    pub persisted_in: String,
+}
+
+impl SetTier {
+    /// Persists, then applies to the running configuration.
+    pub async fn apply(self, engine: &Arc<Engine>) -> Result<TierReply, String> {
+        let key = normalize_user(&self.user);
+        if key.is_empty() || key == "@" {
+            return Err("tier needs a user (or @domain) and a tier".into());
+        }
+        let engine = Arc::clone(engine);
+        let tier = self.tier.trim().to_string();
+        super::blocking(move || set(&engine, &key, &tier)).await?
+    }
+}
+
+fn set(engine: &Engine, key: &str, tier: &str) -> Result<TierReply, String> {
+    // Held across write and swap, and by reload, so neither loses the other's change.
+    let _guard = super::overrides::lock();
+    let cfg = engine.config();
+    if cfg.tiers.get(tier).is_none() {
+        let mut names: Vec<&str> = cfg.tiers.tiers().map(|t| t.name()).collect();
+        names.sort_unstable();
+        return Err(format!(
+            "no tier is called \"{tier}\" (tiers: {})",
+            names.join(", ")
+        ));
+    }
+    let previous = cfg.tiers.tier_of(key).name().to_string();
+    let path = &cfg.ops.admin.tier_overrides;
+    super::overrides::set(path, key, tier).map_err(|e| {
+        format!(
+            "cannot persist to {}: {e} (nothing changed)",
+            path.display()
+        )
+    })?;
+    let mut new = (*cfg).clone();
+    new.tiers.assign(key, tier).map_err(|e| e.to_string())?;
+    engine.set_config(new);
+    tracing::info!(user = %key, tier, previous = %previous, "admin: tier changed");
+    Ok(TierReply {
+        user: key.to_string(),
+        tier: tier.to_string(),
+        previous,
+        persisted_in: path.display().to_string(),
+    })
+}
+
+/// Text for the CLI.
+pub fn render(r: &TierReply) -> String {
+    format!(
+        "{}: tier {} (was {}); saved in {}\n",
+        r.user, r.tier, r.previous, r.persisted_in
+    )
+}

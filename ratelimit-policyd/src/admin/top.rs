@@ -1,0 +1,85 @@
+//! `top [N]`: the heaviest senders now, by use of their tier's first limit.
+
+use std::fmt::Write;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::policy::{Engine, top_senders};
+
+/// Default number of senders.
+pub const DEFAULT_N: usize = 10;
+/// Most senders returned.
+pub const MAX_N: usize = 1000;
+
+/// `{"cmd":"top","n":10}`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Top {
+    /// How many (default 10, at most 1000).
+    #[serde(default)]
+    pub n: Option<usize>,
+}
+
+/// One sender.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sender {
+    /// The user.
+    pub user: String,
+    /// Its tier.
+    pub tier: String,
+    /// Used of the first limit.
+    pub used: u64,
+    /// The first limit's count.
+    pub limit: u64,
+}
+
+/// The reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopReply {
+    /// Heaviest first.
+    pub senders: Vec<Sender>,
+}
+
+impl Top {
+    /// Scans the counters (one shard lock at a time; Redis: SCAN).
+    pub async fn apply(self, engine: &Arc<Engine>) -> Result<TopReply, String> {
+        let n = self.n.unwrap_or(DEFAULT_N).clamp(1, MAX_N);
+        let e = Arc::clone(engine);
+        let top = super::blocking(move || top_senders(&e, n)).await?;
+        Ok(TopReply {
+            senders: top
+                .into_iter()
+                .map(|(user, tier, used, limit)| Sender {
+                    user,
+                    tier,
+                    used,
+                    limit,
+                })
+                .collect(),
+        })
+    }
+}
+
+/// Text for the CLI.
+pub fn render(r: &TopReply) -> String {
+    if r.senders.is_empty() {
+        return "no mail counted in the current windows\n".into();
+    }
+    let mut s = String::new();
+    let w = r
+        .senders
+        .iter()
+        .map(|x| x.user.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let _ = writeln!(s, "{:<w$}  {:<12} {:>8} / LIMIT", "USER", "TIER", "USED");
+    for x in &r.senders {
+        let _ = writeln!(
+            s,
+            "{:<w$}  {:<12} {:>8} / {}",
+            x.user, x.tier, x.used, x.limit
+        );
+    }
+    s
+}

@@ -1,0 +1,270 @@
+//! Alerts on the first refusal of a user for a limit (an incident): run a command
+//! and/or POST a JSON webhook.
+//!
+//! Off the request path: the engine's incident sink only `try_send`s into a bounded
+//! channel (full: the alert is dropped and counted in
+//! `ratelimit_alerts_dropped_total`); one worker task delivers them in order, each
+//! command and POST bounded by `[alerts] timeout`. The incident logic already opens at
+//! most one incident per user per limit until it clears, so there is at most one alert
+//! per user per limit per window.
+//!
+//! The command runs as `sh -c COMMAND` with the details in the environment — never
+//! interpolated into the command line, so a user name cannot inject shell syntax:
+//!
+//! | variable | value |
+//! |---|---|
+//! | `RATELIMIT_EVENT` | `incident` |
+//! | `RATELIMIT_USER` | the user (key) |
+//! | `RATELIMIT_TIER` | its tier |
+//! | `RATELIMIT_LIMIT` | the limit that refused (`100/1h`) |
+//! | `RATELIMIT_USED` | the count used when refused |
+//! | `RATELIMIT_CLIENT` | the client address of the refused request (may be empty) |
+//! | `RATELIMIT_CLIENTS` | the last few client addresses of the user, space-separated |
+//! | `RATELIMIT_CLEARS_AT` | when it clears, RFC 3339 UTC (empty: never, the message exceeds the limit) |
+//! | `RATELIMIT_DRY_RUN` | `true` for a warn tier (nothing was refused), else `false` |
+//!
+//! The webhook gets the same fields as JSON, with `Authorization: Bearer TOKEN` when
+//! `webhook_token` is set. The token is never logged; URLs are logged as host only.
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use super::config::{AlertsConfig, HttpUrl, Secret, redact};
+use crate::policy::{Engine, Incident};
+
+/// The webhook body (and the source of the command's environment).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct AlertBody {
+    /// Always `"incident"`.
+    pub event: &'static str,
+    /// The user.
+    pub user: String,
+    /// Its tier.
+    pub tier: String,
+    /// The limit that refused.
+    pub limit: String,
+    /// The count used when refused.
+    pub used: u64,
+    /// The client address of the refused request.
+    pub client: Option<String>,
+    /// The last few client addresses of the user, most recent first.
+    pub clients: Vec<String>,
+    /// When it clears (RFC 3339), if ever.
+    pub clears_at: Option<String>,
+    /// A warn tier: logged only.
+    pub dry_run: bool,
+}
+
+impl AlertBody {
+    /// The alert for `incident`.
+    pub fn of(incident: &Incident) -> AlertBody {
+        AlertBody {
+            event: "incident",
+            user: incident.key.clone(),
+            tier: incident.tier.clone(),
+            limit: incident.limit.clone(),
+            used: incident.used,
+            client: incident.client_address.clone(),
+            clients: incident.clients.clone(),
+            clears_at: incident.clears_at.map(super::rfc3339),
+            dry_run: incident.dry_run,
+        }
+    }
+
+    /// The `RATELIMIT_*` environment of the command.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("RATELIMIT_EVENT", self.event.to_string()),
+            ("RATELIMIT_USER", self.user.clone()),
+            ("RATELIMIT_TIER", self.tier.clone()),
+            ("RATELIMIT_LIMIT", self.limit.clone()),
+            ("RATELIMIT_USED", self.used.to_string()),
+            ("RATELIMIT_CLIENT", self.client.clone().unwrap_or_default()),
+            ("RATELIMIT_CLIENTS", self.clients.join(" ")),
+            (
+                "RATELIMIT_CLEARS_AT",
+                self.clears_at.clone().unwrap_or_default(),
+            ),
+            ("RATELIMIT_DRY_RUN", self.dry_run.to_string()),
+        ]
+    }
+}
+
+/// Installs the incident sink and spawns the worker. The configuration is read per
+/// alert, so a reload can turn alerts on, off or elsewhere; the queue size is fixed
+/// at start.
+pub fn install(engine: &Arc<Engine>, tasks: &mut JoinSet<()>, stop: watch::Receiver<bool>) {
+    let (tx, rx) = mpsc::channel::<AlertBody>(engine.config().ops.alerts.queue);
+    let weak = Arc::downgrade(engine);
+    engine.set_incident_sink(Arc::new(move |incident: &Incident| {
+        let Some(engine) = weak.upgrade() else {
+            return;
+        };
+        if !engine.config().ops.alerts.enabled() {
+            return;
+        }
+        if tx.try_send(AlertBody::of(incident)).is_err() {
+            engine.ops.alerts_dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(user = %incident.key, "alert dropped: the alert queue is full");
+        }
+    }));
+    tasks.spawn(worker(Arc::clone(engine), rx, stop));
+}
+
+async fn worker(
+    engine: Arc<Engine>,
+    mut rx: mpsc::Receiver<AlertBody>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let alert = tokio::select! {
+            a = rx.recv() => match a { Some(a) => a, None => return },
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let cfg = engine.config();
+        let deliver = async {
+            tokio::join!(
+                run_command(&cfg.ops.alerts, &alert),
+                post_webhook(&cfg.ops.alerts, &alert)
+            )
+        };
+        // At shutdown an alert in progress is abandoned (a command is killed).
+        let (cmd, hook) = tokio::select! {
+            r = deliver => r,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        for outcome in [cmd, hook].into_iter().flatten() {
+            let counter = if outcome {
+                &engine.ops.alerts_sent
+            } else {
+                &engine.ops.alerts_failed
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Runs the command, if configured; `Some(true)` when it exited 0 in time.
+async fn run_command(cfg: &AlertsConfig, alert: &AlertBody) -> Option<bool> {
+    let command = cfg.command.as_deref()?;
+    let mut cmd = tokio::process::Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(command)
+        .envs(alert.env())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(user = %alert.user, error = %e, "alert command could not be started");
+            return Some(false);
+        }
+    };
+    match tokio::time::timeout(cfg.timeout, child.wait_with_output()).await {
+        Ok(Ok(out)) if out.status.success() => {
+            tracing::debug!(user = %alert.user, "alert command ran");
+            Some(true)
+        }
+        Ok(Ok(out)) => {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let stderr: String = stderr.trim().chars().take(300).collect();
+            tracing::warn!(user = %alert.user, status = %out.status, stderr = %stderr, "alert command failed");
+            Some(false)
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(user = %alert.user, error = %e, "alert command failed");
+            Some(false)
+        }
+        Err(_) => {
+            // Dropping the future kills the child (kill_on_drop).
+            tracing::warn!(user = %alert.user, timeout = ?cfg.timeout, "alert command timed out and was killed");
+            Some(false)
+        }
+    }
+}
+
+/// POSTs the webhook, if configured; `Some(true)` when it answered 2xx in time.
+async fn post_webhook(cfg: &AlertsConfig, alert: &AlertBody) -> Option<bool> {
+    let url = cfg.webhook_url.as_ref()?;
+    let body = match serde_json::to_vec(alert) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, "alert body could not be encoded");
+            return Some(false);
+        }
+    };
+    let host = redact(&format!("http://{}", url.authority));
+    match tokio::time::timeout(cfg.timeout, post(url, cfg.webhook_token.as_ref(), &body)).await {
+        Ok(Ok(status)) if (200..300).contains(&status) => {
+            tracing::debug!(user = %alert.user, webhook = %host, status, "alert webhook sent");
+            Some(true)
+        }
+        Ok(Ok(status)) => {
+            tracing::warn!(user = %alert.user, webhook = %host, status, "alert webhook answered an error");
+            Some(false)
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(user = %alert.user, webhook = %host, error = %e, "alert webhook failed");
+            Some(false)
+        }
+        Err(_) => {
+            tracing::warn!(user = %alert.user, webhook = %host, timeout = ?cfg.timeout, "alert webhook timed out");
+            Some(false)
+        }
+    }
+}
+
+/// Largest response head read from a webhook.
+const MAX_RESPONSE_HEAD: usize = 8192;
+
+/// A minimal HTTP/1.1 POST (`Connection: close`); returns the status code. Enough for
+/// a webhook: one request, read the status line, hang up.
+pub async fn post(url: &HttpUrl, token: Option<&Secret>, body: &[u8]) -> std::io::Result<u16> {
+    let mut stream = tokio::net::TcpStream::connect(&url.connect).await?;
+    let mut head = format!(
+        "POST {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: ratelimit-policyd/{}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
+        url.path,
+        url.authority,
+        env!("CARGO_PKG_VERSION"),
+        body.len()
+    );
+    if let Some(t) = token {
+        head.push_str("Authorization: Bearer ");
+        head.push_str(t.expose());
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body).await?;
+    stream.flush().await?;
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(2).any(|w| w == b"\r\n") && buf.len() < MAX_RESPONSE_HEAD {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(chunk.get(..n).unwrap_or(&[]));
+    }
+    let line = buf.split(|b| *b == b'\n').next().unwrap_or(&[]);
+    let line = String::from_utf8_lossy(line);
+    let mut words = line.split_whitespace();
+    match (
+        words.next(),
+        words.next().and_then(|c| c.parse::<u16>().ok()),
+    ) {
+        (Some(v), Some(code)) if v.starts_with("HTTP/") => Ok(code),
+        _ => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not an HTTP response",
+        )),
+    }
+}

@@ -1,0 +1,125 @@
+//! The last few distinct client addresses of each user, so an incident line can say
+//! where the mail came from (one address for a customer's own mail server, dozens
+//! for a phished password used by a botnet).
+//!
+//! Bounded twice: at most [`PER_USER`] addresses per user, and at most
+//! [`MAX_USERS`] users; a shard that fills up is cleared (the next incidents then
+//! show fewer addresses, nothing else is affected). Updating an already-known user
+//! takes one shard lock and allocates nothing.
+
+use std::net::IpAddr;
+
+use ahash::{AHashMap, RandomState};
+use parking_lot::Mutex;
+
+/// Addresses kept per user (most recent first).
+pub const PER_USER: usize = 4;
+/// Users tracked in all.
+pub const MAX_USERS: usize = 65_536;
+const SHARDS: usize = 16;
+
+type Recent = [Option<IpAddr>; PER_USER];
+
+/// Last client addresses per user.
+pub struct ClientsSeen {
+    hasher: RandomState,
+    shards: [Mutex<AHashMap<Box<str>, Recent>>; SHARDS],
+}
+
+impl Default for ClientsSeen {
+    fn default() -> Self {
+        ClientsSeen {
+            hasher: RandomState::new(),
+            shards: std::array::from_fn(|_| Mutex::new(AHashMap::new())),
+        }
+    }
+}
+
+impl ClientsSeen {
+    fn shard(&self, user: &str) -> &Mutex<AHashMap<Box<str>, Recent>> {
+        let i = (self.hasher.hash_one(user) as usize) % SHARDS;
+        &self.shards[i]
+    }
+
+    /// Notes that `user` sent from `client` (the raw `client_address`; ignored when
+    /// absent or not an IP address).
+    pub fn note(&self, user: &str, client: Option<&[u8]>) {
+        let Some(ip) = client
+            .and_then(|c| std::str::from_utf8(c).ok())
+            .and_then(|c| c.parse::<IpAddr>().ok())
+        else {
+            return;
+        };
+        let mut map = self.shard(user).lock();
+        if let Some(recent) = map.get_mut(user) {
+            push(recent, ip);
+            return;
+        }
+        if map.len() >= MAX_USERS / SHARDS {
+            map.clear();
+        }
+        let mut recent = [None; PER_USER];
+        recent[0] = Some(ip);
+        map.insert(user.into(), recent);
+    }
+
+    /// The addresses `user` was last seen from, most recent first.
+    pub fn get(&self, user: &str) -> Vec<IpAddr> {
+        self.shard(user)
+            .lock()
+            .get(user)
+            .map(|r| r.iter().flatten().copied().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Moves `ip` to the front, keeping the others in order and dropping the oldest.
+fn push(recent: &mut Recent, ip: IpAddr) {
+    if recent[0] == Some(ip) {
+        return;
+    }
+    let at = recent
+        .iter()
+        .position(|r| *r == Some(ip))
+        .unwrap_or(PER_USER - 1);
+    recent[..=at].rotate_right(1);
+    recent[0] = Some(ip);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_the_last_distinct_addresses_most_recent_first() {
+        let c = ClientsSeen::default();
+        for a in [
+            "192.0.2.1",
+            "192.0.2.2",
+            "192.0.2.1",
+            "192.0.2.3",
+            "192.0.2.4",
+        ] {
+            c.note("alice", Some(a.as_bytes()));
+        }
+        let got: Vec<String> = c.get("alice").iter().map(|i| i.to_string()).collect();
+        assert_eq!(got, ["192.0.2.4", "192.0.2.3", "192.0.2.1", "192.0.2.2"]);
+        c.note("alice", Some(b"192.0.2.5"));
+        let got: Vec<String> = c.get("alice").iter().map(|i| i.to_string()).collect();
+        assert_eq!(got, ["192.0.2.5", "192.0.2.4", "192.0.2.3", "192.0.2.1"]);
+        c.note("alice", Some(b"not-an-ip"));
+        c.note("alice", None);
+        assert_eq!(c.get("alice").len(), PER_USER);
+        assert!(c.get("bob").is_empty());
+    }
+
+    #[test]
+    fn the_number_of_users_is_bounded() {
+        let c = ClientsSeen::default();
+        for i in 0..MAX_USERS * 2 {
+            c.note(&format!("u{i}"), Some(b"192.0.2.1"));
+        }
+        let total: usize = c.shards.iter().map(|s| s.lock().len()).sum();
+        assert!(total <= MAX_USERS, "{total}");
+    }
+}

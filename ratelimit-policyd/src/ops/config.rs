@@ -1,0 +1,391 @@
+//! The operations sections of the configuration: `[alerts]`, `[metrics]`, `[admin]`,
+//! `[record]`. Parsed into raw structs by `config.rs` (which owns the file), validated
+//! here into typed values; errors come back as (span, field, message) and
+//! `config.rs` turns them into `file:line: field: message`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ratelimit_core::quota::parse_duration_ms;
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Where the admin socket is unless configured.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/ratelimit-policyd/admin.sock";
+/// Where `admin tier` persists its moves unless configured.
+pub const DEFAULT_TIER_OVERRIDES: &str = "/var/lib/ratelimit-policyd/tier-overrides";
+
+/// A secret (webhook token): never printed, not even by `{:?}`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// An `http://host:port/path` URL (the built-in webhook client speaks plain HTTP/1.1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpUrl {
+    /// `host` or `host:port`, as sent in the `Host` header.
+    pub authority: String,
+    /// What to connect to (`host:port`, port 80 when not given).
+    pub connect: String,
+    /// The path and query (`/` when empty).
+    pub path: String,
+}
+
+impl HttpUrl {
+    /// Parses `http://host[:port][/path]`. No userinfo (use `webhook_token`).
+    pub fn parse(url: &str) -> Result<HttpUrl, String> {
+        let Some(rest) = url.strip_prefix("http://") else {
+            return Err(format!(
+                "\"{}\": only http:// URLs are supported (for https, run curl from alerts.command)",
+                redact(url)
+            ));
+        };
+        let (authority, path) = match rest.find(['/', '?']) {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        if authority.is_empty() || authority.contains('@') {
+            return Err(format!(
+                "\"{}\": expected http://host[:port]/path (put credentials in webhook_token)",
+                redact(url)
+            ));
+        }
+        let has_port = match authority.rfind(':') {
+            Some(i) => !authority[i..].contains(']'),
+            None => false,
+        };
+        let connect = if has_port {
+            authority.to_string()
+        } else {
+            format!("{authority}:80")
+        };
+        let path = if path.starts_with('?') {
+            format!("/{path}")
+        } else {
+            path.to_string()
+        };
+        if path.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+            return Err("the webhook URL must not contain spaces or control characters".into());
+        }
+        Ok(HttpUrl {
+            authority: authority.to_string(),
+            connect,
+            path,
+        })
+    }
+}
+
+/// A URL for logs: the scheme and host only (a path or query may carry a token).
+pub fn redact(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let host = rest.split(['/', '?']).next().unwrap_or("");
+    let host = host.rsplit('@').next().unwrap_or(host);
+    if scheme.is_empty() {
+        format!("{host}/...")
+    } else {
+        format!("{scheme}://{host}/...")
+    }
+}
+
+/// `[alerts]`: what runs on the first refusal of a user for a limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertsConfig {
+    /// A shell command (`sh -c`), details in `RATELIMIT_*` environment variables.
+    pub command: Option<String>,
+    /// Where to POST a JSON body.
+    pub webhook_url: Option<HttpUrl>,
+    /// Sent as `Authorization: Bearer TOKEN`.
+    pub webhook_token: Option<Secret>,
+    /// Longest a command or a POST may take; then it is killed / abandoned.
+    pub timeout: Duration,
+    /// Alerts waiting to be sent; beyond it new ones are dropped (and counted).
+    pub queue: usize,
+}
+
+impl AlertsConfig {
+    /// Whether anything is configured.
+    pub fn enabled(&self) -> bool {
+        self.command.is_some() || self.webhook_url.is_some()
+    }
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig {
+            command: None,
+            webhook_url: None,
+            webhook_token: None,
+            timeout: Duration::from_secs(10),
+            queue: 64,
+        }
+    }
+}
+
+/// `[admin]`: the admin socket and where tier moves are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// The Unix socket (mode 0600); `None` when disabled.
+    pub socket: Option<PathBuf>,
+    /// The file `admin tier` writes (`user tier` lines), applied on top of the
+    /// configured assignments at start and on every reload.
+    pub tier_overrides: PathBuf,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            socket: Some(PathBuf::from(DEFAULT_ADMIN_SOCKET)),
+            tier_overrides: PathBuf::from(DEFAULT_TIER_OVERRIDES),
+        }
+    }
+}
+
+/// Everything operational.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct OpsConfig {
+    /// `[alerts]`.
+    pub alerts: AlertsConfig,
+    /// `[metrics] listen`: the Prometheus endpoint; `None` is off.
+    pub metrics: Option<SocketAddr>,
+    /// `[admin]`.
+    pub admin: AdminConfig,
+    /// `[record] path`: JSON lines of every decided request; `None` is off.
+    pub record: Option<PathBuf>,
+}
+
+/// `[alerts]` as written.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawAlerts {
+    command: Option<Spanned<String>>,
+    webhook_url: Option<Spanned<String>>,
+    webhook_token: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    queue: Option<Spanned<usize>>,
+}
+
+/// `[metrics]` as written.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    listen: Option<Spanned<String>>,
+}
+
+/// `[admin]` as written.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    socket: Option<Spanned<String>>,
+    enabled: Option<bool>,
+    tier_overrides: Option<Spanned<String>>,
+}
+
+/// `[record]` as written.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawRecord {
+    path: Option<Spanned<String>>,
+}
+
+/// A validation error: where (byte span), which field, what.
+pub type OpsError = (Option<Range<usize>>, String, String);
+
+fn err<T>(span: Option<Range<usize>>, field: &str, msg: impl Into<String>) -> Result<T, OpsError> {
+    Err((span, field.to_string(), msg.into()))
+}
+
+fn path(v: &Spanned<String>, field: &str, base: Option<&Path>) -> Result<PathBuf, OpsError> {
+    if v.get_ref().trim().is_empty() {
+        return err(Some(v.span()), field, "must not be empty");
+    }
+    let p = PathBuf::from(v.get_ref());
+    Ok(match base {
+        Some(b) if p.is_relative() => b.join(p),
+        _ => p,
+    })
+}
+
+/// Validates the four sections. `base` resolves relative paths (the config's directory).
+pub fn build(
+    alerts: &RawAlerts,
+    metrics: &RawMetrics,
+    admin: &RawAdmin,
+    record: &RawRecord,
+    base: Option<&Path>,
+) -> Result<OpsConfig, OpsError> {
+    let mut ops = OpsConfig::default();
+
+    let a = &mut ops.alerts;
+    if let Some(c) = &alerts.command {
+        if c.get_ref().trim().is_empty() {
+            return err(Some(c.span()), "alerts.command", "must not be empty");
+        }
+        a.command = Some(c.get_ref().clone());
+    }
+    if let Some(u) = &alerts.webhook_url {
+        a.webhook_url = Some(
+            HttpUrl::parse(u.get_ref())
+                .or_else(|e| err(Some(u.span()), "alerts.webhook_url", e))?,
+        );
+    }
+    if let Some(t) = &alerts.webhook_token {
+        if a.webhook_url.is_none() {
+            return err(
+                Some(t.span()),
+                "alerts.webhook_token",
+                "set webhook_url too (the token is sent only to it)",
+            );
+        }
+        if t.get_ref().bytes().any(|b| b.is_ascii_control()) {
+            return err(
+                Some(t.span()),
+                "alerts.webhook_token",
+                "must not contain control characters",
+            );
+        }
+        a.webhook_token = Some(Secret(t.get_ref().clone()));
+    }
+    if let Some(t) = &alerts.timeout {
+        a.timeout = match parse_duration_ms(t.get_ref()) {
+            Ok(ms) if ms > 0 => Duration::from_millis(ms),
+            Ok(_) => return err(Some(t.span()), "alerts.timeout", "must be longer than zero"),
+            Err(e) => return err(Some(t.span()), "alerts.timeout", e),
+        };
+    }
+    if let Some(q) = &alerts.queue {
+        if *q.get_ref() == 0 {
+            return err(Some(q.span()), "alerts.queue", "must be at least 1");
+        }
+        a.queue = *q.get_ref();
+    }
+
+    if let Some(l) = &metrics.listen {
+        ops.metrics = Some(l.get_ref().parse::<SocketAddr>().or_else(|_| {
+            err(
+                Some(l.span()),
+                "metrics.listen",
+                format!(
+                    "\"{}\" is not host:port (an IP address and port, e.g. \"127.0.0.1:9531\")",
+                    l.get_ref()
+                ),
+            )
+        })?);
+    }
+
+    if let Some(s) = &admin.socket {
+        ops.admin.socket = Some(path(s, "admin.socket", base)?);
+    }
+    if admin.enabled == Some(false) {
+        ops.admin.socket = None;
+    }
+    if let Some(t) = &admin.tier_overrides {
+        ops.admin.tier_overrides = path(t, "admin.tier_overrides", base)?;
+    }
+
+    if let Some(p) = &record.path {
+        ops.record = Some(path(p, "record.path", base)?);
+    }
+    Ok(ops)
+}
+
+/// Lines for `check-config` (no secrets: the token is shown as set or not, the
+/// webhook by host).
+pub fn describe(ops: &OpsConfig) -> String {
+    let mut out = String::new();
+    let a = &ops.alerts;
+    if a.enabled() {
+        out.push_str(&format!(
+            "alerts: {}{}{} (timeout {:?}, queue {})\n",
+            a.command
+                .as_ref()
+                .map_or(String::new(), |c| format!("command `{c}`")),
+            if a.command.is_some() && a.webhook_url.is_some() {
+                ", "
+            } else {
+                ""
+            },
+            a.webhook_url.as_ref().map_or(String::new(), |u| format!(
+                "webhook http://{}/...{}",
+                u.authority,
+                if a.webhook_token.is_some() {
+                    " with a bearer token"
+                } else {
+                    ""
+                }
+            )),
+            a.timeout,
+            a.queue
+        ));
+    } else {
+        out.push_str("alerts: off\n");
+    }
+    match ops.metrics {
+        Some(m) => out.push_str(&format!("metrics: http://{m}/metrics\n")),
+        None => out.push_str("metrics: off\n"),
+    }
+    match &ops.admin.socket {
+        Some(p) => out.push_str(&format!(
+            "admin socket: {} (tier overrides in {})\n",
+            p.display(),
+            ops.admin.tier_overrides.display()
+        )),
+        None => out.push_str("admin socket: off\n"),
+    }
+    match &ops.record {
+        Some(p) => out.push_str(&format!("recording requests to {}\n", p.display())),
+        None => out.push_str("recording: off\n"),
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn webhook_urls_are_plain_http_with_host_and_path() {
+        let u = HttpUrl::parse("http://alerts.example:8080/hook?x=1").unwrap();
+        assert_eq!(u.authority, "alerts.example:8080");
+        assert_eq!(u.connect, "alerts.example:8080");
+        assert_eq!(u.path, "/hook?x=1");
+        let u = HttpUrl::parse("http://[::1]").unwrap();
+        assert_eq!(u.connect, "[::1]:80");
+        assert_eq!(u.path, "/");
+        assert!(HttpUrl::parse("https://x/").is_err());
+        assert!(HttpUrl::parse("http://user:pw@x/").is_err());
+        assert!(HttpUrl::parse("http:///x").is_err());
+    }
+
+    #[test]
+    fn urls_and_secrets_are_redacted() {
+        assert_eq!(
+            redact("http://u:pw@hooks.example/abc?token=s3cret"),
+            "http://hooks.example/..."
+        );
+        assert_eq!(format!("{:?}", Secret("s3cret".into())), "Secret(***)");
+        let mut ops = OpsConfig::default();
+        ops.alerts.webhook_url = HttpUrl::parse("http://h.example/x?token=abc").ok();
+        ops.alerts.webhook_token = Some(Secret("s3cret".into()));
+        let d = describe(&ops);
+        assert!(
+            d.contains("webhook http://h.example/... with a bearer token"),
+            "{d}"
+        );
+        assert!(!d.contains("s3cret") && !d.contains("abc"), "{d}");
+    }
+}

@@ -1,0 +1,351 @@
+//! Prometheus metrics: `GET /metrics` on `[metrics] listen` (a loopback port).
+//!
+//! Written in the text exposition format by hand rather than with
+//! `prometheus-client` or `metrics`: every value already lives in an atomic of the
+//! engine ([`Stats`](crate::policy::Stats), [`OpsState`](super::OpsState)), so a
+//! registry would only mirror them; there are about twenty series, one histogram and
+//! one bounded label set (tiers, from the configuration); and the whole endpoint is
+//! smaller than the glue a crate would need, with no new dependency to build.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `ratelimit_requests_total` | counter | `stage` (`rcpt`, `data`, `end_of_message`, `other`) |
+//! | `ratelimit_decisions_total` | counter | `action` (`allow`, `defer`, `hold`, `reject`, `dry_run`, `store_error`), `tier` |
+//! | `ratelimit_skipped_total` | counter | requests not counted (no key, exempt, unlimited tier, other stages) |
+//! | `ratelimit_messages_charged_total` | counter | |
+//! | `ratelimit_request_duration_seconds` | histogram | request complete → answer written |
+//! | `ratelimit_tracked_keys` | gauge | memory store only |
+//! | `ratelimit_store_errors_total` | counter | |
+//! | `ratelimit_snapshot_age_seconds` | gauge | only once a snapshot was written |
+//! | `ratelimit_connections_open` | gauge | |
+//! | `ratelimit_connections_total` | counter | |
+//! | `ratelimit_connections_refused_total` | counter | `reason` (`allowlist`) |
+//! | `ratelimit_incidents_total` | counter | |
+//! | `ratelimit_alerts_total` | counter | `result` (`sent`, `failed`, `dropped`) |
+//! | `ratelimit_records_dropped_total` | counter | |
+//! | `ratelimit_uptime_seconds` | gauge | |
+
+use std::fmt::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use super::{LATENCY_BUCKETS_US, Outcome};
+use crate::policy::Engine;
+
+/// The exposition format version served.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+fn load(a: &AtomicU64) -> u64 {
+    a.load(Ordering::Relaxed)
+}
+
+/// Escapes a label value (`\`, `"`, newline).
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// The metrics page.
+pub fn render(engine: &Engine) -> String {
+    let mut o = String::with_capacity(4096);
+    let s = &engine.stats;
+    let ops = &engine.ops;
+
+    header(
+        &mut o,
+        "ratelimit_requests_total",
+        "counter",
+        "Policy requests received, by protocol stage.",
+    );
+    for (stage, n) in ["rcpt", "data", "end_of_message", "other"]
+        .iter()
+        .zip(s.requests.iter())
+    {
+        let _ = writeln!(
+            o,
+            "ratelimit_requests_total{{stage=\"{stage}\"}} {}",
+            load(n)
+        );
+    }
+
+    header(
+        &mut o,
+        "ratelimit_decisions_total",
+        "counter",
+        "Counted requests, by answer and tier.",
+    );
+    let decisions = ops.decisions();
+    let mut tiers: Vec<String> = engine
+        .config()
+        .tiers
+        .tiers()
+        .map(|t| t.name().to_string())
+        .collect();
+    tiers.sort();
+    for t in tiers {
+        if !decisions.iter().any(|(d, _)| *d == t) {
+            for oc in Outcome::ALL {
+                let _ = writeln!(
+                    o,
+                    "ratelimit_decisions_total{{action=\"{}\",tier=\"{}\"}} 0",
+                    oc.label(),
+                    esc(&t)
+                );
+            }
+        }
+    }
+    for (tier, counts) in &decisions {
+        for (oc, n) in Outcome::ALL.iter().zip(counts) {
+            let _ = writeln!(
+                o,
+                "ratelimit_decisions_total{{action=\"{}\",tier=\"{}\"}} {n}",
+                oc.label(),
+                esc(tier)
+            );
+        }
+    }
+
+    header(
+        &mut o,
+        "ratelimit_skipped_total",
+        "counter",
+        "Requests not counted: no key, exempt, unlimited tier, or a stage that is not checked.",
+    );
+    let _ = writeln!(o, "ratelimit_skipped_total {}", load(&s.skipped));
+    header(
+        &mut o,
+        "ratelimit_messages_charged_total",
+        "counter",
+        "Messages charged at END-OF-MESSAGE.",
+    );
+    let _ = writeln!(o, "ratelimit_messages_charged_total {}", load(&s.charged));
+
+    header(
+        &mut o,
+        "ratelimit_request_duration_seconds",
+        "histogram",
+        "Time from a complete request to its answer written.",
+    );
+    let (buckets, sum_us, count) = ops.latency.snapshot();
+    for (le, n) in LATENCY_BUCKETS_US.iter().zip(&buckets) {
+        let _ = writeln!(
+            o,
+            "ratelimit_request_duration_seconds_bucket{{le=\"{}\"}} {n}",
+            Duration::from_micros(*le).as_secs_f64()
+        );
+    }
+    let _ = writeln!(
+        o,
+        "ratelimit_request_duration_seconds_bucket{{le=\"+Inf\"}} {}",
+        buckets.last().copied().unwrap_or(0)
+    );
+    let _ = writeln!(
+        o,
+        "ratelimit_request_duration_seconds_sum {}",
+        Duration::from_micros(sum_us).as_secs_f64()
+    );
+    let _ = writeln!(o, "ratelimit_request_duration_seconds_count {count}");
+
+    if let Some(keys) = engine.tracked_keys() {
+        header(
+            &mut o,
+            "ratelimit_tracked_keys",
+            "gauge",
+            "Users (keys) tracked by the memory store.",
+        );
+        let _ = writeln!(o, "ratelimit_tracked_keys {keys}");
+    }
+    header(
+        &mut o,
+        "ratelimit_store_errors_total",
+        "counter",
+        "Store failures and timeouts (answered per on_store_error).",
+    );
+    let _ = writeln!(o, "ratelimit_store_errors_total {}", load(&s.store_errors));
+    if let Some(at) = engine.last_snapshot() {
+        header(
+            &mut o,
+            "ratelimit_snapshot_age_seconds",
+            "gauge",
+            "Seconds since the last snapshot was written.",
+        );
+        let age = engine.now().saturating_duration_since(at);
+        let _ = writeln!(o, "ratelimit_snapshot_age_seconds {}", age.as_secs_f64());
+    }
+
+    header(
+        &mut o,
+        "ratelimit_connections_open",
+        "gauge",
+        "Policy client connections open now.",
+    );
+    let _ = writeln!(
+        o,
+        "ratelimit_connections_open {}",
+        load(&ops.connections_open)
+    );
+    header(
+        &mut o,
+        "ratelimit_connections_total",
+        "counter",
+        "Policy client connections accepted.",
+    );
+    let _ = writeln!(
+        o,
+        "ratelimit_connections_total {}",
+        load(&ops.connections_total)
+    );
+    header(
+        &mut o,
+        "ratelimit_connections_refused_total",
+        "counter",
+        "Connections refused, by reason.",
+    );
+    let _ = writeln!(
+        o,
+        "ratelimit_connections_refused_total{{reason=\"allowlist\"}} {}",
+        load(&ops.connections_refused)
+    );
+
+    header(
+        &mut o,
+        "ratelimit_incidents_total",
+        "counter",
+        "Incidents: first refusals of a user for a limit.",
+    );
+    let _ = writeln!(o, "ratelimit_incidents_total {}", load(&ops.incidents));
+    header(
+        &mut o,
+        "ratelimit_alerts_total",
+        "counter",
+        "Alert deliveries (command, webhook), by result.",
+    );
+    for (result, n) in [
+        ("sent", &ops.alerts_sent),
+        ("failed", &ops.alerts_failed),
+        ("dropped", &ops.alerts_dropped),
+    ] {
+        let _ = writeln!(
+            o,
+            "ratelimit_alerts_total{{result=\"{result}\"}} {}",
+            load(n)
+        );
+    }
+    header(
+        &mut o,
+        "ratelimit_records_dropped_total",
+        "counter",
+        "Request records dropped because the recorder fell behind.",
+    );
+    let _ = writeln!(
+        o,
+        "ratelimit_records_dropped_total {}",
+        load(&ops.records_dropped)
+    );
+    header(
+        &mut o,
+        "ratelimit_uptime_seconds",
+        "gauge",
+        "Seconds since start.",
+    );
+    let _ = writeln!(o, "ratelimit_uptime_seconds {}", ops.uptime().as_secs_f64());
+    o
+}
+
+/// Longest request head accepted.
+const MAX_HEAD: usize = 8192;
+/// Longest a scraper may take to send its request.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves `GET /metrics` until `stop`.
+pub async fn serve(listener: TcpListener, engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                let engine = Arc::clone(&engine);
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(READ_TIMEOUT, answer(stream, &engine)).await;
+                });
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "metrics accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn answer(mut stream: TcpStream, engine: &Engine) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && !buf.windows(2).any(|w| w == b"\n\n") {
+        if buf.len() > MAX_HEAD {
+            return respond(&mut stream, "431 Request Header Fields Too Large", "", "").await;
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(chunk.get(..n).unwrap_or(&[]));
+    }
+    let line = buf.split(|b| *b == b'\n').next().unwrap_or(&[]);
+    let line = String::from_utf8_lossy(line);
+    let mut words = line.split_whitespace();
+    let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    match (method, path) {
+        ("GET", "/metrics") => respond(&mut stream, "200 OK", CONTENT_TYPE, &render(engine)).await,
+        ("HEAD", "/metrics") => respond(&mut stream, "200 OK", CONTENT_TYPE, "").await,
+        ("GET", "/") => {
+            respond(
+                &mut stream,
+                "200 OK",
+                "text/plain; charset=utf-8",
+                "ratelimit-policyd: metrics at /metrics\n",
+            )
+            .await
+        }
+        ("GET" | "HEAD", _) => {
+            respond(&mut stream, "404 Not Found", "text/plain", "not found\n").await
+        }
+        _ => {
+            respond(
+                &mut stream,
+                "405 Method Not Allowed",
+                "text/plain",
+                "GET only\n",
+            )
+            .await
+        }
+    }
+}
+
+async fn respond(
+    stream: &mut TcpStream,
+    status: &str,
+    ctype: &str,
+    body: &str,
+) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}

@@ -1,0 +1,140 @@
+//! The binary itself: start-up, SIGHUP reload (good and bad file), SIGTERM, check-config.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::proc::{BIN, Daemon, accepted, ask, free_port, tempdir};
+
+fn write_config(path: &Path, port: u16, limit: &str) {
+    std::fs::write(
+        path,
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\n\n[tiers.default]\nlimits = [\"{limit}\"]\n"
+        ),
+    )
+    .unwrap();
+}
+
+#[test]
+fn no_arguments_runs_the_builtin_default_and_prints_the_wiring() {
+    // The default port may be taken on a shared machine: --listen only moves it.
+    let port = free_port();
+    let d = Daemon::start(&["--listen", &format!("127.0.0.1:{port}")], port);
+    d.wait_for_log("smtpd_end_of_data_restrictions = check_policy_service inet:127.0.0.1:");
+    let mut s = d.connect();
+    assert_eq!(
+        accepted(&mut s, "u@example.com", "m", 105),
+        100,
+        "built-in default is 100/1h"
+    );
+}
+
+#[test]
+fn sighup_reloads_a_good_file_and_keeps_the_old_one_when_the_new_is_bad() {
+    let dir = tempdir("hup");
+    let cfg = dir.join("policyd.toml");
+    let port = free_port();
+    write_config(&cfg, port, "2/1h");
+    let d = Daemon::start(&["--config", cfg.to_str().unwrap()], port);
+    let mut s = d.connect();
+    assert_eq!(accepted(&mut s, "a@example.com", "a", 5), 2);
+
+    write_config(&cfg, port, "4/1h");
+    d.signal("HUP");
+    d.wait_for_log("configuration reloaded");
+    // Same user: 2 already sent, 2 more under the new limit.
+    assert_eq!(accepted(&mut s, "a@example.com", "b", 5), 2);
+
+    std::fs::write(&cfg, "[tiers.default]\nlimits = [\"4/0h\"]\n").unwrap();
+    d.signal("HUP");
+    d.wait_for_log("reload failed; keeping the previous configuration");
+    assert!(
+        d.log
+            .lock()
+            .unwrap()
+            .contains("policyd.toml:2: tiers.default.limits: invalid limit \"4/0h\"")
+    );
+    // Still the 4/1h configuration, and still serving.
+    assert_eq!(accepted(&mut s, "c@example.com", "c", 6), 4);
+    assert_eq!(d.count_in_log("configuration reloaded"), 1);
+}
+
+#[test]
+fn sigterm_finishes_and_exits_cleanly() {
+    let port = free_port();
+    let mut d = Daemon::start(&["--listen", &format!("127.0.0.1:{port}")], port);
+    let mut s = d.connect();
+    assert_eq!(ask(&mut s, "t@example.com", "t"), "action=DUNNO");
+    d.signal("TERM");
+    let status = d.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(d.log.lock().unwrap().contains("stopped"));
+}
+
+#[test]
+fn check_config_reports_ok_or_names_file_line_and_field() {
+    let dir = tempdir("check");
+    let good = dir.join("good.toml");
+    write_config(&good, 10031, "100/1h");
+    let out = Command::new(BIN)
+        .args(["check-config", good.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("good.toml: OK"), "{text}");
+    assert!(text.contains("tier default (default): 100/1h"), "{text}");
+
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[server]\nlisten = [\"127.0.0.1:10031\"]\nmax_conections = 5\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check-config", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.toml:3: unknown field `max_conections`"),
+        "{err}"
+    );
+
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/example.toml");
+    let out = Command::new(BIN)
+        .args(["check-config", example.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn check_config_never_prints_the_redis_password() {
+    let dir = tempdir("secret");
+    let cfg = dir.join("redis.toml");
+    std::fs::write(
+        &cfg,
+        "[store]\nbackend = \"redis\"\nredis_url = \"redis://:s3cret@127.0.0.1:6379/\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check-config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!all.contains("s3cret"), "{all}");
+    assert!(all.contains("redis://:***@127.0.0.1:6379/"), "{all}");
+}

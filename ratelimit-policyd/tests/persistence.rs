@@ -1,0 +1,271 @@
+//! Counters that survive restarts (snapshots) and are shared through Redis.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::proc::{Daemon, accepted, ask, free_port, tempdir};
+
+fn snapshot_config(path: &Path, port: u16, snap: &Path, interval: &str, extra: &str) {
+    std::fs::write(
+        path,
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\n\n[store]\nsnapshot_path = \"{}\"\nsnapshot_interval = \"{interval}\"\n{extra}\n\n[tiers.default]\nlimits = [\"10/1h\"]\n",
+            snap.display()
+        ),
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_graceful_restart_keeps_every_count() {
+    let dir = tempdir("graceful");
+    let (cfg, snap, port) = (dir.join("p.toml"), dir.join("counters.snap"), free_port());
+    snapshot_config(&cfg, port, &snap, "1h", "");
+    let args = ["--config", cfg.to_str().unwrap()];
+    let mut d = Daemon::start(&args, port);
+    let mut s = d.connect();
+    assert_eq!(accepted(&mut s, "a@example.com", "a", 7), 7);
+    d.signal("TERM");
+    assert!(d.child.wait().unwrap().success());
+    drop(d);
+    let d = Daemon::start(&args, port);
+    d.wait_for_log("counters restored from snapshot");
+    let mut s = d.connect();
+    assert_eq!(
+        accepted(&mut s, "a@example.com", "b", 10),
+        3,
+        "7 of 10 were sent before the restart"
+    );
+    assert_eq!(accepted(&mut s, "z@example.com", "z", 10), 10);
+}
+
+#[test]
+fn after_kill_9_counts_from_before_the_last_snapshot_are_kept() {
+    let dir = tempdir("kill9");
+    let (cfg, snap, port) = (dir.join("p.toml"), dir.join("counters.snap"), free_port());
+    snapshot_config(&cfg, port, &snap, "200ms", "");
+    let args = ["--config", cfg.to_str().unwrap()];
+    let mut d = Daemon::start(&args, port);
+    let mut s = d.connect();
+    assert_eq!(accepted(&mut s, "k@example.com", "a", 6), 6);
+    // Wait until a snapshot written after those 6 exists.
+    let since = std::time::SystemTime::now();
+    let start = Instant::now();
+    loop {
+        let fresh = std::fs::metadata(&snap)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t > since);
+        if fresh {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no snapshot written"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    d.child.kill().unwrap(); // SIGKILL: no shutdown snapshot
+    d.child.wait().unwrap();
+    drop(d);
+    let d = Daemon::start(&args, port);
+    let mut s = d.connect();
+    assert_eq!(
+        accepted(&mut s, "k@example.com", "b", 10),
+        4,
+        "the 6 snapshotted messages still count"
+    );
+}
+
+#[test]
+fn a_corrupt_snapshot_refuses_to_start_unless_told_to_start_empty() {
+    let dir = tempdir("corrupt");
+    let (cfg, snap, port) = (dir.join("p.toml"), dir.join("counters.snap"), free_port());
+    std::fs::write(
+        &snap,
+        b"RLSNAP\r\n\x01\x00\x00\x00garbage that is not a snapshot",
+    )
+    .unwrap();
+    snapshot_config(&cfg, port, &snap, "1m", "");
+    let out = Command::new(common::proc::BIN)
+        .args(["--config", cfg.to_str().unwrap()])
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("counters.snap"), "{err}");
+    assert!(err.contains("on_bad_snapshot = \"start-empty\""), "{err}");
+
+    snapshot_config(&cfg, port, &snap, "1m", "on_bad_snapshot = \"start-empty\"");
+    let d = Daemon::start(&["--config", cfg.to_str().unwrap()], port);
+    assert!(d.log.lock().unwrap().contains("SNAPSHOT UNREADABLE"));
+    let mut s = d.connect();
+    assert_eq!(ask(&mut s, "e@example.com", "e"), "action=DUNNO");
+}
+
+// ------------------------------------------------------------------ Redis
+
+fn redis_url() -> String {
+    std::env::var("RATELIMIT_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into())
+}
+
+fn redis_config(path: &Path, port: u16, url: &str, prefix: &str, extra: &str) {
+    std::fs::write(
+        path,
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\ndecision_timeout = \"300ms\"\n{extra}\n\n[store]\nbackend = \"redis\"\nredis_url = \"{url}\"\nredis_key_prefix = \"{prefix}\"\nredis_connect_timeout = \"100ms\"\nredis_command_timeout = \"100ms\"\n\n[tiers.default]\nlimits = [\"10/1h\"]\n"
+        ),
+    )
+    .unwrap();
+}
+
+#[test]
+#[ignore = "needs redis-server; scripts/test runs it through scripts/with-redis"]
+fn two_servers_sharing_redis_admit_exactly_the_limit_in_total() {
+    let dir = tempdir("shared");
+    let prefix = format!("rl-shared-{}:", std::process::id());
+    let (p1, p2) = (free_port(), free_port());
+    redis_config(&dir.join("a.toml"), p1, &redis_url(), &prefix, "");
+    redis_config(&dir.join("b.toml"), p2, &redis_url(), &prefix, "");
+    let a = Daemon::start(&["--config", dir.join("a.toml").to_str().unwrap()], p1);
+    let b = Daemon::start(&["--config", dir.join("b.toml").to_str().unwrap()], p2);
+    a.wait_for_log("connected to Redis");
+    let (mut sa, mut sb) = (a.connect(), b.connect());
+    let mut total = 0;
+    for i in 0..15 {
+        let s = if i % 2 == 0 { &mut sa } else { &mut sb };
+        if ask(s, "roamer@example.com", &format!("r{i}")) == "action=DUNNO" {
+            total += 1;
+        }
+    }
+    assert_eq!(total, 10, "the fleet as a whole admits exactly the limit");
+}
+
+struct RedisProc {
+    child: Child,
+}
+
+impl RedisProc {
+    fn start(port: u16) -> RedisProc {
+        let bin = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+        let child = Command::new(bin)
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server not found: run the tests through scripts/test");
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        RedisProc { child }
+    }
+}
+
+impl Drop for RedisProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn timed_ask(s: &mut std::net::TcpStream, user: &str, inst: &str) -> (String, Duration) {
+    let t = Instant::now();
+    let a = ask(s, user, inst);
+    (a, t.elapsed())
+}
+
+#[test]
+#[ignore = "needs redis-server; scripts/test installs it"]
+fn redis_down_gets_the_fail_answer_in_time_and_recovery_needs_no_restart() {
+    let rport = free_port();
+    let redis = RedisProc::start(rport);
+    let dir = tempdir("fault");
+    let url = format!("redis://127.0.0.1:{rport}/");
+    let modes = [
+        ("open", "action=DUNNO"),
+        (
+            "closed",
+            "action=DEFER_IF_PERMIT 4.3.0 Rate limiter temporarily unavailable, try again later",
+        ),
+    ];
+    let mut daemons = Vec::new();
+    for (mode, _) in modes {
+        let port = free_port();
+        let cfg = dir.join(format!("{mode}.toml"));
+        redis_config(
+            &cfg,
+            port,
+            &url,
+            &format!("rl-fault-{mode}-{}:", std::process::id()),
+            &format!("on_store_error = \"{mode}\""),
+        );
+        let d = Daemon::start(&["--config", cfg.to_str().unwrap()], port);
+        let mut s = d.connect();
+        assert_eq!(
+            accepted(&mut s, "f@example.com", "up", 12),
+            10,
+            "{mode}: normal decisions"
+        );
+        daemons.push((d, s));
+    }
+    drop(redis);
+
+    // Redis is down: every request gets the configured fail answer within the
+    // decision timeout (300 ms) plus scheduling slack; nothing hangs, nothing panics.
+    for ((_, s), (mode, want)) in daemons.iter_mut().zip(modes) {
+        for i in 0..10 {
+            let (a, took) = timed_ask(s, "g@example.com", &format!("down{i}"));
+            assert_eq!(a, want, "{mode}");
+            assert!(
+                took < Duration::from_secs(2),
+                "{mode}: answer took {took:?}"
+            );
+        }
+    }
+    // Redis comes back on the same port (empty): decisions resume, no restart.
+    let _redis = RedisProc::start(rport);
+    for ((d, s), (mode, _)) in daemons.iter_mut().zip(modes) {
+        let start = Instant::now();
+        // The fail-open server answers DUNNO either way; wait until the closed one
+        // admits, and for both check that limits are enforced again.
+        while mode == "closed"
+            && ask(
+                s,
+                "probe@example.com",
+                &format!("p{}", start.elapsed().as_micros()),
+            ) != "action=DUNNO"
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "decisions did not resume"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(
+            accepted(s, "h@example.com", "back", 12),
+            10,
+            "{mode}: limits enforced again"
+        );
+        assert!(
+            d.log.lock().unwrap().contains("store failure"),
+            "{mode}: errors are logged"
+        );
+    }
+}
