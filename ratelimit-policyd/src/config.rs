@@ -144,9 +144,15 @@ pub struct NetworksPolicy {
     pub message: String,
 }
 
-/// The default text when a user sends from too many networks.
+/// The default text of `hold` when a user sends from too many networks. Postfix logs
+/// it after the stage ("Recipient address", "Data command", "End-of-data"), where its
+/// own text would say "triggers HOLD action".
 pub const DEFAULT_NETWORKS_MESSAGE: &str =
-    "Mail from {user} held for review: sent from more than {max} networks within {window}";
+    "triggers HOLD action: {user} sent from more than {max} networks within {window}";
+
+/// The default text of `defer` and `reject` for too many networks (the client sees it).
+pub const DEFAULT_NETWORKS_REFUSAL: &str =
+    "{user} sent from more than {max} networks within {window}, try again in {retry}";
 
 /// Where counters live.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -896,7 +902,13 @@ fn build_networks(
         let message = t
             .and_then(|t| t.networks_message.clone())
             .or_else(|| d.message.clone())
-            .unwrap_or_else(|| DEFAULT_NETWORKS_MESSAGE.to_string());
+            .unwrap_or_else(|| {
+                match action {
+                    ActionKind::Hold | ActionKind::Warn => DEFAULT_NETWORKS_MESSAGE,
+                    _ => DEFAULT_NETWORKS_REFUSAL,
+                }
+                .to_string()
+            });
         out.insert(
             name.to_string(),
             NetworksPolicy {

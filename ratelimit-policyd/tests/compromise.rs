@@ -195,7 +195,7 @@ async fn the_first_request_past_the_threshold_is_held(mut s: Server) {
     let held = s.ask("RCPT", "bob@example.com", "100.64.7.7").await;
     assert_eq!(
         held,
-        "HOLD Mail from bob@example.com held for review: sent from more than 3 networks within 1h"
+        "HOLD triggers HOLD action: bob@example.com sent from more than 3 networks within 1h"
     );
     // The rest of that message, and the next ones from anywhere, are held too.
     assert!(
@@ -490,6 +490,22 @@ fn tier_settings_override_the_networks_defaults() {
     assert!(
         described.contains("tier strict: networks >2/30m -> Hold"),
         "{described}"
+    );
+    // The default text follows the action: logged by Postfix for hold, seen by the
+    // client for defer.
+    assert_eq!(
+        cfg.networks["strict"].message,
+        config::DEFAULT_NETWORKS_MESSAGE
+    );
+    let d = config::parse(
+        "[networks]\nmax = 2\n[tiers.default]\nnetworks_action = \"defer\"\n",
+        "t",
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        d.networks["default"].message,
+        config::DEFAULT_NETWORKS_REFUSAL
     );
     // Without any networks setting nothing is watched (the built-in default).
     assert!(config::builtin().networks.is_empty());

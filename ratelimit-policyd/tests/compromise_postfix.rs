@@ -100,7 +100,11 @@ fn postfix_holds_the_mail_of_a_user_sending_from_too_many_networks() {
     // Postfix logged our reason with the hold.
     let log = pf.maillog();
     assert!(
-        log.contains("Mail from phished@example.com held for review: sent from more than 3 networks within 1h"),
+        log.contains(
+            "hold: RCPT from client.example[100.64.1.10]: <friend@example.net>: \
+             Recipient address triggers HOLD action: phished@example.com sent from more \
+             than 3 networks within 1h;"
+        ),
         "{}",
         pf.debug_dump()
     );
