@@ -26,6 +26,9 @@
 //!   and with the cargo feature `redis` the shared `store::RedisStore`.
 //! - [`clock`]: when "now" is — [`Clock`], [`SystemClock`], [`ManualClock`].
 //!
+//! [`distinct`] counts distinct values per key per window with bounded memory (the
+//! compromise signal: how many client networks one user sends from).
+//!
 //! [`decision`] holds what a check returns: a denial is data ([`Decision`]); a store
 //! failure is an error ([`StoreError`]).
 
@@ -35,6 +38,7 @@
 pub mod algorithm;
 pub mod clock;
 pub mod decision;
+pub mod distinct;
 pub mod limiter;
 pub mod quota;
 pub mod store;

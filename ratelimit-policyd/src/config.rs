@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use ahash::{AHashMap, AHashSet};
 use ipnet::IpNet;
+use ratelimit_core::distinct::DistinctLimit;
 use ratelimit_core::quota::parse_duration_ms;
 use ratelimit_core::{Limit, Tier, TierMap, Unit};
 use serde::Deserialize;
@@ -130,6 +131,29 @@ pub struct TierPolicy {
 pub const DEFAULT_MESSAGE: &str =
     "Too much mail from {user}: limit of {limit} reached, try again in {retry}";
 
+/// The compromise signal of a tier: more than `limit.max()` distinct client networks
+/// (`[keying] ipv4_prefix` / `ipv6_prefix`) per window for one user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworksPolicy {
+    /// The threshold and window.
+    pub limit: DistinctLimit,
+    /// What to do while the user is flagged (default hold; `Warn` only logs).
+    pub action: ActionKind,
+    /// The text (`{user}`, `{tier}`, `{max}`, `{window}`, `{networks}`, `{limit}`,
+    /// `{retry}`, `{retry_at}`).
+    pub message: String,
+}
+
+/// The default text of `hold` when a user sends from too many networks. Postfix logs
+/// it after the stage ("Recipient address", "Data command", "End-of-data"), where its
+/// own text would say "triggers HOLD action".
+pub const DEFAULT_NETWORKS_MESSAGE: &str =
+    "triggers HOLD action: {user} sent from more than {max} networks within {window}";
+
+/// The default text of `defer` and `reject` for too many networks (the client sees it).
+pub const DEFAULT_NETWORKS_REFUSAL: &str =
+    "{user} sent from more than {max} networks within {window}, try again in {retry}";
+
 /// Where counters live.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Backend {
@@ -210,6 +234,10 @@ pub struct Config {
     pub assign_file: Option<PathBuf>,
     /// Alerts, metrics, admin socket, recording (`[alerts]`, `[metrics]`, `[admin]`, `[record]`).
     pub ops: crate::ops::config::OpsConfig,
+    /// The compromise signal, by tier name (tiers without one are not watched).
+    pub networks: AHashMap<String, NetworksPolicy>,
+    /// Users never watched for the networks they send from (normalized).
+    pub roaming_users: AHashSet<String>,
 }
 
 // ---------------------------------------------------------------- raw structs
@@ -225,6 +253,8 @@ struct RawConfig {
     keying: RawKeying,
     #[serde(default)]
     exempt: RawExempt,
+    #[serde(default)]
+    networks: RawNetworks,
     #[serde(default)]
     tiers: BTreeMap<String, Spanned<RawTier>>,
     default_tier: Option<Spanned<String>>,
@@ -286,6 +316,18 @@ struct RawExempt {
     domains: Vec<String>,
     #[serde(default)]
     clients: Vec<Spanned<String>>,
+    #[serde(default)]
+    roaming_users: Vec<String>,
+}
+
+/// `[networks]`: the compromise signal's defaults for every tier.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawNetworks {
+    max: Option<Spanned<u32>>,
+    window: Option<Spanned<String>>,
+    action: Option<Spanned<String>>,
+    message: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -296,6 +338,11 @@ struct RawTier {
     action: Option<Spanned<String>>,
     reply_code: Option<Spanned<String>>,
     message: Option<String>,
+    max_networks: Option<Spanned<u32>>,
+    networks_window: Option<Spanned<String>>,
+    networks_action: Option<Spanned<String>>,
+    networks_message: Option<String>,
+    networks_exempt: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -373,6 +420,8 @@ fn minimal() -> Config {
         policies,
         assign_file: None,
         ops: crate::ops::config::OpsConfig::default(),
+        networks: AHashMap::new(),
+        roaming_users: AHashSet::new(),
     }
 }
 
@@ -658,6 +707,13 @@ pub fn parse(text: &str, file: &str, base: Option<&Path>) -> Result<Config, Conf
         .map(|a| parse_net(a.get_ref()).or_else(|e| cx.err(Some(a.span()), "exempt.clients", e)))
         .collect::<Result<_, _>>()?;
 
+    cfg.roaming_users = raw
+        .exempt
+        .roaming_users
+        .iter()
+        .map(|u| normalize_user(u))
+        .collect();
+
     // [tiers.*]
     if !raw.tiers.is_empty() {
         let default_name = match &raw.default_tier {
@@ -724,6 +780,9 @@ pub fn parse(text: &str, file: &str, base: Option<&Path>) -> Result<Config, Conf
         cfg.policies = policies;
     }
 
+    // [networks] and the tiers' networks_* settings
+    cfg.networks = build_networks(&cx, &raw, &cfg.tiers)?;
+
     // [assign] and assign_file
     for (key, tier) in &raw.assign {
         let key = normalize_user(key);
@@ -752,6 +811,147 @@ pub fn parse(text: &str, file: &str, base: Option<&Path>) -> Result<Config, Conf
         cfg.assign_file = Some(p);
     }
     Ok(cfg)
+}
+
+/// The compromise signal of every tier: the tier's `max_networks`, `networks_window`,
+/// `networks_action` and `networks_message`, else `[networks]` `max`, `window`,
+/// `action` and `message`; none for a tier with `networks_exempt = true` or with no
+/// threshold anywhere.
+fn build_networks(
+    cx: &Ctx<'_>,
+    raw: &RawConfig,
+    tiers: &TierMap,
+) -> Result<AHashMap<String, NetworksPolicy>, ConfigError> {
+    let d = &raw.networks;
+    if let Some(m) = &d.max {
+        check_networks_max(cx, m, "networks.max")?;
+    }
+    let default_window = cx.duration(&d.window, "networks.window", Duration::from_secs(3600))?;
+    let default_action = match &d.action {
+        Some(a) => networks_action(cx, a, "networks.action")?,
+        None => ActionKind::Hold,
+    };
+    if d.max.is_none() && (d.window.is_some() || d.action.is_some() || d.message.is_some()) {
+        return cx.err(
+            None,
+            "networks",
+            "window, action and message need a threshold: set max (or max_networks in a tier)",
+        );
+    }
+    let mut out = AHashMap::new();
+    for tier in tiers.tiers() {
+        let name = tier.name();
+        let t = raw.tiers.get(name).map(|t| t.get_ref());
+        let field = |f: &str| format!("tiers.{name}.{f}");
+        let exempt = t.and_then(|t| t.networks_exempt.as_ref());
+        let max = t.and_then(|t| t.max_networks.as_ref());
+        if let Some(m) = max {
+            check_networks_max(cx, m, &field("max_networks"))?;
+        }
+        if let Some(e) = exempt
+            && *e.get_ref()
+        {
+            if max.is_some() {
+                return cx.err(
+                    Some(e.span()),
+                    &field("networks_exempt"),
+                    "networks_exempt = true and max_networks contradict each other",
+                );
+            }
+            continue;
+        }
+        let Some(max) = max
+            .map(|m| *m.get_ref())
+            .or(d.max.as_ref().map(|m| *m.get_ref()))
+        else {
+            if let Some(t) = t
+                && (t.networks_window.is_some()
+                    || t.networks_action.is_some()
+                    || t.networks_message.is_some())
+            {
+                return cx.err(
+                    None,
+                    &field("max_networks"),
+                    "networks_window, networks_action and networks_message need a threshold: set max_networks here or max in [networks]",
+                );
+            }
+            continue;
+        };
+        let window = match t {
+            Some(t) => cx.duration(
+                &t.networks_window,
+                &field("networks_window"),
+                default_window,
+            )?,
+            None => default_window,
+        };
+        let limit = match DistinctLimit::new(max, window) {
+            Ok(l) => l,
+            Err(e) => {
+                let span = t
+                    .and_then(|t| t.networks_window.as_ref())
+                    .or(d.window.as_ref())
+                    .map(|w| w.span());
+                return cx.err(span, &field("networks_window"), e.to_string());
+            }
+        };
+        let action = match t.and_then(|t| t.networks_action.as_ref()) {
+            Some(a) => networks_action(cx, a, &field("networks_action"))?,
+            None => default_action.clone(),
+        };
+        let message = t
+            .and_then(|t| t.networks_message.clone())
+            .or_else(|| d.message.clone())
+            .unwrap_or_else(|| {
+                match action {
+                    ActionKind::Hold | ActionKind::Warn => DEFAULT_NETWORKS_MESSAGE,
+                    _ => DEFAULT_NETWORKS_REFUSAL,
+                }
+                .to_string()
+            });
+        out.insert(
+            name.to_string(),
+            NetworksPolicy {
+                limit,
+                action,
+                message,
+            },
+        );
+    }
+    Ok(out)
+}
+
+fn check_networks_max(cx: &Ctx<'_>, m: &Spanned<u32>, field: &str) -> Result<(), ConfigError> {
+    let v = *m.get_ref();
+    if v == 0 || v > DistinctLimit::MAX_THRESHOLD {
+        return cx.err(
+            Some(m.span()),
+            field,
+            format!(
+                "{v}: must be from 1 to {} (the number of networks a user may send from per window)",
+                DistinctLimit::MAX_THRESHOLD
+            ),
+        );
+    }
+    Ok(())
+}
+
+fn networks_action(
+    cx: &Ctx<'_>,
+    a: &Spanned<String>,
+    field: &str,
+) -> Result<ActionKind, ConfigError> {
+    match a.get_ref().as_str() {
+        "hold" => Ok(ActionKind::Hold),
+        "defer" => Ok(ActionKind::Defer),
+        "reject" => Ok(ActionKind::Reject(None)),
+        "warn" | "dry-run" => Ok(ActionKind::Warn),
+        other => cx.err(
+            Some(a.span()),
+            field,
+            format!("\"{other}\": expected hold, defer, reject or warn"),
+        ),
+    }
 }
 
 fn split_toml_error(e: &toml::de::Error) -> (Option<String>, String) {
@@ -1014,6 +1214,11 @@ pub fn describe(cfg: &Config) -> String {
             }
         );
     }
+    let mut watched: Vec<_> = cfg.networks.iter().collect();
+    watched.sort_by(|a, b| a.0.cmp(b.0));
+    for (tier, n) in watched {
+        let _ = writeln!(s, "tier {tier}: networks {} -> {:?}", n.limit, n.action);
+    }
     let mut assigned: Vec<_> = cfg.tiers.assignments().collect();
     assigned.sort();
     let _ = writeln!(s, "assignments: {}", assigned.len());
@@ -1024,6 +1229,9 @@ pub fn describe(cfg: &Config) -> String {
         cfg.exempt_domains.len(),
         cfg.exempt_clients.len()
     );
+    if !cfg.roaming_users.is_empty() {
+        let _ = writeln!(s, "roaming users: {}", cfg.roaming_users.len());
+    }
     s.push_str(&crate::ops::config::describe(&cfg.ops));
     s
 }

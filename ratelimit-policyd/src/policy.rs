@@ -11,6 +11,16 @@
 //! - **Action**: `DUNNO` when allowed; otherwise the tier's action with a text that
 //!   says which limit and when to retry. A store failure gets the configured
 //!   fail-open (`DUNNO`) or fail-closed (defer) answer, within `decision_timeout`.
+//! - **Compromise signal** (tiers with `max_networks`, or `[networks]`): every RCPT,
+//!   DATA and END-OF-MESSAGE request *observes* the client's network (`ipv4_prefix` /
+//!   `ipv6_prefix`) for the user before the volume limits are checked, so a request
+//!   that the volume limits refuse still reveals its address. Observing is idempotent
+//!   (a network seen again only moves its last-seen time), so one message observed
+//!   at three stages counts once. A user seen from more than `max_networks` networks
+//!   within `networks_window` is flagged for a window after the last crossing; while
+//!   flagged, each request gets the networks action (default `HOLD`) instead of the
+//!   volume decision, and nothing is charged. `warn` only logs and alerts. Roaming
+//!   users (`[exempt] roaming_users`) and tiers with `networks_exempt` are not watched.
 
 use std::borrow::Cow;
 use std::net::IpAddr;
@@ -22,12 +32,15 @@ use ahash::AHashMap;
 use arc_swap::ArcSwap;
 use ipnet::IpNet;
 use parking_lot::Mutex;
-use ratelimit_core::store::{RedisStore, Reset, Scan, Sweep};
+use ratelimit_core::distinct::{DistinctStore, Observation};
+use ratelimit_core::store::{DistinctMemoryStore, RedisStore, Reset, Scan, Sweep};
 use ratelimit_core::{
     Clock, Cost, Decision, Limit, MemoryStore, Mode, Store, StoreError, Tier, Timestamp,
 };
 
-use crate::config::{ActionKind, Config, FailMode, TierPolicy, WithoutSasl};
+use crate::config::{
+    ActionKind, Backend, Config, FailMode, NetworksPolicy, TierPolicy, WithoutSasl,
+};
 use crate::protocol::{Action, PolicyRequest, Stage};
 
 /// Where counters live, as the server sees it.
@@ -68,6 +81,8 @@ pub struct Stats {
     pub skipped: AtomicU64,
     /// Messages charged at END-OF-MESSAGE.
     pub charged: AtomicU64,
+    /// Requests answered with the networks action (too many client networks).
+    pub networks_flagged: AtomicU64,
 }
 
 impl Stats {
@@ -114,10 +129,22 @@ pub struct Incident {
 /// Called once per incident (alert hook, metrics); must not block.
 pub type IncidentSink = Arc<dyn Fn(&Incident) + Send + Sync>;
 
+/// Where the client networks seen per user live: beside the counters.
+enum Networks {
+    /// In-process, decided inline.
+    Memory(Arc<DistinctMemoryStore>),
+    /// In the counters' Redis (a second script), on the blocking pool.
+    Remote(Arc<RedisStore>),
+}
+
+/// The incident index of the networks signal (volume limits use their position).
+const NETWORKS_INCIDENT: usize = usize::MAX;
+
 /// The policy engine shared by every connection.
 pub struct Engine {
     config: ArcSwap<Config>,
     counters: Counters,
+    networks: Networks,
     clock: Arc<dyn Clock>,
     /// Counters for metrics.
     pub stats: Stats,
@@ -140,9 +167,19 @@ const MAX_INCIDENTS: usize = 100_000;
 impl Engine {
     /// An engine deciding by `config` with `counters`, at the times `clock` gives.
     pub fn new(config: Config, counters: Counters, clock: Arc<dyn Clock>) -> Engine {
+        let networks = match &counters {
+            Counters::Memory(_) => {
+                Networks::Memory(Arc::new(DistinctMemoryStore::new(match config.backend {
+                    Backend::Memory { max_keys } => max_keys,
+                    Backend::Redis { .. } => 1_000_000,
+                })))
+            }
+            Counters::Remote(r) => Networks::Remote(Arc::clone(r)),
+        };
         Engine {
             config: ArcSwap::from_pointee(config),
             counters,
+            networks,
             clock,
             stats: Stats::default(),
             ops: crate::ops::OpsState::default(),
@@ -212,7 +249,11 @@ impl Engine {
             return self.skip();
         }
         let tier = Arc::clone(cfg.tiers.tier_of(&key));
-        if tier.is_unlimited() {
+        let watch = cfg
+            .networks
+            .get(tier.name())
+            .filter(|_| !cfg.roaming_users.contains(key.as_ref()));
+        if tier.is_unlimited() && watch.is_none() {
             return self.skip();
         }
         self.ops.clients.note(&key, req.client_address);
@@ -223,32 +264,18 @@ impl Engine {
         {
             return answer.clone();
         }
-        let recipients = req.recipient_count.unwrap_or(0).max(1);
-        let cost = match req.protocol_state {
-            Stage::Rcpt => Cost::message(1, req.size.unwrap_or(0)),
-            _ => Cost::message(recipients, req.size.unwrap_or(0)),
-        };
         let now = self.clock.now();
-        let result = self.check(&cfg, &key, &tier, cost, now, mode).await;
-        let allowed = result.as_ref().ok().map(Decision::is_allowed);
-        let answer = match result {
-            Ok(decision) => self.answer(&cfg, &key, &tier, &decision, now, req),
-            Err(e) => {
-                self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
-                // During an outage every request fails: warn at most every few seconds.
-                match self.ops.store_error_log_due(now.as_millis()) {
-                    Some(suppressed) => {
-                        tracing::warn!(user = %key, error = %e, fail = ?cfg.on_store_error, suppressed, "store failure")
-                    }
-                    None => tracing::debug!(user = %key, error = %e, "store failure"),
-                }
-                match cfg.on_store_error {
-                    FailMode::Open => Action::Dunno,
-                    FailMode::Closed => Action::DeferIfPermit(Cow::Borrowed(
-                        "4.3.0 Rate limiter temporarily unavailable, try again later",
-                    )),
-                }
+        let flagged = match watch {
+            Some(policy) => {
+                self.watch_networks(&cfg, &key, &tier, policy, now, req)
+                    .await
             }
+            None => None,
+        };
+        let (answer, allowed) = match flagged {
+            Some(answer) => (answer, Some(false)),
+            None if tier.is_unlimited() => return self.skip(),
+            None => self.volume(&cfg, &key, &tier, now, mode, req).await,
         };
         self.ops
             .note_decision(tier.name(), crate::ops::Outcome::of(allowed, &answer));
@@ -266,6 +293,200 @@ impl Engine {
     fn skip(&self) -> Action<'static> {
         self.stats.skipped.fetch_add(1, Ordering::Relaxed);
         Action::Dunno
+    }
+
+    /// The volume decision: the tier's limits, charged at END-OF-MESSAGE. Also whether
+    /// the limits admitted (`None`: the store failed).
+    async fn volume(
+        &self,
+        cfg: &Config,
+        key: &str,
+        tier: &Arc<Tier>,
+        now: Timestamp,
+        mode: Mode,
+        req: &PolicyRequest<'_>,
+    ) -> (Action<'static>, Option<bool>) {
+        let recipients = req.recipient_count.unwrap_or(0).max(1);
+        let cost = match req.protocol_state {
+            Stage::Rcpt => Cost::message(1, req.size.unwrap_or(0)),
+            _ => Cost::message(recipients, req.size.unwrap_or(0)),
+        };
+        let result = self.check(cfg, key, tier, cost, now, mode).await;
+        let allowed = result.as_ref().ok().map(Decision::is_allowed);
+        let answer = match result {
+            Ok(decision) => self.answer(cfg, key, tier, &decision, now, req),
+            Err(e) => {
+                self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                // During an outage every request fails: warn at most every few seconds.
+                match self.ops.store_error_log_due(now.as_millis()) {
+                    Some(suppressed) => {
+                        tracing::warn!(user = %key, error = %e, fail = ?cfg.on_store_error, suppressed, "store failure")
+                    }
+                    None => tracing::debug!(user = %key, error = %e, "store failure"),
+                }
+                match cfg.on_store_error {
+                    FailMode::Open => Action::Dunno,
+                    FailMode::Closed => Action::DeferIfPermit(Cow::Borrowed(
+                        "4.3.0 Rate limiter temporarily unavailable, try again later",
+                    )),
+                }
+            }
+        };
+        (answer, allowed)
+    }
+
+    /// Observes the request's client network for `key`; the networks action when the
+    /// user is flagged (and the action is not `warn`), else `None` (go on to the
+    /// volume decision). A store failure is logged and counted, and the volume
+    /// decision (with its own failure policy) decides.
+    async fn watch_networks(
+        &self,
+        cfg: &Config,
+        key: &str,
+        tier: &Tier,
+        policy: &NetworksPolicy,
+        now: Timestamp,
+        req: &PolicyRequest<'_>,
+    ) -> Option<Action<'static>> {
+        let ip = canonical_ip(req.client_address.and_then(parse_ip)?);
+        let network = client_network(ip, cfg.ipv4_prefix, cfg.ipv6_prefix).to_string();
+        let observation = match self.observe(cfg, key, &network, policy, now).await {
+            Ok(o) => o,
+            Err(e) => {
+                self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                match self.ops.store_error_log_due(now.as_millis()) {
+                    Some(suppressed) => {
+                        tracing::warn!(user = %key, error = %e, suppressed, "store failure observing the client network; volume limits only")
+                    }
+                    None => {
+                        tracing::debug!(user = %key, error = %e, "store failure observing the client network")
+                    }
+                }
+                return None;
+            }
+        };
+        let until = observation.flagged_until?;
+        let dry_run = policy.action == ActionKind::Warn;
+        self.note_networks_incident(key, tier, policy, &observation, until, now, req, dry_run);
+        let retry = until.saturating_duration_since(now);
+        let text = render(
+            &policy
+                .message
+                .replace("{max}", &policy.limit.max().to_string())
+                .replace("{window}", &fmt_duration(policy.limit.window()))
+                .replace("{networks}", &observation.distinct.to_string())
+                .replace("{limit}", &format!("networks{}", policy.limit)),
+            key,
+            tier.name(),
+            None,
+            Some(retry),
+            Some(until.as_millis()),
+        );
+        if dry_run {
+            self.stats.dry_run.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(user = %key, tier = tier.name(), network = %network, networks = observation.distinct, "dry run: would act on too many networks");
+            return None;
+        }
+        self.stats.networks_flagged.fetch_add(1, Ordering::Relaxed);
+        Some(match &policy.action {
+            ActionKind::Hold => Action::Hold(Cow::Owned(text)),
+            ActionKind::Reject(None) => Action::Reject(Cow::Owned(text)),
+            ActionKind::Reject(Some(code)) | ActionKind::Code(code) => code_action(code, text),
+            ActionKind::Defer | ActionKind::Warn => Action::DeferIfPermit(Cow::Owned(text)),
+        })
+    }
+
+    async fn observe(
+        &self,
+        cfg: &Config,
+        key: &str,
+        network: &str,
+        policy: &NetworksPolicy,
+        now: Timestamp,
+    ) -> Result<Observation, StoreError> {
+        match &self.networks {
+            Networks::Memory(m) => m.observe(key, network, &policy.limit, now),
+            Networks::Remote(store) => {
+                let store = Arc::clone(store);
+                let (key, network, limit) = (key.to_string(), network.to_string(), policy.limit);
+                let job =
+                    tokio::task::spawn_blocking(move || store.observe(&key, &network, &limit, now));
+                match tokio::time::timeout(cfg.decision_timeout, job).await {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(join)) => Err(StoreError::Unavailable(format!(
+                        "store task failed: {join}"
+                    ))),
+                    Err(_) => Err(StoreError::Timeout(cfg.decision_timeout)),
+                }
+            }
+        }
+    }
+
+    /// One log line and one sink call per flagging: while the flag stays up (an
+    /// abuser spreading on), the open incident is extended, not repeated.
+    #[allow(clippy::too_many_arguments)]
+    fn note_networks_incident(
+        &self,
+        key: &str,
+        tier: &Tier,
+        policy: &NetworksPolicy,
+        observation: &Observation,
+        until: Timestamp,
+        now: Timestamp,
+        req: &PolicyRequest<'_>,
+        dry_run: bool,
+    ) {
+        let now_ms = now.as_millis();
+        {
+            let mut open = self.incidents.lock();
+            if let Some(open_until) = open.get_mut(&(key.to_string(), NETWORKS_INCIDENT))
+                && *open_until > now_ms
+            {
+                *open_until = (*open_until).max(until.as_millis());
+                return;
+            }
+            if open.len() >= MAX_INCIDENTS {
+                open.retain(|_, u| *u > now_ms);
+                if open.len() >= MAX_INCIDENTS {
+                    open.clear();
+                }
+            }
+            open.insert((key.to_string(), NETWORKS_INCIDENT), until.as_millis());
+        }
+        let incident = Incident {
+            key: key.to_string(),
+            tier: tier.name().to_string(),
+            limit: format!("networks{}", policy.limit),
+            used: u64::from(observation.distinct),
+            clears_at: Some(until.as_millis()),
+            client_address: req.client_address_str().map(str::to_string),
+            clients: self
+                .ops
+                .clients
+                .get(key)
+                .iter()
+                .map(|ip| ip.to_string())
+                .collect(),
+            dry_run,
+        };
+        self.ops.incidents.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            user = %incident.key,
+            tier = %incident.tier,
+            limit = %incident.limit,
+            networks = observation.distinct,
+            client = incident.client_address.as_deref().unwrap_or("-"),
+            clients_seen = %if incident.clients.is_empty() { "-".to_string() } else { incident.clients.join(",") },
+            action = ?policy.action,
+            clears_at = %crate::ops::rfc3339(until.as_millis()),
+            clears_in = %fmt_duration(until.saturating_duration_since(now)),
+            dry_run,
+            "incident: user sending from too many networks (compromised account?)"
+        );
+        let sink = self.incident_sink.lock().clone();
+        if let Some(sink) = sink {
+            sink(&incident);
+        }
     }
 
     async fn check(
@@ -450,18 +671,40 @@ impl Engine {
         self.incidents
             .lock()
             .retain(|_, until| *until > now.as_millis());
+        let networks = match &self.networks {
+            Networks::Memory(m) => m.sweep(now),
+            Networks::Remote(_) => 0,
+        };
+        if networks > 0 {
+            tracing::debug!(users = networks, "swept idle client-network state");
+        }
         match &self.counters {
             Counters::Memory(m) => m.sweep(now),
             Counters::Remote(_) => 0,
         }
     }
 
-    /// Forgets a key's counters (unblocks it) and its open incidents.
+    /// Forgets a key's counters and the client networks seen for it (unblocks it),
+    /// and its open incidents.
     pub fn reset(&self, key: &str) -> Result<bool, StoreError> {
         self.incidents.lock().retain(|(k, _), _| k != key);
-        match &self.counters {
+        let networks = match &self.networks {
+            Networks::Memory(m) => m.forget(key),
+            Networks::Remote(r) => r.forget(key),
+        }?;
+        let counters = match &self.counters {
             Counters::Memory(m) => m.reset(key),
             Counters::Remote(r) => r.reset(key),
+        }?;
+        Ok(counters || networks)
+    }
+
+    /// For the memory store: the number of users whose client networks are tracked,
+    /// `key`'s networks kept, and their heap bytes. `None` with Redis.
+    pub fn network_state(&self, key: &str) -> Option<(usize, usize, usize)> {
+        match &self.networks {
+            Networks::Memory(m) => Some((m.key_count(), m.entry_count(key), m.key_heap_bytes(key))),
+            Networks::Remote(_) => None,
         }
     }
 
@@ -528,6 +771,14 @@ pub fn client_network(ip: IpAddr, v4: u8, v6: u8) -> IpNet {
     IpNet::new(ip, prefix)
         .map(|n| n.trunc())
         .unwrap_or_else(|_| IpNet::from(ip))
+}
+
+/// An IPv4-mapped IPv6 address as the IPv4 address it is.
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
 }
 
 fn parse_ip(raw: &[u8]) -> Option<IpAddr> {

@@ -6,17 +6,23 @@
 //!
 //! Stores: [`MemoryStore`] (sharded, in process) and, with the cargo feature `redis`,
 //! [`RedisStore`] (shared by every host using the same Redis).
+//!
+//! Distinct-value state (the compromise signal, [`crate::distinct`]) has its own
+//! trait, [`DistinctStore`](crate::distinct::DistinctStore): [`DistinctMemoryStore`] in
+//! process, and [`RedisStore`] with the feature `redis`.
 
 use crate::algorithm::KeyState;
 use crate::clock::Timestamp;
 use crate::decision::{Cost, Decision, Mode};
 use crate::quota::Limit;
 
+mod distinct_memory;
 mod memory;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub mod snapshot;
 
+pub use distinct_memory::DistinctMemoryStore;
 pub use memory::{MemoryStore, MemoryStoreConfig};
 #[cfg(feature = "redis")]
 pub use redis::{RedisStore, RedisStoreConfig, TimeSource};

@@ -36,6 +36,10 @@
 //!
 //! # Capabilities
 //!
+//! [`DistinctStore`](crate::distinct::DistinctStore) (distinct client networks per
+//! user) is a second script, `redis_distinct.lua`, over its own hash per key (see
+//! `redis_distinct.rs`).
+//!
 //! [`Reset`] is one `DEL`. [`Scan`] walks the keyspace with `SCAN` (never `KEYS`) and
 //! reads each batch of hashes in one pipelined round trip; it and `key_count` are
 //! O(keys) and meant for occasional admin use (top senders, statistics), with
@@ -81,6 +85,11 @@ use crate::quota::{Algorithm, CounterId, Limit};
 
 /// The decision script (see the module docs).
 const SCRIPT: &str = include_str!("redis_check.lua");
+
+// Distinct values per key (the compromise signal): a second script and its own hash
+// per key, `<prefix>nets:{<encoded key>}`.
+#[path = "redis_distinct.rs"]
+mod distinct;
 
 /// Caller timestamps at or past this are refused: the script's arithmetic on them
 /// (plain doubles) is exact only well below 2^53.
