@@ -24,3 +24,4 @@ pub mod policy;
 pub mod protocol;
 pub mod replay;
 pub mod server;
+pub mod threaded;

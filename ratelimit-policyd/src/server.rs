@@ -16,7 +16,13 @@ use tokio::sync::{Semaphore, watch};
 use crate::config::ListenAddr;
 use crate::connection::Connection;
 use crate::policy::{ConnState, Engine};
-use crate::protocol::{Attribute, Limits};
+use crate::protocol::{Attribute, Limits, ParseError};
+use crate::threaded::Workers;
+
+/// Logs a malformed request (its connection is closed without a reply).
+pub(crate) fn log_bad_request(peer: &str, e: &ParseError) {
+    tracing::warn!(client = peer, error = %e, "closing connection: bad request");
+}
 
 /// A bound listening socket.
 #[derive(Debug)]
@@ -82,6 +88,7 @@ pub async fn run(
     let max = cfg.max_connections.min(Semaphore::MAX_PERMITS);
     let permits = Arc::new(Semaphore::new(max));
     let (stop_tx, stop_rx) = watch::channel(false);
+    let workers = Workers::new();
     let mut tasks = tokio::task::JoinSet::new();
     for listener in listeners {
         tracing::info!(listen = %listener.describe(), "listening");
@@ -89,6 +96,7 @@ pub async fn run(
             listener,
             Arc::clone(&engine),
             Arc::clone(&permits),
+            Arc::clone(&workers),
             stop_rx.clone(),
         ));
     }
@@ -98,6 +106,7 @@ pub async fn run(
     tracing::info!("shutting down: finishing requests in flight");
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
+    workers.shutdown();
     // Every connection holds a permit; when all are back, all connections are done.
     let all = u32::try_from(max).unwrap_or(u32::MAX);
     if tokio::time::timeout(SHUTDOWN_GRACE, permits.acquire_many(all))
@@ -119,8 +128,10 @@ async fn accept_loop(
     listener: Listener,
     engine: Arc<Engine>,
     permits: Arc<Semaphore>,
+    workers: Arc<Workers>,
     stop: watch::Receiver<bool>,
 ) {
+    let rt = tokio::runtime::Handle::current();
     let mut backoff = Duration::from_millis(5);
     loop {
         // Take a connection slot first: at the cap, new clients wait in the backlog
@@ -146,25 +157,17 @@ async fn accept_loop(
                     continue;
                 }
                 let _ = stream.set_nodelay(true);
-                let engine = Arc::clone(&engine);
-                let stop = stop.clone();
-                tokio::spawn(async move {
-                    let open = engine.ops.connection_opened();
-                    serve(stream, &peer.to_string(), &engine, stop).await;
-                    drop(open);
-                    drop(permit);
-                });
+                match stream.into_std().and_then(|s| s.set_nonblocking(false).map(|()| s)) {
+                    Ok(s) => workers.spawn(s, peer.to_string(), Arc::clone(&engine), rt.clone(), permit),
+                    Err(e) => tracing::warn!(client = %peer, error = %e, "cannot serve connection"),
+                }
             }
             Ok(Accepted::Unix(stream)) => {
                 backoff = Duration::from_millis(5);
-                let engine = Arc::clone(&engine);
-                let stop = stop.clone();
-                tokio::spawn(async move {
-                    let open = engine.ops.connection_opened();
-                    serve(stream, "unix", &engine, stop).await;
-                    drop(open);
-                    drop(permit);
-                });
+                match stream.into_std().and_then(|s| s.set_nonblocking(false).map(|()| s)) {
+                    Ok(s) => workers.spawn(s, "unix".to_string(), Arc::clone(&engine), rt.clone(), permit),
+                    Err(e) => tracing::warn!(error = %e, "cannot serve connection"),
+                }
             }
             Err(e) => {
                 // Out of file descriptors and the like: wait, then try again.
@@ -195,9 +198,11 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Serves one connection until the client closes it, it idles out, it sends a
-/// malformed request (logged; nothing is sent; only this connection is closed), or
-/// the server shuts down (between requests).
+/// Serves one connection on the async runtime until the client closes it, it idles
+/// out, it sends a malformed request (logged; nothing is sent; only this connection
+/// is closed), or the server shuts down (between requests). The server itself serves
+/// connections on threads ([`crate::threaded`]); this is for embedding over any
+/// async stream.
 pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     peer: &str,

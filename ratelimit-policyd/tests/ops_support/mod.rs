@@ -207,6 +207,45 @@ impl tracing::Subscriber for PerThread {
     }
 }
 
+/// A scoped subscriber that forwards to one capturing subscriber, and, like
+/// [`PerThread`], never lets tracing cache a callsite as disabled. The server hands
+/// the scoped default of the thread that accepted a connection to the thread that
+/// serves it, so a test captures its own server's connection threads too.
+struct Fixed(tracing::Dispatch);
+
+impl tracing::Subscriber for Fixed {
+    fn register_callsite(
+        &self,
+        _: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        tracing::subscriber::Interest::sometimes()
+    }
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        Some(tracing::level_filters::LevelFilter::TRACE)
+    }
+    fn enabled(&self, m: &tracing::Metadata<'_>) -> bool {
+        self.0.enabled(m)
+    }
+    fn new_span(&self, a: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        self.0.new_span(a)
+    }
+    fn record(&self, id: &tracing::span::Id, v: &tracing::span::Record<'_>) {
+        self.0.record(id, v);
+    }
+    fn record_follows_from(&self, a: &tracing::span::Id, b: &tracing::span::Id) {
+        self.0.record_follows_from(a, b);
+    }
+    fn event(&self, e: &tracing::Event<'_>) {
+        self.0.event(e);
+    }
+    fn enter(&self, id: &tracing::span::Id) {
+        self.0.enter(id);
+    }
+    fn exit(&self, id: &tracing::span::Id) {
+        self.0.exit(id);
+    }
+}
+
 /// Installs [`PerThread`] as the global subscriber (once per test binary).
 pub fn init_logs() {
     static ONCE: std::sync::Once = std::sync::Once::new();
@@ -216,7 +255,7 @@ pub fn init_logs() {
 }
 
 /// Stops capturing on this thread when dropped.
-pub struct Capture;
+pub struct Capture(#[allow(dead_code)] tracing::dispatcher::DefaultGuard);
 
 impl Drop for Capture {
     fn drop(&mut self) {
@@ -257,7 +296,8 @@ impl Logs {
 
     fn capture_with(&self, sub: impl tracing::Subscriber + Send + Sync + 'static) -> Capture {
         init_logs();
-        CURRENT.with(|c| *c.borrow_mut() = Some(tracing::Dispatch::new(sub)));
-        Capture
+        let dispatch = tracing::Dispatch::new(sub);
+        CURRENT.with(|c| *c.borrow_mut() = Some(dispatch.clone()));
+        Capture(tracing::dispatcher::set_default(&tracing::Dispatch::new(Fixed(dispatch))))
     }
 }
