@@ -28,7 +28,7 @@ use std::time::Duration;
 use smallvec::SmallVec;
 
 use crate::clock::Timestamp;
-use crate::decision::{Cost, Decision, Denial, LimitStatus, MAX_LIMITS, Mode};
+use crate::decision::{Cost, Decision, Denial, LimitStatus, Mode};
 use crate::quota::{Algorithm, CounterId, Limit};
 
 /// One sub-window with a non-zero count.
@@ -83,14 +83,15 @@ pub struct KeyState {
     pub(crate) counters: SmallVec<[Counter; 1]>,
 }
 
-/// What phase one found for one limit.
-#[derive(Clone, Copy, Default)]
+/// What checking one limit found.
+#[derive(Clone, Copy)]
 struct Probe {
     used: u64,
     admit: bool,
     retry_after: Option<Duration>,
-    remaining_if_recorded: u64,
-    remaining_now: u64,
+    /// Units admissible now, before this event. If the event is recorded (every
+    /// limit admitted it), what remains after it is exactly `remaining - cost`.
+    remaining: u64,
 }
 
 impl KeyState {
@@ -110,9 +111,8 @@ impl KeyState {
     pub fn apply(&mut self, limits: &[Limit], cost: Cost, now: Timestamp, mode: Mode) -> Decision {
         let now_ms = now.as_millis();
         let live = !self.is_idle(now);
-        let mut statuses = [LimitStatus::default(); MAX_LIMITS];
-        let mut denial = None;
-        let mut probes = [Probe::default(); MAX_LIMITS];
+        // Built in place: the statuses are written once, where the caller gets them.
+        let mut decision = Decision::with_len(limits.len());
         for (i, limit) in limits.iter().enumerate() {
             let counter = if live {
                 self.find(limit.counter_id())
@@ -120,30 +120,27 @@ impl KeyState {
                 None
             };
             let p = probe(limit, counter, cost.get(limit.unit()), now_ms);
-            if !p.admit && denial.is_none() {
-                denial = Some(Denial {
+            if !p.admit && decision.denial.is_none() {
+                decision.denial = Some(Denial {
                     limit: i,
                     retry_after: p.retry_after,
                 });
             }
-            if let Some(slot) = probes.get_mut(i) {
-                *slot = p;
+            if let Some(status) = decision.statuses.get_mut(i) {
+                *status = LimitStatus {
+                    used: p.used,
+                    limit: capacity(limit),
+                    remaining: p.remaining,
+                };
             }
         }
-        let record = mode == Mode::Acquire && denial.is_none();
-        for (i, (status, limit)) in statuses.iter_mut().zip(limits).enumerate() {
-            let p = probes[i];
-            *status = LimitStatus {
-                used: p.used,
-                limit: capacity(limit),
-                remaining: if record {
-                    p.remaining_if_recorded
-                } else {
-                    p.remaining_now
-                },
-            };
-        }
-        if record {
+        if mode == Mode::Acquire && decision.denial.is_none() {
+            // Every limit admitted `cost`, so `remaining >= cost` for each.
+            for (status, limit) in decision.statuses.iter_mut().zip(limits) {
+                let c = cost.get(limit.unit());
+                debug_assert!(status.remaining >= c);
+                status.remaining = status.remaining.saturating_sub(c);
+            }
             if !live {
                 self.counters.clear();
                 self.idle_at = 0;
@@ -157,7 +154,7 @@ impl KeyState {
                 self.idle_at = self.idle_at.max(expiry);
             }
         }
-        Decision::new(denial, &statuses[..limits.len().min(MAX_LIMITS)])
+        decision
     }
 
     /// Units counted against `limit` at `now` (for inspection: `show USER`, top senders).
@@ -220,14 +217,13 @@ impl KeyState {
                 }
             }
             (CounterData::Bucket { level, last }, Algorithm::TokenBucket { .. }) => {
-                let n = u128::from(limit.count());
-                let w = u128::from(limit.window_ms());
-                let lvl = drained(*level, *last, limit, now_ms);
-                let new = (lvl + u128::from(cost) * w).min(u128::from(u64::MAX));
-                *level = new as u64;
+                let w = limit.window_ms();
+                // At most u64::MAX: `cost` was admitted, so level + cost * w <= burst * w.
+                let new =
+                    drained(*level, *last, limit, now_ms).saturating_add(cost.saturating_mul(w));
+                *level = new;
                 *last = (*last).max(now_ms);
-                let empty_in = new.div_ceil(n);
-                u64::try_from(u128::from(*last) + empty_in).unwrap_or(u64::MAX)
+                (*last).saturating_add(new.div_ceil(limit.count()))
             }
             // The id encodes the algorithm, so a mismatch cannot happen; start over if
             // a corrupt store ever produced one.
@@ -255,10 +251,11 @@ fn age(b: u32, idx: u32) -> i64 {
     i64::from(b.wrapping_sub(idx) as i32)
 }
 
-/// A bucket's level at `now_ms`, after draining since `last`.
-fn drained(level: u64, last: u64, limit: &Limit, now_ms: u64) -> u128 {
-    let elapsed = u128::from(now_ms.saturating_sub(last));
-    u128::from(level).saturating_sub(elapsed * u128::from(limit.count()))
+/// A bucket's level at `now_ms`, after draining since `last`. (A drain that
+/// overflows 64 bits is more than any level, so saturating is exact.)
+fn drained(level: u64, last: u64, limit: &Limit, now_ms: u64) -> u64 {
+    let elapsed = now_ms.saturating_sub(last);
+    level.saturating_sub(elapsed.saturating_mul(limit.count()))
 }
 
 fn probe(limit: &Limit, counter: Option<&Counter>, cost: u64, now_ms: u64) -> Probe {
@@ -312,31 +309,29 @@ fn probe_window(limit: &Limit, precision: u16, slots: &[Slot], cost: u64, now_ms
         used,
         admit,
         retry_after,
-        remaining_if_recorded: n.saturating_sub(used.saturating_add(cost)),
-        remaining_now: n.saturating_sub(used),
+        remaining: n.saturating_sub(used),
     }
 }
 
 fn probe_bucket(limit: &Limit, burst: u32, level: u64, last: u64, cost: u64, now_ms: u64) -> Probe {
-    let n = u128::from(limit.count());
-    let w = u128::from(limit.window_ms());
-    let cap = u128::from(burst) * w;
+    // All in 64 bits: `cap` fits (checked when the limit was built), the level is a
+    // u64, and a `need` that overflows is more than `cap` (never admitted).
+    let n = limit.count();
+    let w = limit.window_ms();
+    let cap = u64::from(burst) * w;
     let lvl = drained(level, last, limit, now_ms);
-    let need = u128::from(cost) * w;
-    let admit = lvl + need <= cap;
-    let retry_after = if admit || need > cap {
-        None
-    } else {
-        let ms = (lvl + need - cap).div_ceil(n);
-        Some(Duration::from_millis(u64::try_from(ms).unwrap_or(u64::MAX)))
+    let need = cost.checked_mul(w).filter(|need| *need <= cap);
+    let admit = need.is_some_and(|need| lvl <= cap - need);
+    let retry_after = match need {
+        // Refused although the bucket could hold it: wait until enough has drained.
+        Some(need) if !admit => Some(Duration::from_millis((lvl - (cap - need)).div_ceil(n))),
+        _ => None,
     };
-    let units = |v: u128| u64::try_from(v).unwrap_or(u64::MAX);
     Probe {
-        used: units(lvl.div_ceil(w)),
+        used: lvl.div_ceil(w),
         admit,
         retry_after,
-        remaining_if_recorded: units(cap.saturating_sub(lvl + need) / w),
-        remaining_now: units(cap.saturating_sub(lvl) / w),
+        remaining: cap.saturating_sub(lvl) / w,
     }
 }
 
