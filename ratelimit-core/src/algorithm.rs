@@ -45,7 +45,7 @@ pub(crate) struct Slot {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum CounterData {
     /// Non-empty sub-windows, oldest first.
-    Window(SmallVec<[Slot; 2]>),
+    Window(SmallVec<[Slot; 4]>),
     /// Token bucket: `level` in unit·ms, as of `last` (ms since the epoch).
     Bucket { level: u64, last: u64 },
 }
@@ -109,52 +109,7 @@ impl KeyState {
     /// records it on each distinct counter. A refused or peeked event changes nothing
     /// that any later decision can see.
     pub fn apply(&mut self, limits: &[Limit], cost: Cost, now: Timestamp, mode: Mode) -> Decision {
-        let now_ms = now.as_millis();
-        let live = !self.is_idle(now);
-        // Built in place: the statuses are written once, where the caller gets them.
-        let mut decision = Decision::with_len(limits.len());
-        for (i, limit) in limits.iter().enumerate() {
-            let counter = if live {
-                self.find(limit.counter_id())
-            } else {
-                None
-            };
-            let p = probe(limit, counter, cost.get(limit.unit()), now_ms);
-            if !p.admit && decision.denial.is_none() {
-                decision.denial = Some(Denial {
-                    limit: i,
-                    retry_after: p.retry_after,
-                });
-            }
-            if let Some(status) = decision.statuses.get_mut(i) {
-                *status = LimitStatus {
-                    used: p.used,
-                    limit: capacity(limit),
-                    remaining: p.remaining,
-                };
-            }
-        }
-        if mode == Mode::Acquire && decision.denial.is_none() {
-            // Every limit admitted `cost`, so `remaining >= cost` for each.
-            for (status, limit) in decision.statuses.iter_mut().zip(limits) {
-                let c = cost.get(limit.unit());
-                debug_assert!(status.remaining >= c);
-                status.remaining = status.remaining.saturating_sub(c);
-            }
-            if !live {
-                self.counters.clear();
-                self.idle_at = 0;
-            }
-            for (i, limit) in limits.iter().enumerate() {
-                let id = limit.counter_id();
-                if limits[..i].iter().any(|l| l.counter_id() == id) {
-                    continue; // a counter shared by two limits is charged once
-                }
-                let expiry = self.record(limit, cost.get(limit.unit()), now_ms);
-                self.idle_at = self.idle_at.max(expiry);
-            }
-        }
-        decision
+        decide(self, limits, cost, now, mode)
     }
 
     /// Units counted against `limit` at `now` (for inspection: `show USER`, top senders).
@@ -162,77 +117,384 @@ impl KeyState {
         if self.is_idle(now) {
             return 0;
         }
-        probe(limit, self.find(limit.counter_id()), 0, now.as_millis()).used
+        probe(limit, self.get(limit.counter_id()), 0, now.as_millis()).used
     }
 
     /// The number of counters held (for memory accounting and tests).
     pub fn counter_count(&self) -> usize {
         self.counters.len()
     }
+}
 
-    fn find(&self, id: CounterId) -> Option<&Counter> {
-        self.counters.iter().find(|c| c.id == id)
+impl Counters for KeyState {
+    fn idle_at(&self) -> u64 {
+        self.idle_at
     }
 
-    /// Records `cost` on `limit`'s counter; returns when that counter will be empty.
+    fn is_empty(&self) -> bool {
+        self.counters.is_empty()
+    }
+
+    fn get(&self, id: CounterId) -> Option<CounterRef<'_>> {
+        self.counters
+            .iter()
+            .find(|c| c.id == id)
+            .map(|c| c.data.as_ref())
+    }
+
+    fn clear(&mut self) {
+        self.counters.clear();
+        self.idle_at = 0;
+    }
+
+    fn set_idle_at(&mut self, idle_at: u64) {
+        self.idle_at = idle_at;
+    }
+
     fn record(&mut self, limit: &Limit, cost: u64, now_ms: u64) -> u64 {
         let id = limit.counter_id();
         let pos = match self.counters.iter().position(|c| c.id == id) {
             Some(pos) => pos,
             None => {
-                let data = match limit.algorithm() {
-                    Algorithm::SlidingWindow { .. } => CounterData::Window(SmallVec::new()),
-                    Algorithm::TokenBucket { .. } => CounterData::Bucket { level: 0, last: 0 },
-                };
-                self.counters.push(Counter { id, data });
+                self.counters.push(Counter {
+                    id,
+                    data: CounterData::empty(limit),
+                });
                 self.counters.len() - 1
             }
         };
         let counter = &mut self.counters[pos];
         match (&mut counter.data, limit.algorithm()) {
             (CounterData::Window(slots), Algorithm::SlidingWindow { precision }) => {
-                let sub = limit.sub_ms();
-                let p = i64::from(precision);
-                let b_abs = now_ms / sub;
-                let b = b_abs as u32;
-                slots.retain(|s| age(b, s.idx) <= p);
-                // cost <= count <= u32::MAX here: it was admitted.
-                let cost = u32::try_from(cost).unwrap_or(u32::MAX);
-                match slots.last_mut() {
-                    // The current sub-window, or a later one if the clock stepped back.
-                    Some(last) if age(b, last.idx) <= 0 => {
-                        last.count = last.count.saturating_add(cost);
-                        let newest = b_abs.saturating_add_signed(-age(b, last.idx));
-                        (newest + 1 + u64::from(precision)).saturating_mul(sub)
-                    }
-                    _ => {
-                        if cost > 0 {
-                            slots.push(Slot {
-                                idx: b,
-                                count: cost,
-                            });
-                        }
-                        (b_abs + 1 + u64::from(precision)).saturating_mul(sub)
-                    }
-                }
+                record_window(slots, limit, precision, cost, now_ms)
             }
             (CounterData::Bucket { level, last }, Algorithm::TokenBucket { .. }) => {
-                let w = limit.window_ms();
-                // At most u64::MAX: `cost` was admitted, so level + cost * w <= burst * w.
-                let new =
-                    drained(*level, *last, limit, now_ms).saturating_add(cost.saturating_mul(w));
-                *level = new;
-                *last = (*last).max(now_ms);
-                (*last).saturating_add(new.div_ceil(limit.count()))
+                record_bucket(level, last, limit, cost, now_ms)
             }
             // The id encodes the algorithm, so a mismatch cannot happen; start over if
             // a corrupt store ever produced one.
             (data, _) => {
-                *data = match limit.algorithm() {
-                    Algorithm::SlidingWindow { .. } => CounterData::Window(SmallVec::new()),
-                    Algorithm::TokenBucket { .. } => CounterData::Bucket { level: 0, last: 0 },
-                };
+                *data = CounterData::empty(limit);
                 self.record(limit, cost, now_ms)
+            }
+        }
+    }
+}
+
+impl CounterData {
+    /// A new counter for `limit`.
+    fn empty(limit: &Limit) -> CounterData {
+        match limit.algorithm() {
+            Algorithm::SlidingWindow { .. } => CounterData::Window(SmallVec::new()),
+            Algorithm::TokenBucket { .. } => CounterData::Bucket { level: 0, last: 0 },
+        }
+    }
+
+    pub(crate) fn as_ref(&self) -> CounterRef<'_> {
+        match self {
+            CounterData::Window(slots) => CounterRef::Window(slots),
+            CounterData::Bucket { level, last } => CounterRef::Bucket {
+                level: *level,
+                last: *last,
+            },
+        }
+    }
+}
+
+/// A borrowed view of one counter's data.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum CounterRef<'a> {
+    /// Non-empty sub-windows, oldest first.
+    Window(&'a [Slot]),
+    /// Token bucket level (unit·ms) as of `last` (ms).
+    Bucket { level: u64, last: u64 },
+}
+
+/// The state of one key as [`decide`] reads and writes it: implemented by
+/// [`KeyState`] (any number of counters) and [`OneCounter`] (one, on the stack).
+pub(crate) trait Counters {
+    /// When every counter will be empty (ms).
+    fn idle_at(&self) -> u64;
+    /// Whether no counter is held.
+    fn is_empty(&self) -> bool;
+    /// The counter with this id.
+    fn get(&self, id: CounterId) -> Option<CounterRef<'_>>;
+    /// Forgets every counter.
+    fn clear(&mut self);
+    fn set_idle_at(&mut self, idle_at: u64);
+    /// Records `cost` on `limit`'s counter (creating it); returns when that counter
+    /// will be empty.
+    fn record(&mut self, limit: &Limit, cost: u64, now_ms: u64) -> u64;
+}
+
+/// [`KeyState::apply`] over any [`Counters`]: the one place where a decision is made.
+pub(crate) fn decide<S: Counters>(
+    state: &mut S,
+    limits: &[Limit],
+    cost: Cost,
+    now: Timestamp,
+    mode: Mode,
+) -> Decision {
+    let now_ms = now.as_millis();
+    let live = !state.is_empty() && now_ms < state.idle_at();
+    // Built in place: the statuses are written once, where the caller gets them.
+    let mut decision = Decision::with_len(limits.len());
+    for (i, limit) in limits.iter().enumerate() {
+        let counter = if live {
+            state.get(limit.counter_id())
+        } else {
+            None
+        };
+        let p = probe(limit, counter, cost.get(limit.unit()), now_ms);
+        if !p.admit && decision.denial.is_none() {
+            decision.denial = Some(Denial {
+                limit: i,
+                retry_after: p.retry_after,
+            });
+        }
+        if let Some(status) = decision.statuses.get_mut(i) {
+            *status = LimitStatus {
+                used: p.used,
+                limit: capacity(limit),
+                remaining: p.remaining,
+            };
+        }
+    }
+    if mode == Mode::Acquire && decision.denial.is_none() {
+        // Every limit admitted `cost`, so `remaining >= cost` for each.
+        for (status, limit) in decision.statuses.iter_mut().zip(limits) {
+            let c = cost.get(limit.unit());
+            debug_assert!(status.remaining >= c);
+            status.remaining = status.remaining.saturating_sub(c);
+        }
+        if !live {
+            state.clear();
+        }
+        for (i, limit) in limits.iter().enumerate() {
+            let id = limit.counter_id();
+            if limits[..i].iter().any(|l| l.counter_id() == id) {
+                continue; // a counter shared by two limits is charged once
+            }
+            let expiry = state.record(limit, cost.get(limit.unit()), now_ms);
+            state.set_idle_at(state.idle_at().max(expiry));
+        }
+    }
+    decision
+}
+
+/// The sub-windows of a sliding-window counter, as [`record_window`] updates them.
+pub(crate) trait SlotList {
+    /// Keeps the slots for which `keep` holds.
+    fn retain(&mut self, keep: impl FnMut(&Slot) -> bool);
+    fn last_mut(&mut self) -> Option<&mut Slot>;
+    fn push(&mut self, slot: Slot);
+}
+
+impl<const N: usize> SlotList for SmallVec<[Slot; N]> {
+    fn retain(&mut self, mut keep: impl FnMut(&Slot) -> bool) {
+        SmallVec::retain(self, |s| keep(s));
+    }
+    fn last_mut(&mut self) -> Option<&mut Slot> {
+        <[Slot]>::last_mut(self)
+    }
+    fn push(&mut self, slot: Slot) {
+        SmallVec::push(self, slot);
+    }
+}
+
+/// Records `cost` in the current sub-window; returns when the counter will be empty.
+fn record_window(
+    slots: &mut impl SlotList,
+    limit: &Limit,
+    precision: u16,
+    cost: u64,
+    now_ms: u64,
+) -> u64 {
+    let sub = limit.sub_ms();
+    let p = i64::from(precision);
+    let b_abs = now_ms / sub;
+    let b = b_abs as u32;
+    slots.retain(|s| age(b, s.idx) <= p);
+    // cost <= count <= u32::MAX here: it was admitted.
+    let cost = u32::try_from(cost).unwrap_or(u32::MAX);
+    match slots.last_mut() {
+        // The current sub-window, or a later one if the clock stepped back.
+        Some(last) if age(b, last.idx) <= 0 => {
+            last.count = last.count.saturating_add(cost);
+            let newest = b_abs.saturating_add_signed(-age(b, last.idx));
+            (newest + 1 + u64::from(precision)).saturating_mul(sub)
+        }
+        _ => {
+            if cost > 0 {
+                slots.push(Slot {
+                    idx: b,
+                    count: cost,
+                });
+            }
+            (b_abs + 1 + u64::from(precision)).saturating_mul(sub)
+        }
+    }
+}
+
+/// Adds `cost` to a bucket; returns when it will be empty.
+fn record_bucket(level: &mut u64, last: &mut u64, limit: &Limit, cost: u64, now_ms: u64) -> u64 {
+    let w = limit.window_ms();
+    // At most u64::MAX: `cost` was admitted, so level + cost * w <= burst * w.
+    let new = drained(*level, *last, limit, now_ms).saturating_add(cost.saturating_mul(w));
+    *level = new;
+    *last = (*last).max(now_ms);
+    (*last).saturating_add(new.div_ceil(limit.count()))
+}
+
+/// Sub-windows a [`OneCounter`] holds: four, and one more that recording may add.
+pub(crate) const ONE_COUNTER_SLOTS: usize = 5;
+
+/// A key state with at most one counter, held on the stack with no allocation:
+/// the working copy of a store's compact entry. [`decide`] over it gives exactly
+/// what it gives over the equal [`KeyState`], **provided every limit uses the one
+/// counter `id`** (when the state is live): that is the caller's to check, with
+/// [`OneCounter::fits`].
+#[derive(Debug, Clone)]
+pub(crate) struct OneCounter {
+    /// Meaningful only when `present`.
+    pub(crate) id: CounterId,
+    pub(crate) present: bool,
+    pub(crate) idle_at: u64,
+    /// Token bucket: level and last update; window: unused.
+    pub(crate) level: u64,
+    pub(crate) last: u64,
+    /// Sliding window: the first `len` slots, oldest first.
+    pub(crate) slots: [Slot; ONE_COUNTER_SLOTS],
+    pub(crate) len: u8,
+}
+
+impl OneCounter {
+    /// No counter.
+    pub(crate) const EMPTY: OneCounter = OneCounter {
+        id: CounterId(0),
+        present: false,
+        idle_at: 0,
+        level: 0,
+        last: 0,
+        slots: [Slot { idx: 0, count: 0 }; ONE_COUNTER_SLOTS],
+        len: 0,
+    };
+
+    /// Whether [`decide`] on this state with `limits` stays within one counter:
+    /// every limit uses one counter, and it is this one if the state is live.
+    pub(crate) fn fits(&self, limits: &[Limit], now: Timestamp) -> bool {
+        let Some(first) = limits.first() else {
+            return true;
+        };
+        let id = first.counter_id();
+        let live = self.present && now.as_millis() < self.idle_at;
+        (!live || id == self.id) && limits[1..].iter().all(|l| l.counter_id() == id)
+    }
+
+    /// The same state as a [`KeyState`].
+    pub(crate) fn to_key_state(&self) -> KeyState {
+        let mut state = KeyState {
+            idle_at: self.idle_at,
+            counters: SmallVec::new(),
+        };
+        if self.present {
+            let data = if self.id.is_bucket() {
+                CounterData::Bucket {
+                    level: self.level,
+                    last: self.last,
+                }
+            } else {
+                CounterData::Window(
+                    self.slots[..usize::from(self.len)]
+                        .iter()
+                        .copied()
+                        .collect(),
+                )
+            };
+            state.counters.push(Counter { id: self.id, data });
+        }
+        state
+    }
+}
+
+/// The fixed slots of a [`OneCounter`] as a [`SlotList`].
+struct OneSlots<'a> {
+    slots: &'a mut [Slot; ONE_COUNTER_SLOTS],
+    len: &'a mut u8,
+}
+
+impl SlotList for OneSlots<'_> {
+    fn retain(&mut self, mut keep: impl FnMut(&Slot) -> bool) {
+        let mut kept = 0;
+        for i in 0..usize::from(*self.len) {
+            if keep(&self.slots[i]) {
+                self.slots[kept] = self.slots[i];
+                kept += 1;
+            }
+        }
+        *self.len = kept as u8;
+    }
+    fn last_mut(&mut self) -> Option<&mut Slot> {
+        self.slots[..usize::from(*self.len)].last_mut()
+    }
+    fn push(&mut self, slot: Slot) {
+        // A OneCounter is built with at most ONE_COUNTER_SLOTS - 1 slots, and one
+        // decision pushes at most one.
+        self.slots[usize::from(*self.len)] = slot;
+        *self.len += 1;
+    }
+}
+
+impl Counters for OneCounter {
+    fn idle_at(&self) -> u64 {
+        self.idle_at
+    }
+
+    fn is_empty(&self) -> bool {
+        !self.present
+    }
+
+    fn get(&self, id: CounterId) -> Option<CounterRef<'_>> {
+        if !self.present || id != self.id {
+            None
+        } else if id.is_bucket() {
+            Some(CounterRef::Bucket {
+                level: self.level,
+                last: self.last,
+            })
+        } else {
+            Some(CounterRef::Window(&self.slots[..usize::from(self.len)]))
+        }
+    }
+
+    fn clear(&mut self) {
+        *self = OneCounter::EMPTY;
+    }
+
+    fn set_idle_at(&mut self, idle_at: u64) {
+        self.idle_at = idle_at;
+    }
+
+    fn record(&mut self, limit: &Limit, cost: u64, now_ms: u64) -> u64 {
+        let id = limit.counter_id();
+        if !self.present {
+            *self = OneCounter {
+                id,
+                present: true,
+                ..OneCounter::EMPTY
+            };
+        }
+        assert!(id == self.id, "OneCounter used for limits of two counters");
+        match limit.algorithm() {
+            Algorithm::SlidingWindow { precision } => {
+                let mut slots = OneSlots {
+                    slots: &mut self.slots,
+                    len: &mut self.len,
+                };
+                record_window(&mut slots, limit, precision, cost, now_ms)
+            }
+            Algorithm::TokenBucket { .. } => {
+                record_bucket(&mut self.level, &mut self.last, limit, cost, now_ms)
             }
         }
     }
@@ -258,18 +520,18 @@ fn drained(level: u64, last: u64, limit: &Limit, now_ms: u64) -> u64 {
     level.saturating_sub(elapsed.saturating_mul(limit.count()))
 }
 
-fn probe(limit: &Limit, counter: Option<&Counter>, cost: u64, now_ms: u64) -> Probe {
+fn probe(limit: &Limit, counter: Option<CounterRef<'_>>, cost: u64, now_ms: u64) -> Probe {
     match limit.algorithm() {
         Algorithm::SlidingWindow { precision } => {
-            let slots: &[Slot] = match counter.map(|c| &c.data) {
-                Some(CounterData::Window(s)) => s,
+            let slots: &[Slot] = match counter {
+                Some(CounterRef::Window(s)) => s,
                 _ => &[],
             };
             probe_window(limit, precision, slots, cost, now_ms)
         }
         Algorithm::TokenBucket { burst } => {
-            let (level, last) = match counter.map(|c| &c.data) {
-                Some(CounterData::Bucket { level, last }) => (*level, *last),
+            let (level, last) = match counter {
+                Some(CounterRef::Bucket { level, last }) => (level, last),
                 _ => (0, 0),
             };
             probe_bucket(limit, burst, level, last, cost, now_ms)
