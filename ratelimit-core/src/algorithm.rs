@@ -117,7 +117,8 @@ impl KeyState {
         if self.is_idle(now) {
             return 0;
         }
-        probe(limit, self.get(limit.counter_id()), 0, now.as_millis()).used
+        let at = At::new(limit, now.as_millis());
+        probe(limit, self.get(limit.counter_id()), 0, at).used
     }
 
     /// The number of counters held (for memory accounting and tests).
@@ -151,7 +152,7 @@ impl Counters for KeyState {
         self.idle_at = idle_at;
     }
 
-    fn record(&mut self, limit: &Limit, cost: u64, now_ms: u64) -> u64 {
+    fn record(&mut self, limit: &Limit, cost: u64, at: At) -> u64 {
         let id = limit.counter_id();
         let pos = match self.counters.iter().position(|c| c.id == id) {
             Some(pos) => pos,
@@ -166,16 +167,16 @@ impl Counters for KeyState {
         let counter = &mut self.counters[pos];
         match (&mut counter.data, limit.algorithm()) {
             (CounterData::Window(slots), Algorithm::SlidingWindow { precision }) => {
-                record_window(slots, limit, precision, cost, now_ms)
+                record_window(slots, precision, cost, at)
             }
             (CounterData::Bucket { level, last }, Algorithm::TokenBucket { .. }) => {
-                record_bucket(level, last, limit, cost, now_ms)
+                record_bucket(level, last, limit, cost, at.now_ms)
             }
             // The id encodes the algorithm, so a mismatch cannot happen; start over if
             // a corrupt store ever produced one.
             (data, _) => {
                 *data = CounterData::empty(limit);
-                self.record(limit, cost, now_ms)
+                self.record(limit, cost, at)
             }
         }
     }
@@ -224,10 +225,14 @@ pub(crate) trait Counters {
     fn set_idle_at(&mut self, idle_at: u64);
     /// Records `cost` on `limit`'s counter (creating it); returns when that counter
     /// will be empty.
-    fn record(&mut self, limit: &Limit, cost: u64, now_ms: u64) -> u64;
+    fn record(&mut self, limit: &Limit, cost: u64, at: At) -> u64;
 }
 
 /// [`KeyState::apply`] over any [`Counters`]: the one place where a decision is made.
+///
+/// Always inlined: the `Decision` is then built where the caller's caller wants
+/// it, instead of being copied out (a quarter of a kilobyte) at each return.
+#[inline(always)]
 pub(crate) fn decide<S: Counters>(
     state: &mut S,
     limits: &[Limit],
@@ -239,13 +244,20 @@ pub(crate) fn decide<S: Counters>(
     let live = !state.is_empty() && now_ms < state.idle_at();
     // Built in place: the statuses are written once, where the caller gets them.
     let mut decision = Decision::with_len(limits.len());
+    // The first limit's view of `now`, kept for recording (the others are
+    // recomputed then: most tiers have one limit).
+    let mut first_at = At::default();
     for (i, limit) in limits.iter().enumerate() {
         let counter = if live {
             state.get(limit.counter_id())
         } else {
             None
         };
-        let p = probe(limit, counter, cost.get(limit.unit()), now_ms);
+        let at = At::new(limit, now_ms);
+        if i == 0 {
+            first_at = at;
+        }
+        let p = probe(limit, counter, cost.get(limit.unit()), at);
         if !p.admit && decision.denial.is_none() {
             decision.denial = Some(Denial {
                 limit: i,
@@ -275,7 +287,12 @@ pub(crate) fn decide<S: Counters>(
             if limits[..i].iter().any(|l| l.counter_id() == id) {
                 continue; // a counter shared by two limits is charged once
             }
-            let expiry = state.record(limit, cost.get(limit.unit()), now_ms);
+            let at = if i == 0 {
+                first_at
+            } else {
+                At::new(limit, now_ms)
+            };
+            let expiry = state.record(limit, cost.get(limit.unit()), at);
             state.set_idle_at(state.idle_at().max(expiry));
         }
     }
@@ -303,16 +320,9 @@ impl<const N: usize> SlotList for SmallVec<[Slot; N]> {
 }
 
 /// Records `cost` in the current sub-window; returns when the counter will be empty.
-fn record_window(
-    slots: &mut impl SlotList,
-    limit: &Limit,
-    precision: u16,
-    cost: u64,
-    now_ms: u64,
-) -> u64 {
-    let sub = limit.sub_ms();
+fn record_window(slots: &mut impl SlotList, precision: u16, cost: u64, at: At) -> u64 {
+    let (sub, b_abs) = (at.sub, at.b_abs);
     let p = i64::from(precision);
-    let b_abs = now_ms / sub;
     let b = b_abs as u32;
     slots.retain(|s| age(b, s.idx) <= p);
     // cost <= count <= u32::MAX here: it was admitted.
@@ -475,7 +485,7 @@ impl Counters for OneCounter {
         self.idle_at = idle_at;
     }
 
-    fn record(&mut self, limit: &Limit, cost: u64, now_ms: u64) -> u64 {
+    fn record(&mut self, limit: &Limit, cost: u64, at: At) -> u64 {
         let id = limit.counter_id();
         if !self.present {
             *self = OneCounter {
@@ -491,10 +501,10 @@ impl Counters for OneCounter {
                     slots: &mut self.slots,
                     len: &mut self.len,
                 };
-                record_window(&mut slots, limit, precision, cost, now_ms)
+                record_window(&mut slots, precision, cost, at)
             }
             Algorithm::TokenBucket { .. } => {
-                record_bucket(&mut self.level, &mut self.last, limit, cost, now_ms)
+                record_bucket(&mut self.level, &mut self.last, limit, cost, at.now_ms)
             }
         }
     }
@@ -505,6 +515,38 @@ fn capacity(limit: &Limit) -> u64 {
     match limit.algorithm() {
         Algorithm::SlidingWindow { .. } => limit.count(),
         Algorithm::TokenBucket { burst } => u64::from(burst),
+    }
+}
+
+/// `now` as one limit sees it: computed once per limit and decision (a sliding
+/// window's sub-window length and number are two divisions), for both checking
+/// and recording.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct At {
+    now_ms: u64,
+    /// Sub-window length in ms (sliding window; 0 for a bucket).
+    sub: u64,
+    /// Sub-window number `now_ms / sub` (sliding window).
+    b_abs: u64,
+}
+
+impl At {
+    fn new(limit: &Limit, now_ms: u64) -> At {
+        match limit.algorithm() {
+            Algorithm::SlidingWindow { .. } => {
+                let sub = limit.sub_ms();
+                At {
+                    now_ms,
+                    sub,
+                    b_abs: now_ms / sub,
+                }
+            }
+            Algorithm::TokenBucket { .. } => At {
+                now_ms,
+                sub: 0,
+                b_abs: 0,
+            },
+        }
     }
 }
 
@@ -520,30 +562,29 @@ fn drained(level: u64, last: u64, limit: &Limit, now_ms: u64) -> u64 {
     level.saturating_sub(elapsed.saturating_mul(limit.count()))
 }
 
-fn probe(limit: &Limit, counter: Option<CounterRef<'_>>, cost: u64, now_ms: u64) -> Probe {
+fn probe(limit: &Limit, counter: Option<CounterRef<'_>>, cost: u64, at: At) -> Probe {
     match limit.algorithm() {
         Algorithm::SlidingWindow { precision } => {
             let slots: &[Slot] = match counter {
                 Some(CounterRef::Window(s)) => s,
                 _ => &[],
             };
-            probe_window(limit, precision, slots, cost, now_ms)
+            probe_window(limit, precision, slots, cost, at)
         }
         Algorithm::TokenBucket { burst } => {
             let (level, last) = match counter {
                 Some(CounterRef::Bucket { level, last }) => (level, last),
                 _ => (0, 0),
             };
-            probe_bucket(limit, burst, level, last, cost, now_ms)
+            probe_bucket(limit, burst, level, last, cost, at.now_ms)
         }
     }
 }
 
-fn probe_window(limit: &Limit, precision: u16, slots: &[Slot], cost: u64, now_ms: u64) -> Probe {
+fn probe_window(limit: &Limit, precision: u16, slots: &[Slot], cost: u64, at: At) -> Probe {
     let n = limit.count();
-    let sub = limit.sub_ms();
+    let (now_ms, sub, b_abs) = (at.now_ms, at.sub, at.b_abs);
     let p = i64::from(precision);
-    let b_abs = now_ms / sub;
     let b = b_abs as u32;
     let used: u64 = slots
         .iter()
