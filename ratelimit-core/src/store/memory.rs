@@ -2,11 +2,16 @@
 //!
 //! # Layout
 //!
-//! Each shard holds its keys in a slab of 48-byte [`Entry`]s (chunks of 1024, so
-//! growing never copies and wastes at most one chunk) and finds them through an
-//! open-addressed index of `u32`s, each an 8-bit hash tag and a slab position. A
-//! lookup reads one index slot (its neighbours share the cache line) and one entry:
-//! two cache misses for a cold key, and no pointer chasing.
+//! Each shard holds its keys in a slab of 48-byte [`Entry`]s (chunks of 1024: a
+//! full chunk never moves, and at most one is partly empty) and finds them through
+//! an open-addressed index of `u32`s, each an 8-bit hash tag and a slab position.
+//! A lookup reads one index slot (its neighbours share the cache line) and one
+//! entry: two cache misses for a cold key, and no pointer chasing. About 57 bytes
+//! per key at a million keys (index at 48% load), against about 200 for a
+//! `hashbrown` table of `(CompactString, KeyState)`.
+//!
+//! Locking: a decision, a reset or an insert locks one shard; sweep and scan lock
+//! one shard at a time.
 //!
 //! An entry holds the key (inline up to 24 bytes, longer keys on the heap) and the
 //! key's state packed in 24 bytes when it is the common shape: **one counter** (a
@@ -209,7 +214,7 @@ impl Index {
     }
 }
 
-/// The entries of one shard, in chunks that never move.
+/// The entries of one shard, in chunks of [`CHUNK`].
 #[derive(Default)]
 struct Slab {
     chunks: Vec<Vec<Entry>>,
@@ -240,9 +245,13 @@ impl Slab {
         }
         let pos = self.slots() as u32;
         match self.chunks.last_mut() {
+            // The first chunk grows as a Vec does (entries are addressed by
+            // position, so moving them is fine): a shard with a few keys does not
+            // hold a whole chunk. Later chunks are allocated whole, never moved.
             Some(c) if c.len() < CHUNK => c.push(entry),
-            _ => {
-                let mut c = Vec::with_capacity(CHUNK);
+            last => {
+                let cap = if last.is_none() { 4 } else { CHUNK };
+                let mut c = Vec::with_capacity(cap);
                 c.push(entry);
                 self.chunks.push(c);
             }
