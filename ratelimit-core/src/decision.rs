@@ -103,8 +103,9 @@ pub struct Denial {
 /// every limit of the tier, in the tier's order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Decision {
-    denial: Option<Denial>,
-    statuses: [LimitStatus; MAX_LIMITS],
+    pub(crate) denial: Option<Denial>,
+    /// Inline (no allocation); only the first `len` are meaningful.
+    pub(crate) statuses: [LimitStatus; MAX_LIMITS],
     len: u8,
 }
 
@@ -123,13 +124,28 @@ impl Decision {
     /// Builds a decision from parts (for [`Store`](crate::Store) implementations).
     /// Statuses past [`MAX_LIMITS`] are dropped.
     pub fn new(denial: Option<Denial>, statuses: &[LimitStatus]) -> Decision {
-        let mut d = Decision::UNLIMITED;
+        let mut d = Decision::with_len(statuses.len());
         d.denial = denial;
         for (slot, s) in d.statuses.iter_mut().zip(statuses) {
             *slot = *s;
         }
-        d.len = statuses.len().min(MAX_LIMITS) as u8;
         d
+    }
+
+    /// An allowed decision for `len` limits (at most [`MAX_LIMITS`]), every status
+    /// zero, to be filled in place.
+    pub(crate) const fn with_len(len: usize) -> Decision {
+        // A literal, not a copy of `UNLIMITED`: zeroing is a few stores, a copy
+        // from the constant is a `memcpy` call.
+        Decision {
+            denial: None,
+            statuses: [LimitStatus {
+                used: 0,
+                limit: 0,
+                remaining: 0,
+            }; MAX_LIMITS],
+            len: if len < MAX_LIMITS { len } else { MAX_LIMITS } as u8,
+        }
     }
 
     /// Whether the event was admitted.

@@ -1,17 +1,39 @@
 //! The lock-sharded in-memory store.
+//!
+//! # Layout
+//!
+//! Each shard holds its keys in a slab of 48-byte [`Entry`]s (chunks of 1024: a
+//! full chunk never moves, and at most one is partly empty) and finds them through
+//! an open-addressed index of `u32`s, each an 8-bit hash tag and a slab position.
+//! A lookup reads one index slot (its neighbours share the cache line) and one
+//! entry: two cache misses for a cold key, and no pointer chasing. About 57 bytes
+//! per key at a million keys (index at 48% load), against about 200 for a
+//! `hashbrown` table of `(CompactString, KeyState)`.
+//!
+//! Locking: a decision, a reset or an insert locks one shard; sweep and scan lock
+//! one shard at a time.
+//!
+//! An entry holds the key (inline up to 24 bytes, longer keys on the heap) and the
+//! key's state packed in 24 bytes when it is the common shape: **one counter** (a
+//! tier whose limits share one counter, e.g. `100/1h`), either a token bucket or a
+//! sliding window with at most 4 non-empty sub-windows of at most 2^18 - 1 units
+//! each. Any other state (several counters, big counts, a clock that jumped far)
+//! is kept as a plain [`KeyState`] in a side table of the shard, and goes back to
+//! the packed form when it fits again. Both forms hold exactly the same state:
+//! packing is a bijection checked when it is done, never an approximation, so
+//! decisions are those of [`KeyState::apply`] whichever form a key is in.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use compact_str::CompactString;
 use crossbeam_utils::CachePadded;
-use hashbrown::HashTable;
 use parking_lot::Mutex;
 
 use super::{Reset, Scan, Store, StoreError, Sweep};
-use crate::algorithm::KeyState;
+use crate::algorithm::{CounterRef, Counters, KeyState, OneCounter, Slot, decide};
 use crate::clock::Timestamp;
 use crate::decision::{Cost, Decision, Mode};
-use crate::quota::Limit;
+use crate::quota::{CounterId, Limit};
 
 /// How a [`MemoryStore`] is built.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,8 +43,8 @@ pub struct MemoryStoreConfig {
     pub shards: usize,
     /// The most keys tracked at once: a new key beyond it is refused with
     /// [`StoreError::Full`]. (Each shard also has a hard cap of a quarter more than
-    /// its share, so a skewed flood cannot grow one table without bound.)
-    /// Default: 4,000,000 (a few hundred MB at most).
+    /// its share, and of at most 16,777,214 keys, so a skewed flood cannot grow one
+    /// table without bound.) Default: 4,000,000 (about 250 MB at most).
     pub max_keys: usize,
 }
 
@@ -36,26 +58,546 @@ impl Default for MemoryStoreConfig {
     }
 }
 
-/// One tracked key. The key is a `CompactString`: keys up to 24 bytes (most mail
-/// addresses) live inline in the table slot, with no separate allocation.
+/// `Entry::head`'s top byte: which form the state is in. Values below
+/// [`GENERAL`] are packed single-counter states, naming the counter by its
+/// position in the shard's interned ids.
+const GENERAL: u8 = 254;
+/// `Entry::head`'s top byte for a free slab slot.
+const VACANT: u8 = 255;
+/// `Entry::head`'s low 56 bits: `idle_at` (ms) of a packed state.
+const IDLE_MASK: u64 = (1 << 56) - 1;
+/// Sub-window slots of a packed window: `count << OFF_BITS | offset`.
+const OFF_BITS: u32 = 14;
+const OFF_MASK: u32 = (1 << OFF_BITS) - 1;
+const MAX_PACKED_COUNT: u32 = (1 << (32 - OFF_BITS)) - 1;
+/// Sub-windows a packed window holds.
+const PACKED_SLOTS: usize = 4;
+
+/// One slot of a shard's slab: a tracked key and its state (48 bytes).
+///
+/// `head` is the form tag (top 8 bits) and, for a packed state, `idle_at`. For
+/// a packed token bucket `a` is the level and `b` the last update; for a packed
+/// sliding window `a` and `b` hold four `u32` sub-window slots, oldest first,
+/// each `count << 14 | offset` where `offset` is the slot's sub-window number
+/// counted back from `idle_at / sub_ms` (unused slots are 0: a stored count is
+/// never 0). For [`GENERAL`], `a` is the position of the state in the shard's
+/// side table.
 struct Entry {
+    /// `CompactString`: keys up to 24 bytes (most mail addresses) live inline.
     key: CompactString,
-    state: KeyState,
+    head: u64,
+    a: u64,
+    b: u64,
+}
+
+impl Entry {
+    const VACANT: Entry = Entry {
+        key: CompactString::const_new(""),
+        head: (VACANT as u64) << 56,
+        a: 0,
+        b: 0,
+    };
+
+    fn tag(&self) -> u8 {
+        (self.head >> 56) as u8
+    }
+}
+
+/// Slab positions per chunk.
+const CHUNK_BITS: u32 = 10;
+const CHUNK: usize = 1 << CHUNK_BITS;
+/// The most keys one shard holds: index slots keep a position in 24 bits.
+const MAX_SHARD_KEYS: usize = (1 << 24) - 2;
+
+/// The shard's index: open addressing with linear probing over `u32` slots, each
+/// `tag << 24 | (position + 1)` (0 is empty). `tag` is the hash's top 8 bits, so
+/// a probe reads an entry only for 1 in 256 non-matching slots. Deletion shifts
+/// later slots back (no tombstones).
+#[derive(Default)]
+struct Index {
+    slots: Vec<u32>,
+    len: usize,
+}
+
+impl Index {
+    fn mask(&self) -> usize {
+        self.slots.len().wrapping_sub(1)
+    }
+
+    fn home(&self, hash: u64) -> usize {
+        hash as usize & self.mask()
+    }
+
+    fn slot_value(hash: u64, pos: u32) -> u32 {
+        ((hash >> 56) as u32) << 24 | (pos + 1)
+    }
+
+    /// The index slot and slab position of the entry with this hash for which
+    /// `is_key` holds.
+    fn find(&self, hash: u64, mut is_key: impl FnMut(u32) -> bool) -> Option<(usize, u32)> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let tag = (hash >> 56) as u32;
+        let mask = self.mask();
+        let mut i = self.home(hash);
+        loop {
+            let s = self.slots[i];
+            if s == 0 {
+                return None;
+            }
+            if s >> 24 == tag && is_key((s & 0xff_ffff) - 1) {
+                return Some((i, (s & 0xff_ffff) - 1));
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// Adds slab position `pos` (not present) under `hash`; grows at 80% load,
+    /// rehashing with `hash_of(position)`.
+    fn insert(&mut self, hash: u64, pos: u32, hash_of: impl Fn(u32) -> u64) {
+        if (self.len + 1) * 5 > self.slots.len() * 4 {
+            let old = std::mem::take(&mut self.slots);
+            let live = old.into_iter().filter(|s| *s != 0);
+            *self = Index::build(
+                self.len + 1,
+                live.map(|s| (s, hash_of((s & 0xff_ffff) - 1))),
+            );
+        }
+        self.put(Index::slot_value(hash, pos), hash);
+        self.len += 1;
+    }
+
+    fn put(&mut self, value: u32, hash: u64) {
+        let mask = self.mask();
+        let mut i = self.home(hash);
+        while self.slots[i] != 0 {
+            i = (i + 1) & mask;
+        }
+        self.slots[i] = value;
+    }
+
+    /// A table sized for `len` keys (at most 80% full, at least 16 slots) holding
+    /// these (slot value, hash) pairs.
+    fn build(len: usize, items: impl Iterator<Item = (u32, u64)>) -> Index {
+        let cap = (len * 5 / 4 + 1).next_power_of_two().max(16);
+        let mut index = Index {
+            slots: vec![0; cap],
+            len: 0,
+        };
+        for (value, hash) in items {
+            index.put(value, hash);
+            index.len += 1;
+        }
+        index
+    }
+
+    /// Empties index slot `i`, shifting back the slots after it that may move.
+    fn remove(&mut self, mut i: usize, hash_of: impl Fn(u32) -> u64) {
+        let mask = self.mask();
+        let mut j = i;
+        loop {
+            j = (j + 1) & mask;
+            let s = self.slots[j];
+            if s == 0 {
+                break;
+            }
+            let home = self.home(hash_of((s & 0xff_ffff) - 1));
+            // `s` may fill the hole if its home is not after the hole (cyclically).
+            if j.wrapping_sub(home) & mask >= j.wrapping_sub(i) & mask {
+                self.slots[i] = s;
+                i = j;
+            }
+        }
+        self.slots[i] = 0;
+        self.len -= 1;
+    }
+}
+
+/// The entries of one shard, in chunks of [`CHUNK`].
+#[derive(Default)]
+struct Slab {
+    chunks: Vec<Vec<Entry>>,
+    /// Vacant positions, reused first.
+    free: Vec<u32>,
+}
+
+impl Slab {
+    fn get(&self, pos: u32) -> &Entry {
+        &self.chunks[(pos >> CHUNK_BITS) as usize][pos as usize & (CHUNK - 1)]
+    }
+
+    fn get_mut(&mut self, pos: u32) -> &mut Entry {
+        &mut self.chunks[(pos >> CHUNK_BITS) as usize][pos as usize & (CHUNK - 1)]
+    }
+
+    /// Positions in use or free.
+    fn slots(&self) -> usize {
+        self.chunks
+            .last()
+            .map_or(0, |c| (self.chunks.len() - 1) * CHUNK + c.len())
+    }
+
+    fn alloc(&mut self, entry: Entry) -> u32 {
+        if let Some(pos) = self.free.pop() {
+            *self.get_mut(pos) = entry;
+            return pos;
+        }
+        let pos = self.slots() as u32;
+        match self.chunks.last_mut() {
+            // The first chunk grows as a Vec does (entries are addressed by
+            // position, so moving them is fine): a shard with a few keys does not
+            // hold a whole chunk. Later chunks are allocated whole, never moved.
+            Some(c) if c.len() < CHUNK => c.push(entry),
+            last => {
+                let cap = if last.is_none() { 4 } else { CHUNK };
+                let mut c = Vec::with_capacity(cap);
+                c.push(entry);
+                self.chunks.push(c);
+            }
+        }
+        pos
+    }
+
+    /// Every position with its entry, vacant ones included.
+    fn iter(&self) -> impl Iterator<Item = (u32, &Entry)> {
+        self.chunks
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, e)| (i as u32, e))
+    }
+}
+
+/// The counter ids that packed entries of one shard name by a one-byte tag.
+#[derive(Default)]
+struct Ids {
+    ids: Vec<CounterId>,
+    /// Sub-window length (ms) of each id (0 for a bucket).
+    subs: Vec<u64>,
 }
 
 struct Shard {
-    table: HashTable<Entry>,
+    index: Index,
+    slab: Slab,
+    ids: Ids,
+    /// States that do not pack, and the free positions among them.
+    general: Vec<KeyState>,
+    general_free: Vec<u64>,
     /// When this shard was last swept because it was full (ms), to bound that work.
     last_full_sweep: u64,
+}
+
+impl Ids {
+    /// The tag naming counter `id`, interning it if there is room.
+    fn intern(&mut self, id: CounterId) -> Option<u8> {
+        if let Some(t) = self.ids.iter().position(|i| *i == id) {
+            return Some(t as u8);
+        }
+        if self.ids.len() >= usize::from(GENERAL) {
+            return None;
+        }
+        let sub = match id.precision() {
+            _ if id.is_bucket() => 0,
+            0 => return None, // not a valid window id: keep it in general form
+            p => id.window_ms() / p,
+        };
+        self.ids.push(id);
+        self.subs.push(sub);
+        Some((self.ids.len() - 1) as u8)
+    }
+
+    /// `state` packed as (head, a, b), if it has the packable shape (see [`Entry`]).
+    fn pack(&mut self, state: &KeyState) -> Option<(u64, u64, u64)> {
+        let [counter] = state.counters.as_slice() else {
+            return None;
+        };
+        self.pack_parts(counter.id, state.idle_at, counter.data.as_ref())
+    }
+
+    /// [`Ids::pack`] for a [`OneCounter`].
+    fn pack_one(&mut self, one: &OneCounter) -> Option<(u64, u64, u64)> {
+        self.pack_parts(one.id, one.idle_at, one.get(one.id)?)
+    }
+
+    fn pack_parts(
+        &mut self,
+        id: CounterId,
+        idle_at: u64,
+        data: CounterRef<'_>,
+    ) -> Option<(u64, u64, u64)> {
+        if idle_at > IDLE_MASK {
+            return None;
+        }
+        let tag = self.intern(id)?;
+        let head = (u64::from(tag) << 56) | idle_at;
+        match (data, id.is_bucket()) {
+            (CounterRef::Bucket { level, last }, true) => Some((head, level, last)),
+            (CounterRef::Window(slots), false) if slots.len() <= PACKED_SLOTS => {
+                let anchor = (idle_at / self.subs[usize::from(tag)]) as u32;
+                let mut words = [0u64; PACKED_SLOTS];
+                for (w, s) in words.iter_mut().zip(slots) {
+                    let off = anchor.wrapping_sub(s.idx);
+                    if off > OFF_MASK || s.count == 0 || s.count > MAX_PACKED_COUNT {
+                        return None;
+                    }
+                    *w = u64::from((s.count << OFF_BITS) | off);
+                }
+                Some((
+                    head,
+                    words[0] | (words[1] << 32),
+                    words[2] | (words[3] << 32),
+                ))
+            }
+            _ => None,
+        }
+    }
+
+    /// The state of a packed entry (its tag below [`GENERAL`]).
+    fn unpack(&self, e: &Entry) -> OneCounter {
+        let tag = usize::from(e.tag());
+        let id = self.ids[tag];
+        let idle_at = e.head & IDLE_MASK;
+        let mut one = OneCounter {
+            id,
+            present: true,
+            idle_at,
+            ..OneCounter::EMPTY
+        };
+        if id.is_bucket() {
+            (one.level, one.last) = (e.a, e.b);
+        } else {
+            let anchor = (idle_at / self.subs[tag]) as u32;
+            for w in [
+                e.a as u32,
+                (e.a >> 32) as u32,
+                e.b as u32,
+                (e.b >> 32) as u32,
+            ] {
+                if w == 0 {
+                    break;
+                }
+                one.slots[usize::from(one.len)] = Slot {
+                    idx: anchor.wrapping_sub(w & OFF_MASK),
+                    count: w >> OFF_BITS,
+                };
+                one.len += 1;
+            }
+        }
+        one
+    }
+}
+
+impl Shard {
+    fn new() -> Shard {
+        Shard {
+            index: Index::default(),
+            slab: Slab::default(),
+            ids: Ids::default(),
+            general: Vec::new(),
+            general_free: Vec::new(),
+            last_full_sweep: 0,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.index.len
+    }
+
+    fn find(&self, hash: u64, key: &str) -> Option<(usize, u32)> {
+        let slab = &self.slab;
+        self.index.find(hash, |pos| slab.get(pos).key == key)
+    }
+
+    /// Calls `f` with the state of entry `e`.
+    fn with_state<R>(&self, e: &Entry, f: impl FnOnce(&KeyState) -> R) -> R {
+        match e.tag() {
+            GENERAL => f(&self.general[e.a as usize]),
+            _ => f(&self.ids.unpack(e).to_key_state()),
+        }
+    }
+
+    fn is_idle(&self, e: &Entry, now: Timestamp) -> bool {
+        match e.tag() {
+            GENERAL => self.general[e.a as usize].is_idle(now),
+            _ => now.as_millis() >= e.head & IDLE_MASK,
+        }
+    }
+
+    /// Puts `state` in the entry at `pos`, packed if it fits, else in the side
+    /// table (reusing the entry's place there if it had one).
+    fn set_state(&mut self, pos: u32, state: KeyState) {
+        let packed = self.ids.pack(&state);
+        let e = self.slab.get_mut(pos);
+        let old_general = (e.tag() == GENERAL).then_some(e.a);
+        match (packed, old_general) {
+            (Some((head, a, b)), old) => {
+                (e.head, e.a, e.b) = (head, a, b);
+                if let Some(g) = old {
+                    self.free_general(g);
+                }
+            }
+            (None, Some(g)) => self.general[g as usize] = state,
+            (None, None) => {
+                let g = match self.general_free.pop() {
+                    Some(g) => {
+                        self.general[g as usize] = state;
+                        g
+                    }
+                    None => {
+                        self.general.push(state);
+                        (self.general.len() - 1) as u64
+                    }
+                };
+                let e = self.slab.get_mut(pos);
+                (e.head, e.a, e.b) = (u64::from(GENERAL) << 56, g, 0);
+            }
+        }
+    }
+
+    /// [`Shard::set_state`] for a [`OneCounter`].
+    fn set_one(&mut self, pos: u32, one: &OneCounter) {
+        match self.ids.pack_one(one) {
+            Some((head, a, b)) => {
+                let e = self.slab.get_mut(pos);
+                debug_assert!(e.tag() != GENERAL);
+                (e.head, e.a, e.b) = (head, a, b);
+            }
+            None => self.set_state(pos, one.to_key_state()),
+        }
+    }
+
+    fn free_general(&mut self, g: u64) {
+        self.general[g as usize] = KeyState::new();
+        self.general_free.push(g);
+    }
+
+    /// Decides for the entry at `pos`.
+    fn apply(
+        &mut self,
+        pos: u32,
+        limits: &[Limit],
+        cost: Cost,
+        now: Timestamp,
+        mode: Mode,
+    ) -> Decision {
+        let e = self.slab.get(pos);
+        if e.tag() == GENERAL {
+            let g = e.a as usize;
+            let decision = self.general[g].apply(limits, cost, now, mode);
+            if mode == Mode::Acquire && decision.is_allowed() {
+                // It may fit the packed form again (e.g. after decaying to nothing).
+                if let Some((head, a, b)) = self.ids.pack(&self.general[g]) {
+                    let e = self.slab.get_mut(pos);
+                    (e.head, e.a, e.b) = (head, a, b);
+                    self.free_general(g as u64);
+                }
+            }
+            return decision;
+        }
+        // A packed state: decide on a copy on the stack, store it back if it changed.
+        // An idle state decides as an empty one (`decide` clears it before recording).
+        let mut one = if now.as_millis() >= e.head & IDLE_MASK {
+            OneCounter::EMPTY
+        } else {
+            self.ids.unpack(e)
+        };
+        let record = mode == Mode::Acquire;
+        if one.fits(limits, now) {
+            let decision = decide(&mut one, limits, cost, now, mode);
+            if record && decision.is_allowed() {
+                self.set_one(pos, &one);
+            }
+            decision
+        } else {
+            let mut state = one.to_key_state();
+            let decision = state.apply(limits, cost, now, mode);
+            if record && decision.is_allowed() {
+                self.set_state(pos, state);
+            }
+            decision
+        }
+    }
+
+    /// Adds a new key (not present), with no state yet: set it next.
+    fn insert(&mut self, hash: u64, key: &str, hasher: &ahash::RandomState) -> u32 {
+        let pos = self.slab.alloc(Entry {
+            key: CompactString::new(key),
+            ..Entry::VACANT
+        });
+        let slab = &self.slab;
+        self.index
+            .insert(hash, pos, |p| hasher.hash_one(slab.get(p).key.as_str()));
+        pos
+    }
+
+    /// Frees the entry at `pos` (already out of the index).
+    fn vacate(&mut self, pos: u32) {
+        let e = std::mem::replace(self.slab.get_mut(pos), Entry::VACANT);
+        if e.tag() == GENERAL {
+            self.free_general(e.a);
+        }
+        self.slab.free.push(pos);
+    }
+
+    /// Removes the key at index slot `slot`, slab position `pos`.
+    fn remove(&mut self, slot: usize, pos: u32, hasher: &ahash::RandomState) {
+        let slab = &self.slab;
+        self.index
+            .remove(slot, |p| hasher.hash_one(slab.get(p).key.as_str()));
+        self.vacate(pos);
+    }
+
+    /// Forgets every key idle at `now`; returns how many. Rebuilds the index when
+    /// keys were removed, and compacts the slab when it is mostly empty (after a
+    /// key flood), so the memory a flood took is given back.
+    fn sweep(&mut self, now: Timestamp, hasher: &ahash::RandomState) -> usize {
+        let idle: Vec<u32> = self
+            .slab
+            .iter()
+            .filter(|(_, e)| e.tag() != VACANT && self.is_idle(e, now))
+            .map(|(pos, _)| pos)
+            .collect();
+        if idle.is_empty() {
+            return 0;
+        }
+        for &pos in &idle {
+            self.vacate(pos);
+        }
+        let live = self.index.len - idle.len();
+        if live * 2 < self.slab.slots() && self.slab.slots() > CHUNK {
+            let old = std::mem::take(&mut self.slab);
+            for e in old.chunks.into_iter().flatten() {
+                if e.tag() != VACANT {
+                    self.slab.alloc(e);
+                }
+            }
+            self.slab.free.shrink_to_fit();
+        }
+        let slab = &self.slab;
+        let items = slab
+            .iter()
+            .filter(|(_, e)| e.tag() != VACANT)
+            .map(|(pos, e)| {
+                let hash = hasher.hash_one(e.key.as_str());
+                (Index::slot_value(hash, pos), hash)
+            });
+        self.index = Index::build(live, items);
+        if self.general_free.len() == self.general.len() {
+            self.general = Vec::new();
+            self.general_free = Vec::new();
+        }
+        idle.len()
+    }
 }
 
 /// A sharded in-memory [`Store`].
 ///
 /// Keys are hashed once (ahash, per-process random seeds, so user-chosen keys
-/// cannot force collisions); the hash picks a shard and is reused for the lookup in
-/// that shard's table. Each shard is a cache-padded `parking_lot` mutex over a
-/// `hashbrown` table; a decision locks exactly one shard, and looks up an existing
-/// key by `&str` without allocating.
+/// cannot force collisions); the hash picks a shard, a home slot in that shard's
+/// index and an 8-bit tag. Each shard is a cache-padded `parking_lot` mutex over
+/// its index, slab and side table (see the module docs); a decision locks exactly
+/// one shard, and looks up an existing key by `&str` without allocating.
 ///
 /// **Key cap.** At most [`MemoryStoreConfig::max_keys`] keys are tracked. When a
 /// shard is full, a new key first triggers a sweep of that shard (at most once a
@@ -101,8 +643,9 @@ impl std::fmt::Debug for MemoryStore {
     }
 }
 
-/// Which bits of the hash choose the shard: the middle ones. hashbrown uses the low
-/// bits for the slot and the top 7 for its tag, so neither loses entropy to sharding.
+/// Which bits of the hash choose the shard: the middle ones. The index uses the
+/// low bits for the home slot and the top 8 for the tag, so neither loses entropy
+/// to sharding.
 const SHARD_SHIFT: u32 = 40;
 
 impl MemoryStore {
@@ -115,18 +658,14 @@ impl MemoryStore {
     pub fn with_config(config: MemoryStoreConfig) -> Self {
         let shards = config.shards.clamp(1, 1 << 16).next_power_of_two();
         let max_keys = config.max_keys.max(1);
+        let per_shard_cap = max_keys.div_ceil(shards) + max_keys.div_ceil(shards * 4) + 1;
         MemoryStore {
             shards: (0..shards)
-                .map(|_| {
-                    CachePadded::new(Mutex::new(Shard {
-                        table: HashTable::new(),
-                        last_full_sweep: 0,
-                    }))
-                })
+                .map(|_| CachePadded::new(Mutex::new(Shard::new())))
                 .collect(),
             hasher: ahash::RandomState::new(),
             mask: shards as u64 - 1,
-            per_shard_cap: max_keys.div_ceil(shards) + max_keys.div_ceil(shards * 4) + 1,
+            per_shard_cap: per_shard_cap.min(MAX_SHARD_KEYS),
             max_keys,
             len: AtomicUsize::new(0),
         }
@@ -144,7 +683,7 @@ impl MemoryStore {
 
     /// Whether a new key may not be added (the caller holds `shard`'s lock).
     fn is_full(&self, shard: &Shard) -> bool {
-        self.len.load(Ordering::Relaxed) >= self.max_keys || shard.table.len() >= self.per_shard_cap
+        self.len.load(Ordering::Relaxed) >= self.max_keys || shard.len() >= self.per_shard_cap
     }
 
     fn shard_for(&self, hash: u64) -> &Mutex<Shard> {
@@ -164,8 +703,8 @@ impl MemoryStore {
         }
         let hash = self.hasher.hash_one(key);
         let mut shard = self.shard_for(hash).lock();
-        if let Some(e) = shard.table.find_mut(hash, |e| e.key == key) {
-            e.state = state;
+        if let Some((_, pos)) = shard.find(hash, key) {
+            shard.set_state(pos, state);
             return Ok(());
         }
         if self.is_full(&shard) {
@@ -173,15 +712,8 @@ impl MemoryStore {
                 max_keys: self.max_keys,
             });
         }
-        let hasher = &self.hasher;
-        shard.table.insert_unique(
-            hash,
-            Entry {
-                key: CompactString::new(key),
-                state,
-            },
-            |e| hasher.hash_one(e.key.as_str()),
-        );
+        let pos = shard.insert(hash, key, &self.hasher);
+        shard.set_state(pos, state);
         self.len.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -202,58 +734,51 @@ impl Store for MemoryStore {
         }
         let hash = self.hasher.hash_one(key);
         let mut shard = self.shard_for(hash).lock();
-        if let Some(entry) = shard.table.find_mut(hash, |e| e.key == key) {
-            return Ok(entry.state.apply(limits, cost, now, mode));
+        if let Some((_, pos)) = shard.find(hash, key) {
+            return Ok(shard.apply(pos, limits, cost, now, mode));
         }
         // A new key: decide on an empty state; keep it only if something was recorded.
+        let mut one = OneCounter::EMPTY;
         let mut state = KeyState::new();
-        let decision = state.apply(limits, cost, now, mode);
-        if state.counter_count() == 0 {
+        let (decision, recorded) = if one.fits(limits, now) {
+            let d = decide(&mut one, limits, cost, now, mode);
+            (d, one.present)
+        } else {
+            let d = state.apply(limits, cost, now, mode);
+            (d, state.counter_count() > 0)
+        };
+        if !recorded {
             return Ok(decision);
         }
         let now_ms = now.as_millis();
         if self.is_full(&shard) && now_ms >= shard.last_full_sweep + 1000 {
             shard.last_full_sweep = now_ms;
-            let before = shard.table.len();
-            shard.table.retain(|e| !e.state.is_idle(now));
-            self.len
-                .fetch_sub(before - shard.table.len(), Ordering::Relaxed);
+            let removed = shard.sweep(now, &self.hasher);
+            self.len.fetch_sub(removed, Ordering::Relaxed);
         }
         if self.is_full(&shard) {
             return Err(StoreError::Full {
                 max_keys: self.max_keys,
             });
         }
-        let hasher = &self.hasher;
-        shard.table.insert_unique(
-            hash,
-            Entry {
-                key: CompactString::new(key),
-                state,
-            },
-            |e| hasher.hash_one(e.key.as_str()),
-        );
+        let pos = shard.insert(hash, key, &self.hasher);
+        if one.present {
+            shard.set_one(pos, &one);
+        } else {
+            shard.set_state(pos, state);
+        }
         self.len.fetch_add(1, Ordering::Relaxed);
         Ok(decision)
     }
 }
 
 impl Sweep for MemoryStore {
-    /// Locks one shard at a time. Frees table memory when a shard has shrunk to a
-    /// quarter of its capacity (after a key flood).
+    /// Locks one shard at a time. Rebuilds a shard's index when keys were removed,
+    /// and compacts its slab when it is less than half full (after a key flood).
     fn sweep(&self, now: Timestamp) -> usize {
         let mut removed = 0;
         for shard in self.shards.iter() {
-            let mut shard = shard.lock();
-            let before = shard.table.len();
-            shard.table.retain(|e| !e.state.is_idle(now));
-            removed += before - shard.table.len();
-            if shard.table.capacity() > 64 && shard.table.len() < shard.table.capacity() / 4 {
-                let hasher = &self.hasher;
-                shard
-                    .table
-                    .shrink_to_fit(|e| hasher.hash_one(e.key.as_str()));
-            }
+            removed += shard.lock().sweep(now, &self.hasher);
         }
         self.len.fetch_sub(removed, Ordering::Relaxed);
         removed
@@ -265,8 +790,10 @@ impl Scan for MemoryStore {
     fn scan(&self, f: &mut dyn FnMut(&str, &KeyState)) {
         for shard in self.shards.iter() {
             let shard = shard.lock();
-            for e in shard.table.iter() {
-                f(&e.key, &e.state);
+            for (_, e) in shard.slab.iter() {
+                if e.tag() != VACANT {
+                    shard.with_state(e, |state| f(&e.key, state));
+                }
             }
         }
     }
@@ -282,13 +809,13 @@ impl Reset for MemoryStore {
     fn reset(&self, key: &str) -> Result<bool, StoreError> {
         let hash = self.hasher.hash_one(key);
         let mut shard = self.shard_for(hash).lock();
-        match shard.table.find_entry(hash, |e| e.key == key) {
-            Ok(occupied) => {
-                occupied.remove();
+        match shard.find(hash, key) {
+            Some((slot, pos)) => {
+                shard.remove(slot, pos, &self.hasher);
                 self.len.fetch_sub(1, Ordering::Relaxed);
                 Ok(true)
             }
-            Err(_) => Ok(false),
+            None => Ok(false),
         }
     }
 }
@@ -296,6 +823,8 @@ impl Reset for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
     use std::time::Duration;
 
     const T0: u64 = 1_700_000_000_000;
@@ -312,6 +841,11 @@ mod tests {
             Timestamp::from_millis(T0 + t),
             Mode::Acquire,
         )
+    }
+
+    #[test]
+    fn an_entry_is_48_bytes() {
+        assert_eq!(size_of::<Entry>(), 48);
     }
 
     #[test]
@@ -346,6 +880,7 @@ mod tests {
         let mut keys = Vec::new();
         s.scan(&mut |k, _| keys.push(k.to_string()));
         assert_eq!(keys, ["new"]);
+        assert_eq!(acquire(&s, "new", 31_000).unwrap().statuses()[0].used, 1);
     }
 
     #[test]
@@ -397,6 +932,236 @@ mod tests {
         assert!(d.is_allowed());
         assert_eq!(d.remaining(), u64::MAX);
         assert_eq!(s.key_count(), 0);
-        let _ = Duration::ZERO;
+    }
+
+    #[test]
+    fn a_key_flood_is_given_back_by_a_sweep() {
+        let s = MemoryStore::with_config(MemoryStoreConfig {
+            shards: 2,
+            max_keys: 1_000_000,
+        });
+        for i in 0..20_000 {
+            acquire(&s, &format!("flood{i}@example.com"), 0).unwrap();
+        }
+        acquire(&s, "stays", 100_000).unwrap();
+        assert_eq!(s.sweep(Timestamp::from_millis(T0 + 100_000)), 20_000);
+        assert_eq!(s.key_count(), 1);
+        for shard in s.shards.iter() {
+            let shard = shard.lock();
+            assert!(shard.slab.slots() <= 1, "the slab was compacted");
+            assert!(shard.index.slots.len() <= 16, "the index was shrunk");
+        }
+        let d = acquire(&s, "stays", 100_001).unwrap();
+        assert_eq!(d.statuses()[0].used, 1);
+    }
+
+    proptest! {
+        /// The index finds exactly what was inserted and not removed, with hashes
+        /// crowded into a few home slots so that clusters wrap and deletions shift.
+        #[test]
+        fn the_index_finds_what_it_holds(ops in prop::collection::vec((any::<bool>(), 0u32..200), 1..600)) {
+            // Position p hashes to a home among 8 slots, with one of 4 tags.
+            let hash_of = |p: u32| u64::from(p % 8) | (u64::from(p % 4) << 56);
+            let mut index = Index::default();
+            let mut held = std::collections::BTreeSet::new();
+            for (insert, p) in ops {
+                let found = index.find(hash_of(p), |q| q == p);
+                prop_assert_eq!(found.is_some(), held.contains(&p));
+                match (insert, found) {
+                    (true, None) => {
+                        index.insert(hash_of(p), p, hash_of);
+                        held.insert(p);
+                    }
+                    (false, Some((slot, _))) => {
+                        index.remove(slot, hash_of);
+                        held.remove(&p);
+                    }
+                    _ => {}
+                }
+                prop_assert_eq!(index.len, held.len());
+            }
+            for p in 0..200 {
+                prop_assert_eq!(index.find(hash_of(p), |q| q == p).map(|f| f.1), held.get(&p).copied());
+            }
+        }
+    }
+
+    /// The state of `key` as the store holds it.
+    fn state_of(s: &MemoryStore, key: &str) -> Option<KeyState> {
+        let mut found = None;
+        s.scan(&mut |k, state| {
+            if k == key {
+                found = Some(state.clone());
+            }
+        });
+        found
+    }
+
+    #[test]
+    fn common_states_are_packed_and_others_kept_whole() {
+        let s = MemoryStore::with_config(MemoryStoreConfig {
+            shards: 1,
+            max_keys: 100,
+        });
+        let now = |ms| Timestamp::from_millis(T0 + ms);
+        let hourly: Limit = "100/1h".parse().unwrap();
+        let daily: Limit = "1000/1d".parse().unwrap();
+        let bucket = Limit::token_bucket(100, Duration::from_secs(3600), 100).unwrap();
+        let form = |key: &str| {
+            let shard = s.shards[0].lock();
+            let (_, pos) = shard.find(s.hasher.hash_one(key), key).unwrap();
+            shard.slab.get(pos).tag()
+        };
+        for i in 0..4 {
+            s.check(
+                "w",
+                &[hourly],
+                Cost::units(1),
+                now(i * 60_000),
+                Mode::Acquire,
+            )
+            .unwrap();
+        }
+        assert!(form("w") < GENERAL, "four sub-windows pack");
+        let packed = state_of(&s, "w").unwrap();
+        s.check(
+            "w",
+            &[hourly],
+            Cost::units(1),
+            now(4 * 60_000),
+            Mode::Acquire,
+        )
+        .unwrap();
+        assert_eq!(form("w"), GENERAL, "a fifth does not");
+        assert_eq!(state_of(&s, "w").unwrap().used(&hourly, now(4 * 60_000)), 5);
+        assert!(packed.used(&hourly, now(0)) == 4);
+        s.check("b", &[bucket], Cost::units(3), now(0), Mode::Acquire)
+            .unwrap();
+        assert!(form("b") < GENERAL);
+        s.check(
+            "two",
+            &[hourly, daily],
+            Cost::units(1),
+            now(0),
+            Mode::Acquire,
+        )
+        .unwrap();
+        assert_eq!(form("two"), GENERAL, "two counters do not pack");
+        // Once everything has decayed, the next event packs again.
+        s.check(
+            "w",
+            &[hourly],
+            Cost::units(1),
+            now(10_000_000),
+            Mode::Acquire,
+        )
+        .unwrap();
+        assert!(form("w") < GENERAL);
+        // A count too big for a packed sub-window.
+        let bytes: Limit = "100000000/1h".parse().unwrap();
+        s.check("big", &[bytes], Cost::units(300_000), now(0), Mode::Acquire)
+            .unwrap();
+        assert_eq!(form("big"), GENERAL);
+        assert_eq!(state_of(&s, "big").unwrap().used(&bytes, now(0)), 300_000);
+        let shard = s.shards[0].lock();
+        assert_eq!(shard.general.len() - shard.general_free.len(), 2);
+    }
+
+    /// One step of a random history over a few keys and tiers.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Check {
+            dt: i64,
+            key: u16,
+            tier: usize,
+            cost: u64,
+            acquire: bool,
+        },
+        Sweep,
+        Reset(u16),
+    }
+
+    fn tiers() -> Vec<Vec<Limit>> {
+        let l = |s: &str| s.parse::<Limit>().unwrap();
+        let b = |n, w, burst| Limit::token_bucket(n, Duration::from_millis(w), burst).unwrap();
+        vec![
+            vec![l("5/10s")],
+            vec![l("3/10s")],
+            vec![b(2, 5_000, 3)],
+            vec![l("5/10s"), l("7/10s")],
+            vec![l("5/10s"), b(2, 5_000, 3)],
+            vec![l("400000/10s")],
+            vec![l("2/1s").with_precision(1000).unwrap()],
+            vec![b(u64::from(u32::MAX), 7, 5)],
+        ]
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            30 => (
+                prop_oneof![5 => 0i64..=700, 1 => -20_000i64..0, 1 => 0i64..=40_000],
+                // Mostly a few keys with long histories, some of many.
+                prop_oneof![4 => 0u16..4, 1 => 0u16..300],
+                0..tiers().len(),
+                prop_oneof![5 => 0u64..=3, 1 => 0u64..=300_000],
+                prop::bool::weighted(0.8),
+            )
+                .prop_map(|(dt, key, tier, cost, acquire)| Op::Check {
+                    dt,
+                    key,
+                    tier,
+                    cost,
+                    acquire
+                }),
+            1 => Just(Op::Sweep),
+            1 => prop_oneof![3 => 0u16..4, 1 => 0u16..300].prop_map(Op::Reset),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// Whatever form each key is in (packed or whole), moving between tiers,
+        /// sweeps and resets: the store decides and holds exactly what one
+        /// `KeyState` per key does.
+        #[test]
+        fn the_store_holds_exactly_what_key_states_hold(ops in prop::collection::vec(op(), 1..400)) {
+            let store = MemoryStore::with_config(MemoryStoreConfig { shards: 2, max_keys: 10_000 });
+            let tiers = tiers();
+            let mut model: HashMap<String, KeyState> = HashMap::new();
+            let mut t = T0 as i64;
+            for op in &ops {
+                match op {
+                    Op::Check { dt, key, tier, cost, acquire } => {
+                        t = (t + dt).max(T0 as i64);
+                        let now = Timestamp::from_millis(t as u64);
+                        let key = format!("user{key}@example.com");
+                        let mode = if *acquire { Mode::Acquire } else { Mode::Peek };
+                        let limits = &tiers[*tier];
+                        let got = store.check(&key, limits, Cost::units(*cost), now, mode).unwrap();
+                        let state = model.entry(key.clone()).or_default();
+                        let want = state.apply(limits, Cost::units(*cost), now, mode);
+                        prop_assert_eq!(got, want);
+                        if state.counter_count() == 0 {
+                            model.remove(&key);
+                        }
+                    }
+                    Op::Sweep => {
+                        let now = Timestamp::from_millis(t as u64);
+                        let before = model.len();
+                        model.retain(|_, s| !s.is_idle(now));
+                        prop_assert_eq!(store.sweep(now), before - model.len());
+                    }
+                    Op::Reset(key) => {
+                        let key = format!("user{key}@example.com");
+                        prop_assert_eq!(store.reset(&key).unwrap(), model.remove(&key).is_some());
+                    }
+                }
+            }
+            let mut held = HashMap::new();
+            store.scan(&mut |k, s| { held.insert(k.to_string(), s.clone()); });
+            prop_assert_eq!(held, model.clone());
+            prop_assert_eq!(store.key_count(), model.len());
+        }
     }
 }
