@@ -157,15 +157,29 @@ async fn accept_loop(
                     continue;
                 }
                 let _ = stream.set_nodelay(true);
-                match stream.into_std().and_then(|s| s.set_nonblocking(false).map(|()| s)) {
-                    Ok(s) => workers.spawn(s, peer.to_string(), Arc::clone(&engine), rt.clone(), permit),
+                match stream
+                    .into_std()
+                    .and_then(|s| s.set_nonblocking(false).map(|()| s))
+                {
+                    Ok(s) => {
+                        workers.spawn(s, peer.to_string(), Arc::clone(&engine), rt.clone(), permit)
+                    }
                     Err(e) => tracing::warn!(client = %peer, error = %e, "cannot serve connection"),
                 }
             }
             Ok(Accepted::Unix(stream)) => {
                 backoff = Duration::from_millis(5);
-                match stream.into_std().and_then(|s| s.set_nonblocking(false).map(|()| s)) {
-                    Ok(s) => workers.spawn(s, "unix".to_string(), Arc::clone(&engine), rt.clone(), permit),
+                match stream
+                    .into_std()
+                    .and_then(|s| s.set_nonblocking(false).map(|()| s))
+                {
+                    Ok(s) => workers.spawn(
+                        s,
+                        "unix".to_string(),
+                        Arc::clone(&engine),
+                        rt.clone(),
+                        permit,
+                    ),
                     Err(e) => tracing::warn!(error = %e, "cannot serve connection"),
                 }
             }

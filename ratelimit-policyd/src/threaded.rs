@@ -31,8 +31,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::policy::{ConnState, Engine};
 use crate::protocol::{
-    Action, Attribute, Limits, PolicyRequest, Status, encode_response, frame_request,
-    parse_request,
+    Action, Attribute, Limits, PolicyRequest, Status, encode_response, frame_request, parse_request,
 };
 
 /// Stack size of a connection thread: the handler keeps its buffers on the heap.
@@ -154,7 +153,12 @@ impl Workers {
 
 /// Decides on this thread: the memory store never waits, so one poll completes the
 /// future; a store with network calls (Redis) is driven by the runtime.
-fn decide(engine: &Engine, rt: &Handle, req: &PolicyRequest<'_>, state: &mut ConnState) -> Action<'static> {
+fn decide(
+    engine: &Engine,
+    rt: &Handle,
+    req: &PolicyRequest<'_>,
+    state: &mut ConnState,
+) -> Action<'static> {
     let mut fut = std::pin::pin!(engine.decide(req, state));
     if engine.counters().memory().is_some() {
         if let Poll::Ready(a) = fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
@@ -164,7 +168,13 @@ fn decide(engine: &Engine, rt: &Handle, req: &PolicyRequest<'_>, state: &mut Con
     rt.block_on(fut)
 }
 
-fn serve<S: BlockingStream>(mut stream: S, peer: &str, engine: &Engine, rt: &Handle, workers: &Workers) {
+fn serve<S: BlockingStream>(
+    mut stream: S,
+    peer: &str,
+    engine: &Engine,
+    rt: &Handle,
+    workers: &Workers,
+) {
     let limits = Limits::DEFAULT;
     let mut buf = vec![0u8; 4096];
     let (mut start, mut end) = (0usize, 0usize);
@@ -209,13 +219,22 @@ fn serve<S: BlockingStream>(mut stream: S, peer: &str, engine: &Engine, rt: &Han
             match stream.read(&mut buf[end..]) {
                 Ok(0) => {
                     if end > start {
-                        tracing::debug!(client = peer, buffered = end - start, "connection closed in the middle of a request");
+                        tracing::debug!(
+                            client = peer,
+                            buffered = end - start,
+                            "connection closed in the middle of a request"
+                        );
                     }
                     return;
                 }
                 Ok(n) => end += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
                     tracing::debug!(client = peer, "closing idle connection");
                     return;
                 }

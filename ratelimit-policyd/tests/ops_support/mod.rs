@@ -298,6 +298,8 @@ impl Logs {
         init_logs();
         let dispatch = tracing::Dispatch::new(sub);
         CURRENT.with(|c| *c.borrow_mut() = Some(dispatch.clone()));
-        Capture(tracing::dispatcher::set_default(&tracing::Dispatch::new(Fixed(dispatch))))
+        Capture(tracing::dispatcher::set_default(&tracing::Dispatch::new(
+            Fixed(dispatch),
+        )))
     }
 }
