@@ -160,10 +160,10 @@ fn decide(
     state: &mut ConnState,
 ) -> Action<'static> {
     let mut fut = std::pin::pin!(engine.decide(req, state));
-    if engine.counters().memory().is_some() {
-        if let Poll::Ready(a) = fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-            return a;
-        }
+    if engine.counters().memory().is_some()
+        && let Poll::Ready(a) = fut.as_mut().poll(&mut Context::from_waker(Waker::noop()))
+    {
+        return a;
     }
     rt.block_on(fut)
 }
