@@ -186,9 +186,10 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Serves one connection until the client closes it, it idles out, it sends a
-/// malformed request (logged; nothing is sent; only this connection is closed), or
-/// the server shuts down (between requests).
+/// Serves one connection until the client closes it, it idles out (no whole request,
+/// or a reply not taken, within `idle_timeout`), it sends a malformed request (logged;
+/// nothing is sent; only this connection is closed), or the server shuts down (between
+/// requests).
 pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     peer: &str,
@@ -225,9 +226,21 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
         };
-        if let Err(e) = conn.write_response(&action).await {
-            tracing::debug!(client = peer, error = %e, "write failed");
-            return;
+        // A client that stops reading its replies would otherwise hold its connection
+        // slot for ever: the reply gets the same time a request gets.
+        match tokio::time::timeout(idle, conn.write_response(&action)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(client = peer, error = %e, "write failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(
+                    client = peer,
+                    "closing connection: client does not read its replies"
+                );
+                return;
+            }
         }
     }
 }
