@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::{TcpListener, TcpSocket, UnixListener};
 use tokio::sync::{Semaphore, watch};
 
 use crate::config::ListenAddr;
@@ -31,7 +31,16 @@ impl Listener {
     /// Binds `addr`. A stale Unix socket file at the path is replaced.
     pub async fn bind(addr: &ListenAddr) -> io::Result<Listener> {
         match addr {
-            ListenAddr::Tcp(a) => Ok(Listener::Tcp(TcpListener::bind(a).await?)),
+            ListenAddr::Tcp(a) => {
+                let socket = if a.is_ipv4() {
+                    TcpSocket::new_v4()?
+                } else {
+                    TcpSocket::new_v6()?
+                };
+                socket.set_reuseaddr(true)?;
+                socket.bind(*a)?;
+                Ok(Listener::Tcp(socket.listen(LISTEN_BACKLOG)?))
+            }
             ListenAddr::Unix(path) => {
                 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
                 if let Ok(meta) = std::fs::symlink_metadata(path)
@@ -64,6 +73,12 @@ impl Listener {
         }
     }
 }
+
+/// Pending TCP connections the kernel queues before it drops new ones (capped by
+/// `net.core.somaxconn`). `TcpListener::bind` would use 128: a Postfix restart starts
+/// hundreds of smtpd processes that connect at once, and at `max_connections` new
+/// clients wait here, so a short queue turns a burst into SYN retries of 1 s, 3 s, ...
+const LISTEN_BACKLOG: u32 = 1024;
 
 /// How long connections get to finish their current request at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
