@@ -11,10 +11,12 @@
 //! - [`policy`]: request → key → tier → decision → action.
 //! - [`server`]: listeners, connections, shutdown; [`run`](server::run) is what `main` calls.
 //! - [`daemon`]: start-up (config, snapshot restore, signals).
+//! - [`logthrottle`]: one log line per interval for events a client can repeat at will.
 
 pub mod config;
 pub mod connection;
 pub mod daemon;
+pub mod logthrottle;
 pub mod policy;
 pub mod protocol;
 pub mod server;

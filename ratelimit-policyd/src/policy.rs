@@ -28,6 +28,7 @@ use ratelimit_core::{
 };
 
 use crate::config::{ActionKind, Config, FailMode, TierPolicy, WithoutSasl};
+use crate::logthrottle::{LOG_EVERY, LogThrottle};
 use crate::protocol::{Action, PolicyRequest, Stage};
 
 /// Where counters live, as the server sees it.
@@ -228,7 +229,11 @@ impl Engine {
             Ok(decision) => self.answer(&cfg, &key, &tier, &decision, now, req),
             Err(e) => {
                 self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(user = %key, error = %e, fail = ?cfg.on_store_error, "store failure");
+                // A key flood makes every request fail: log one line per interval.
+                static STORE_FAILURE_LOG: LogThrottle = LogThrottle::new(LOG_EVERY);
+                if let Some(suppressed) = STORE_FAILURE_LOG.allow() {
+                    tracing::warn!(user = %key, error = %e, fail = ?cfg.on_store_error, suppressed, "store failure");
+                }
                 match cfg.on_store_error {
                     FailMode::Open => Action::Dunno,
                     FailMode::Closed => Action::DeferIfPermit(Cow::Borrowed(

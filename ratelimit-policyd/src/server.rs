@@ -15,6 +15,7 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::config::ListenAddr;
 use crate::connection::Connection;
+use crate::logthrottle::{LOG_EVERY, LogThrottle};
 use crate::policy::{ConnState, Engine};
 use crate::protocol::{Attribute, Limits};
 
@@ -79,6 +80,11 @@ impl Listener {
 /// hundreds of smtpd processes that connect at once, and at `max_connections` new
 /// clients wait here, so a short queue turns a burst into SYN retries of 1 s, 3 s, ...
 const LISTEN_BACKLOG: u32 = 1024;
+
+/// Connections refused by the allowlist, and bad requests: one log line per interval
+/// (`suppressed` says how many were left out), so a flood cannot flood the log.
+static REFUSED_LOG: LogThrottle = LogThrottle::new(LOG_EVERY);
+static BAD_REQUEST_LOG: LogThrottle = LogThrottle::new(LOG_EVERY);
 
 /// How long connections get to finish their current request at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -152,7 +158,9 @@ async fn accept_loop(
                 backoff = Duration::from_millis(5);
                 let ip = canonical(peer.ip());
                 if !engine.config().allow.iter().any(|n| n.contains(&ip)) {
-                    tracing::warn!(client = %peer, "connection refused: client not in [server] allow");
+                    if let Some(suppressed) = REFUSED_LOG.allow() {
+                        tracing::warn!(client = %peer, suppressed, "connection refused: client not in [server] allow");
+                    }
                     continue;
                 }
                 let _ = stream.set_nodelay(true);
@@ -226,7 +234,9 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             }
             Ok(Ok(None)) => return,
             Ok(Err(e)) => {
-                tracing::warn!(client = peer, error = %e, "closing connection: bad request");
+                if let Some(suppressed) = BAD_REQUEST_LOG.allow() {
+                    tracing::warn!(client = peer, error = %e, suppressed, "closing connection: bad request");
+                }
                 return;
             }
             Ok(Ok(Some(_))) => {}
@@ -236,7 +246,9 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             match conn.request(&mut slots) {
                 Ok(req) => engine.decide(&req, &mut state).await,
                 Err(e) => {
-                    tracing::warn!(client = peer, error = %e, "closing connection: bad request");
+                    if let Some(suppressed) = BAD_REQUEST_LOG.allow() {
+                        tracing::warn!(client = peer, error = %e, suppressed, "closing connection: bad request");
+                    }
                     return;
                 }
             }
