@@ -20,7 +20,7 @@
 //!
 //! ```text
 //! target/release/ratelimit-policyd --config benches/flood.toml &
-//! target/release/flood --addr 127.0.0.1:10031 --quiet 5s --attack 5s
+//! target/release/flood --addr 127.0.0.1:10931 --quiet 5s --attack 5s
 //! ```
 
 use std::collections::VecDeque;
