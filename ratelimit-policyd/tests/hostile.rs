@@ -4,7 +4,8 @@
 //! its answers are exactly right before, during and after the attack: DUNNO while it
 //! is under its limit, DEFER_IF_PERMIT once it is over, with the counters in the store
 //! holding exactly what it was charged. Nothing here may panic the server, stall the
-//! good connection, or touch another user's counters.
+//! good connection, or touch another user's counters. The server's clock is a stopped
+//! `ManualClock`, so every decision is known exactly; timeouts are real time.
 
 use std::io;
 use std::net::SocketAddr;
@@ -30,9 +31,9 @@ const GOOD_LIMIT: u64 = 12;
 /// the test machine is shared and busy; a stalled server would take forever.
 const ANSWER_WITHIN: Duration = Duration::from_secs(5);
 
-/// The configuration every test starts from; `extra_server` lines go into `[server]`,
-/// `store` lines into `[store]`.
-/// The idle timeout is 300 ms unless `extra_server` sets one.
+/// The configuration every test starts from: `extra_server` lines go into `[server]`,
+/// `store` lines into `[store]`; the idle timeout is 300 ms unless `extra_server` sets
+/// one. Store failures (a full store) are answered with a deferral, so they show.
 fn config_text(extra_server: &str, store: &str) -> String {
     let idle = if extra_server.contains("idle_timeout") {
         ""
@@ -537,6 +538,11 @@ fn raise_fd_limit() -> u64 {
     lim.rlim_cur
 }
 
+/// 5,000 clients connect at once to a server capped at 64 connections, each sending a
+/// request and holding its connection. The process's open-file limit is raised to its
+/// hard limit first; if that is still too low, fewer clients attack (and it says so).
+/// Clients beyond the cap and the listen queue are held off by the kernel (SYN retries)
+/// and give up after 3 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_thousand_connections_at_once_the_cap_holds_and_served_clients_keep_being_served() {
     const WANTED: usize = 5_000;
