@@ -601,7 +601,10 @@ fn probe_window(limit: &Limit, precision: u16, slots: &[Slot], cost: u64, at: At
         for s in slots.iter().filter(|s| age(b, s.idx) <= p) {
             left -= u64::from(s.count);
             if left + cost <= n {
-                let leaves_at = (b_abs as i64 - age(b, s.idx) + p + 1) as u64 * sub;
+                // Saturating: a slot far in the future (the clock stepped back, or a
+                // restored snapshot says so) must not overflow.
+                let leaves_at = (b_abs as i64 - age(b, s.idx) + p + 1).max(0) as u64;
+                let leaves_at = leaves_at.saturating_mul(sub);
                 when = Some(Duration::from_millis(leaves_at.saturating_sub(now_ms)));
                 break;
             }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use ahash::AHashMap;
 
 use crate::decision::MAX_LIMITS;
-use crate::quota::Limit;
+use crate::quota::{Algorithm, Limit};
 
 /// Why a tier or tier map could not be built.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -31,6 +31,13 @@ pub enum TierError {
     /// An assignment key is empty (or a bare `@`).
     #[error("an assignment needs a user or an @domain")]
     EmptyKey,
+    /// Two token buckets of one tier count the same unit over the same window (so they
+    /// share one counter) but drain at different rates: the shared level can only
+    /// drain at one rate, and the slower bucket would admit more than it says.
+    #[error(
+        "tier \"{0}\": token buckets \"{1}\" and \"{2}\" count the same unit over the same window but drain at different rates; give them different windows"
+    )]
+    SharedBucket(String, String, String),
 }
 
 /// A named set of limits. Empty means unlimited.
@@ -63,6 +70,16 @@ impl Tier {
         let limits: Vec<Limit> = limits.into_iter().collect();
         if limits.len() > MAX_LIMITS {
             return Err(TierError::TooManyLimits(name, limits.len()));
+        }
+        for (i, a) in limits.iter().enumerate() {
+            let clash = limits[..i].iter().find(|b| {
+                matches!(a.algorithm(), Algorithm::TokenBucket { .. })
+                    && a.counter_id() == b.counter_id()
+                    && a.count() != b.count()
+            });
+            if let Some(b) = clash {
+                return Err(TierError::SharedBucket(name, b.to_string(), a.to_string()));
+            }
         }
         Ok(Tier { name, limits })
     }
@@ -231,6 +248,19 @@ mod tests {
         assert_eq!(m.tier_of("no-at-sign").name(), "default");
         assert!(m.unassign("boss@example.com"));
         assert_eq!(m.tier_of("boss@example.com").name(), "bulk");
+    }
+
+    #[test]
+    fn buckets_sharing_a_counter_must_drain_at_one_rate() {
+        let bucket = |n| Limit::token_bucket(n, std::time::Duration::from_secs(60), 4).unwrap();
+        let err = Tier::new("t", [bucket(7), bucket(4)]).unwrap_err();
+        assert!(matches!(err, TierError::SharedBucket(..)), "{err}");
+        // Same rate (a different burst is fine), another window, or sliding windows: fine.
+        let same_rate = Limit::token_bucket(7, std::time::Duration::from_secs(60), 9).unwrap();
+        assert!(Tier::new("t", [bucket(7), same_rate]).is_ok());
+        let other_window = Limit::token_bucket(4, std::time::Duration::from_secs(61), 4).unwrap();
+        assert!(Tier::new("t", [bucket(7), other_window]).is_ok());
+        assert!(Tier::new("t", ["7/1m".parse().unwrap(), "4/1m".parse().unwrap()]).is_ok());
     }
 
     #[test]

@@ -1114,21 +1114,13 @@ pub fn apply_map_file(map: &mut TierMap, text: &str, file: &str) -> Result<usize
 }
 
 /// A URL with any password replaced by `***` (for logs and `check-config`).
+///
+/// The same redaction as the Redis store's own (`RedisStoreConfig::redacted_url`): the
+/// user info ends at the *last* `@` of the authority, as URL parsers read it, so a
+/// password containing `@` is hidden whole, and `pass=` query parameters
+/// (`redis+unix:///path?pass=...`) are hidden too.
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    match rest.split_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            if userinfo.contains(':') {
-                format!("{scheme}://{user}:***@{host}")
-            } else {
-                format!("{scheme}://***@{host}")
-            }
-        }
-        None => url.to_string(),
-    }
+    ratelimit_core::store::RedisStoreConfig::new(url).redacted_url()
 }
 
 /// A human summary of what a configuration sets up (no secrets).
@@ -1239,6 +1231,21 @@ pub fn describe(cfg: &Config) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redis_passwords_are_redacted_whole() {
+        for (url, want) in [
+            ("redis://:s3cret@h:6379/", "redis://:***@h:6379/"),
+            ("redis://admin:p@ss@h:6379/0", "redis://admin:***@h:6379/0"),
+            (
+                "redis+unix:///r.sock?db=1&pass=pw",
+                "redis+unix:///r.sock?db=1&pass=***",
+            ),
+            ("redis://127.0.0.1:6379/", "redis://127.0.0.1:6379/"),
+        ] {
+            assert_eq!(redact_url(url), want);
+        }
+    }
 
     #[test]
     fn builtin_default_is_valid() {

@@ -14,11 +14,13 @@
 //! - [`ops`]: incident alerts, Prometheus metrics, request recording.
 //! - [`admin`]: the admin socket and the `admin` CLI commands.
 //! - [`replay`]: recorded requests through a configuration, offline.
+//! - [`logthrottle`]: one log line per interval for events a client can repeat at will.
 
 pub mod admin;
 pub mod config;
 pub mod connection;
 pub mod daemon;
+pub mod logthrottle;
 pub mod ops;
 pub mod policy;
 pub mod protocol;

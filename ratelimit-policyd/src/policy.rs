@@ -742,7 +742,7 @@ fn code_action(code: &str, text: String) -> Action<'static> {
 /// The key for a request, normalized; `None` when it is not counted.
 pub fn request_key<'a>(cfg: &Config, req: &PolicyRequest<'a>) -> Option<Cow<'a, str>> {
     if let Some(user) = req.sasl_username {
-        return Some(normalize(String::from_utf8_lossy(user)));
+        return Some(normalize_bytes(user));
     }
     match cfg.without_sasl {
         WithoutSasl::Skip => None,
@@ -757,10 +757,7 @@ pub fn request_key<'a>(cfg: &Config, req: &PolicyRequest<'a>) -> Option<Cow<'a, 
         }
         WithoutSasl::Sender => {
             let sender = req.sender?;
-            Some(Cow::Owned(format!(
-                "sender:{}",
-                normalize(String::from_utf8_lossy(sender))
-            )))
+            Some(Cow::Owned(format!("sender:{}", normalize_bytes(sender))))
         }
     }
 }
@@ -783,6 +780,31 @@ fn canonical_ip(ip: IpAddr) -> IpAddr {
 
 fn parse_ip(raw: &[u8]) -> Option<IpAddr> {
     std::str::from_utf8(raw).ok()?.parse().ok()
+}
+
+/// A user name (raw bytes from the request) as a key: [`normalize`]d when it is UTF-8.
+///
+/// A name that is not UTF-8 (a Latin-1 user database, a broken client) still gets a key
+/// of its own, never a lossy one: `U+FFFD` replacement would make `jos\xe9` and
+/// `jos\xe8` (and the valid `jos\u{fffd}`) one user sharing one quota. Its ASCII
+/// whitespace is trimmed and ASCII letters lowercased, valid UTF-8 runs are normalized
+/// as usual, and every invalid byte is written `\XHH` (capital X, upper-case hex).
+/// Normalized UTF-8 names never contain a capital `X`, so such keys cannot collide with
+/// them, and the escaping is reversible, so they cannot collide with each other.
+fn normalize_bytes(raw: &[u8]) -> Cow<'_, str> {
+    if let Ok(s) = std::str::from_utf8(raw) {
+        return normalize(Cow::Borrowed(s));
+    }
+    use std::fmt::Write;
+    let raw = raw.trim_ascii();
+    let mut key = String::with_capacity(raw.len() + 8);
+    for chunk in raw.utf8_chunks() {
+        key.push_str(&chunk.valid().to_lowercase());
+        for byte in chunk.invalid() {
+            let _ = write!(key, "\\X{byte:02X}");
+        }
+    }
+    Cow::Owned(key)
 }
 
 /// Trimmed and lowercased, borrowing when it already is.
@@ -930,6 +952,29 @@ mod tests {
             "alice@example.com"
         );
         assert_eq!(normalize(Cow::Borrowed("ÉLODIE")), "élodie");
+    }
+
+    #[test]
+    fn names_that_are_not_utf8_get_keys_of_their_own() {
+        assert_eq!(
+            normalize_bytes(b" Jos\xe9@Example.com "),
+            "jos\\XE9@example.com"
+        );
+        let keys = [
+            normalize_bytes(b"jos\xe9"),
+            normalize_bytes(b"jos\xe8"),
+            normalize_bytes("jos\u{fffd}".as_bytes()),
+            normalize_bytes(b"jos\\XE9"),
+        ];
+        for (i, a) in keys.iter().enumerate() {
+            for b in &keys[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+        assert_eq!(normalize_bytes(b"JOS\xe9"), normalize_bytes(b"jos\xe9"));
+        // A valid name spelling the escape is lowercased like any other.
+        assert_eq!(normalize_bytes(b"jos\\XE9"), "jos\\xe9");
+        assert_eq!(normalize_bytes(b"\xc3\x89\xff"), "\u{e9}\\XFF");
     }
 
     #[test]

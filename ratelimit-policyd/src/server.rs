@@ -10,18 +10,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::{TcpListener, TcpSocket, UnixListener};
 use tokio::sync::{Semaphore, watch};
 
 use crate::config::ListenAddr;
 use crate::connection::Connection;
+use crate::logthrottle::{LOG_EVERY, LogThrottle};
 use crate::policy::{ConnState, Engine};
 use crate::protocol::{Attribute, Limits, ParseError};
 use crate::threaded::Workers;
 
 /// Logs a malformed request (its connection is closed without a reply).
 pub(crate) fn log_bad_request(peer: &str, e: &ParseError) {
-    tracing::warn!(client = peer, error = %e, "closing connection: bad request");
+    if let Some(suppressed) = BAD_REQUEST_LOG.allow() {
+        tracing::warn!(client = peer, error = %e, suppressed, "closing connection: bad request");
+    }
 }
 
 /// A bound listening socket.
@@ -37,7 +40,16 @@ impl Listener {
     /// Binds `addr`. A stale Unix socket file at the path is replaced.
     pub async fn bind(addr: &ListenAddr) -> io::Result<Listener> {
         match addr {
-            ListenAddr::Tcp(a) => Ok(Listener::Tcp(TcpListener::bind(a).await?)),
+            ListenAddr::Tcp(a) => {
+                let socket = if a.is_ipv4() {
+                    TcpSocket::new_v4()?
+                } else {
+                    TcpSocket::new_v6()?
+                };
+                socket.set_reuseaddr(true)?;
+                socket.bind(*a)?;
+                Ok(Listener::Tcp(socket.listen(LISTEN_BACKLOG)?))
+            }
             ListenAddr::Unix(path) => {
                 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
                 if let Ok(meta) = std::fs::symlink_metadata(path)
@@ -70,6 +82,17 @@ impl Listener {
         }
     }
 }
+
+/// Pending TCP connections the kernel queues before it drops new ones (capped by
+/// `net.core.somaxconn`). `TcpListener::bind` would use 128: a Postfix restart starts
+/// hundreds of smtpd processes that connect at once, and at `max_connections` new
+/// clients wait here, so a short queue turns a burst into SYN retries of 1 s, 3 s, ...
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// Connections refused by the allowlist, and bad requests: one log line per interval
+/// (`suppressed` says how many were left out), so a flood cannot flood the log.
+static REFUSED_LOG: LogThrottle = LogThrottle::new(LOG_EVERY);
+static BAD_REQUEST_LOG: LogThrottle = LogThrottle::new(LOG_EVERY);
 
 /// How long connections get to finish their current request at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -153,7 +176,9 @@ async fn accept_loop(
                         .ops
                         .connections_refused
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::warn!(client = %peer, "connection refused: client not in [server] allow");
+                    if let Some(suppressed) = REFUSED_LOG.allow() {
+                        tracing::warn!(client = %peer, suppressed, "connection refused: client not in [server] allow");
+                    }
                     continue;
                 }
                 let _ = stream.set_nodelay(true);
@@ -239,7 +264,9 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             }
             Ok(Ok(None)) => return,
             Ok(Err(e)) => {
-                tracing::warn!(client = peer, error = %e, "closing connection: bad request");
+                if let Some(suppressed) = BAD_REQUEST_LOG.allow() {
+                    tracing::warn!(client = peer, error = %e, suppressed, "closing connection: bad request");
+                }
                 return;
             }
             Ok(Ok(Some(_))) => {}
@@ -255,14 +282,28 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     action
                 }
                 Err(e) => {
-                    tracing::warn!(client = peer, error = %e, "closing connection: bad request");
+                    if let Some(suppressed) = BAD_REQUEST_LOG.allow() {
+                        tracing::warn!(client = peer, error = %e, suppressed, "closing connection: bad request");
+                    }
                     return;
                 }
             }
         };
-        if let Err(e) = conn.write_response(&action).await {
-            tracing::debug!(client = peer, error = %e, "write failed");
-            return;
+        // A client that stops reading its replies would otherwise hold its connection
+        // slot for ever: the reply gets the same time a request gets.
+        match tokio::time::timeout(idle, conn.write_response(&action)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(client = peer, error = %e, "write failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(
+                    client = peer,
+                    "closing connection: client does not read its replies"
+                );
+                return;
+            }
         }
         engine.ops.latency.observe(started.elapsed());
     }

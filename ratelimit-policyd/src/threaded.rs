@@ -182,6 +182,7 @@ fn serve<S: BlockingStream>(
     let mut state = ConnState::default();
     let conn_id = engine.ops.next_connection_id();
     let mut timeout = Duration::ZERO;
+    let mut request_started: Option<Instant> = None;
     loop {
         // Frame the next request from what is buffered, reading only when partial.
         let consumed = loop {
@@ -196,12 +197,27 @@ fn serve<S: BlockingStream>(
             if workers.stopping() {
                 return; // between requests
             }
+            // The idle timeout bounds the wait for a request and the whole request
+            // (a client dripping one byte at a time is cut off as well).
             let idle = engine.config().idle_timeout;
-            if idle != timeout {
-                if stream.set_timeouts(idle).is_err() {
+            let wait = match request_started {
+                None => idle,
+                Some(t) => match idle.checked_sub(t.elapsed()) {
+                    Some(left) if !left.is_zero() => left,
+                    _ => {
+                        tracing::debug!(
+                            client = peer,
+                            "closing connection: request not completed in time"
+                        );
+                        return;
+                    }
+                },
+            };
+            if wait != timeout {
+                if stream.set_timeouts(wait).is_err() {
                     return;
                 }
-                timeout = idle;
+                timeout = wait;
             }
             if start > 0 {
                 buf.copy_within(start..end, 0);
@@ -227,7 +243,12 @@ fn serve<S: BlockingStream>(
                     }
                     return;
                 }
-                Ok(n) => end += n,
+                Ok(n) => {
+                    if end == start {
+                        request_started = Some(Instant::now());
+                    }
+                    end += n;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e)
                     if matches!(
@@ -269,6 +290,10 @@ fn serve<S: BlockingStream>(
         start += consumed;
         if start == end {
             (start, end) = (0, 0);
+            request_started = None;
+        } else {
+            // A pipelined request already began arriving.
+            request_started = Some(Instant::now());
         }
         out.clear();
         encode_response(&action, &mut out);
