@@ -290,6 +290,36 @@ impl Engine {
         answer
     }
 
+    /// An incident for `key`, with the client addresses it was seen from lately.
+    #[allow(clippy::too_many_arguments)]
+    fn incident(
+        &self,
+        key: &str,
+        tier: &Tier,
+        limit: String,
+        used: u64,
+        clears_at: Option<u64>,
+        req: &PolicyRequest<'_>,
+        dry_run: bool,
+    ) -> Incident {
+        Incident {
+            key: key.to_string(),
+            tier: tier.name().to_string(),
+            limit,
+            used,
+            clears_at,
+            client_address: req.client_address_str().map(str::to_string),
+            clients: self
+                .ops
+                .clients
+                .get(key)
+                .iter()
+                .map(|ip| ip.to_string())
+                .collect(),
+            dry_run,
+        }
+    }
+
     fn skip(&self) -> Action<'static> {
         self.stats.skipped.fetch_add(1, Ordering::Relaxed);
         Action::Dunno
@@ -453,22 +483,15 @@ impl Engine {
             }
             open.insert((key.to_string(), NETWORKS_INCIDENT), until.as_millis());
         }
-        let incident = Incident {
-            key: key.to_string(),
-            tier: tier.name().to_string(),
-            limit: format!("networks{}", policy.limit),
-            used: u64::from(observation.distinct),
-            clears_at: Some(until.as_millis()),
-            client_address: req.client_address_str().map(str::to_string),
-            clients: self
-                .ops
-                .clients
-                .get(key)
-                .iter()
-                .map(|ip| ip.to_string())
-                .collect(),
+        let incident = self.incident(
+            key,
+            tier,
+            format!("networks{}", policy.limit),
+            u64::from(observation.distinct),
+            Some(until.as_millis()),
+            req,
             dry_run,
-        };
+        );
         self.ops.incidents.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
             user = %incident.key,
@@ -610,22 +633,15 @@ impl Engine {
             let until = clears_at.unwrap_or(now_ms + limit.map_or(3_600_000, |l| l.window_ms()));
             open.insert((key.to_string(), limit_index), until);
         }
-        let incident = Incident {
-            key: key.to_string(),
-            tier: tier.name().to_string(),
-            limit: limit.map(|l| l.to_string()).unwrap_or_default(),
+        let incident = self.incident(
+            key,
+            tier,
+            limit.map(|l| l.to_string()).unwrap_or_default(),
             used,
             clears_at,
-            client_address: req.client_address_str().map(str::to_string),
-            clients: self
-                .ops
-                .clients
-                .get(key)
-                .iter()
-                .map(|ip| ip.to_string())
-                .collect(),
+            req,
             dry_run,
-        };
+        );
         self.ops.incidents.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
             user = %incident.key,
