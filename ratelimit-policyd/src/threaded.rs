@@ -36,7 +36,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::policy::{ConnState, Engine};
 use crate::protocol::{
-    Action, Attribute, Limits, PolicyRequest, Status, encode_response, frame_request, parse_request,
+    Action, Attribute, Limits, PolicyRequest, Status, encode_response, parse_request,
 };
 
 /// Stack size of a connection thread: the handler keeps its buffers on the heap.
@@ -245,16 +245,35 @@ fn serve<S: BlockingStream>(
     let conn_id = engine.ops.next_connection_id();
     let mut request_started: Option<Instant> = None;
     loop {
-        // Frame the next request from what is buffered, reading only when partial.
-        let consumed = loop {
-            match frame_request(&buf[start..end], &limits) {
-                Ok(Status::Complete(p)) => break p.consumed,
-                Ok(Status::Partial) => {}
+        // Parse the next request straight from the buffer (once: the attributes borrow
+        // it), and read more only when it is incomplete.
+        let served = {
+            let mut slots = [Attribute::EMPTY; 64];
+            match parse_request(&buf[start..end], &limits, &mut slots) {
+                Ok(Status::Complete(p)) => {
+                    let started = Instant::now();
+                    deadline.clear();
+                    match PolicyRequest::from_attributes(&slots[..p.attributes]) {
+                        Ok(req) => {
+                            let at = engine.now();
+                            let action = decide(engine, rt, &req, &mut state);
+                            engine.ops.record(conn_id, at, &req, &action);
+                            Some((p.consumed, action, started))
+                        }
+                        Err(e) => {
+                            crate::server::log_bad_request(peer, &e);
+                            return;
+                        }
+                    }
+                }
+                Ok(Status::Partial) => None,
                 Err(e) => {
                     crate::server::log_bad_request(peer, &e);
                     return;
                 }
             }
+        };
+        let Some((consumed, action, started)) = served else {
             if workers.stopping() {
                 return; // between requests
             }
@@ -270,7 +289,7 @@ fn serve<S: BlockingStream>(
                 start = 0;
             }
             if end == buf.len() {
-                // frame_request refuses a request over max_request, so this stays bounded.
+                // parse_request refuses a request over max_request, so this stays bounded.
                 let grown = (buf.len() * 2).min(limits.max_request + 4096);
                 if grown <= buf.len() {
                     return;
@@ -290,43 +309,13 @@ fn serve<S: BlockingStream>(
                 }
                 Ok(n) => end += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    tracing::debug!(client = peer, "closing idle connection");
-                    return;
-                }
                 Err(e) => {
+                    // Including a socket shut down by the watchdog or at shutdown.
                     tracing::debug!(client = peer, error = %e, "read failed");
                     return;
                 }
             }
-        };
-        let started = Instant::now();
-        deadline.clear();
-        let action = {
-            let mut slots = [Attribute::EMPTY; 64];
-            let parsed = parse_request(&buf[start..start + consumed], &limits, &mut slots);
-            let req = match parsed {
-                Ok(Status::Complete(p)) => PolicyRequest::from_attributes(&slots[..p.attributes]),
-                Ok(Status::Partial) => return,
-                Err(e) => Err(e),
-            };
-            match req {
-                Ok(req) => {
-                    let at = engine.now();
-                    let action = decide(engine, rt, &req, &mut state);
-                    engine.ops.record(conn_id, at, &req, &action);
-                    action
-                }
-                Err(e) => {
-                    crate::server::log_bad_request(peer, &e);
-                    return;
-                }
-            }
+            continue;
         };
         start += consumed;
         if start == end {
