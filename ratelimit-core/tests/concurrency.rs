@@ -120,3 +120,41 @@ fn concurrent_acquires_with_time_moving_stay_within_any_window() {
         );
     }
 }
+
+#[test]
+fn concurrent_new_keys_never_exceed_the_key_cap() {
+    use ratelimit_core::store::{Scan, StoreError};
+    for _ in 0..20 {
+        let store = MemoryStore::with_config(MemoryStoreConfig {
+            shards: 16,
+            max_keys: 100,
+        });
+        let limits: [Limit; 1] = ["10/1h".parse().unwrap()];
+        let now = Timestamp::from_millis(1_700_000_000_000);
+        let admitted = AtomicU64::new(0);
+        std::thread::scope(|s| {
+            for t in 0..8 {
+                let (store, admitted, limits) = (&store, &admitted, &limits);
+                s.spawn(move || {
+                    for i in 0..200 {
+                        match store.check(
+                            &format!("t{t}-u{i}"),
+                            limits,
+                            Cost::units(1),
+                            now,
+                            Mode::Acquire,
+                        ) {
+                            Ok(_) => {
+                                admitted.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(StoreError::Full { .. }) => {}
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(admitted.load(Ordering::Relaxed), 100);
+        assert_eq!(store.key_count(), 100);
+    }
+}

@@ -686,6 +686,19 @@ impl MemoryStore {
         self.len.load(Ordering::Relaxed) >= self.max_keys || shard.len() >= self.per_shard_cap
     }
 
+    /// Claims room for one new key in `shard` (whose lock the caller holds): the
+    /// global count is raised only if it is below the cap, in one atomic step, so
+    /// threads adding keys to different shards at once cannot overshoot it.
+    fn reserve(&self, shard: &Shard) -> bool {
+        shard.len() < self.per_shard_cap
+            && self
+                .len
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < self.max_keys).then_some(n + 1)
+                })
+                .is_ok()
+    }
+
     fn shard_for(&self, hash: u64) -> &Mutex<Shard> {
         &self.shards[((hash >> SHARD_SHIFT) & self.mask) as usize]
     }
@@ -707,14 +720,13 @@ impl MemoryStore {
             shard.set_state(pos, state);
             return Ok(());
         }
-        if self.is_full(&shard) {
+        if !self.reserve(&shard) {
             return Err(StoreError::Full {
                 max_keys: self.max_keys,
             });
         }
         let pos = shard.insert(hash, key, &self.hasher);
         shard.set_state(pos, state);
-        self.len.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -756,7 +768,7 @@ impl Store for MemoryStore {
             let removed = shard.sweep(now, &self.hasher);
             self.len.fetch_sub(removed, Ordering::Relaxed);
         }
-        if self.is_full(&shard) {
+        if !self.reserve(&shard) {
             return Err(StoreError::Full {
                 max_keys: self.max_keys,
             });
@@ -767,7 +779,6 @@ impl Store for MemoryStore {
         } else {
             shard.set_state(pos, state);
         }
-        self.len.fetch_add(1, Ordering::Relaxed);
         Ok(decision)
     }
 }
