@@ -148,6 +148,23 @@ impl Decision {
         }
     }
 
+    /// The decision of a one-limit tier.
+    #[inline(always)]
+    pub(crate) const fn single(denial: Option<Denial>, status: LimitStatus) -> Decision {
+        const ZERO: LimitStatus = LimitStatus {
+            used: 0,
+            limit: 0,
+            remaining: 0,
+        };
+        let mut statuses = [ZERO; MAX_LIMITS];
+        statuses[0] = status;
+        Decision {
+            denial,
+            statuses,
+            len: 1,
+        }
+    }
+
     /// Whether the event was admitted.
     pub fn is_allowed(&self) -> bool {
         self.denial.is_none()
