@@ -2,13 +2,14 @@
 //!
 //! # Layout
 //!
-//! Each shard holds its keys in a slab of 48-byte [`Entry`]s (chunks of 1024: a
-//! full chunk never moves, and at most one is partly empty) and finds them through
-//! an open-addressed index of `u32`s, each an 8-bit hash tag and a slab position.
-//! A lookup reads one index slot (its neighbours share the cache line) and one
-//! entry: two cache misses for a cold key, and no pointer chasing. About 57 bytes
-//! per key at a million keys (index at 48% load), against about 200 for a
-//! `hashbrown` table of `(CompactString, KeyState)`.
+//! Each shard holds its keys in one open-addressed table of 48-byte [`Entry`]s,
+//! four to a 192-byte bucket (three cache lines, 64-byte aligned). A key's hash
+//! picks its home bucket; a lookup reads that bucket's three lines at once and
+//! finds the key there more than 90% of the time, so a cold key costs one memory
+//! round trip: no index to read first, no pointer to chase. The table is kept
+//! between 75% and 85% full (it grows by a third, not by doubling): 56.5 to 64
+//! bytes per key, against about 200 for a `hashbrown` table of
+//! `(CompactString, KeyState)`. See [`Table`].
 //!
 //! Locking: a decision, a reset or an insert locks one shard; sweep and scan lock
 //! one shard at a time.
@@ -59,13 +60,21 @@ impl Default for MemoryStoreConfig {
 }
 
 /// `Entry::head`'s top byte: which form the state is in. Values below
-/// [`GENERAL`] are packed single-counter states, naming the counter by its
+/// [`TOMB`] are packed single-counter states, naming the counter by its
 /// position in the shard's interned ids.
 const GENERAL: u8 = 254;
-/// `Entry::head`'s top byte for a free slab slot.
+/// `Entry::head`'s top byte for a never-used table slot: it ends a probe.
 const VACANT: u8 = 255;
-/// `Entry::head`'s low 56 bits: `idle_at` (ms) of a packed state.
-const IDLE_MASK: u64 = (1 << 56) - 1;
+/// `Entry::head`'s top byte for the slot of a removed key: a probe goes past it,
+/// an insert may reuse it, a rebuild drops it.
+const TOMB: u8 = 253;
+/// `Entry::head`'s next 8 bits: the key's hash fingerprint (its top 8 bits),
+/// checked before the key is compared.
+const FP_SHIFT: u32 = 48;
+const FP_MASK: u64 = 0xff << FP_SHIFT;
+/// `Entry::head`'s low 48 bits: `idle_at` (ms) of a packed state (until the
+/// year 10889).
+const IDLE_MASK: u64 = (1 << FP_SHIFT) - 1;
 /// Sub-window slots of a packed window: `count << OFF_BITS | offset`.
 const OFF_BITS: u32 = 14;
 const OFF_MASK: u32 = (1 << OFF_BITS) - 1;
@@ -73,9 +82,10 @@ const MAX_PACKED_COUNT: u32 = (1 << (32 - OFF_BITS)) - 1;
 /// Sub-windows a packed window holds.
 const PACKED_SLOTS: usize = 4;
 
-/// One slot of a shard's slab: a tracked key and its state (48 bytes).
+/// One slot of a shard's table: a tracked key and its state (48 bytes).
 ///
-/// `head` is the form tag (top 8 bits) and, for a packed state, `idle_at`. For
+/// `head` is the form tag (top 8 bits), the key's hash fingerprint (next 8)
+/// and, for a packed state, `idle_at` (low 48). For
 /// a packed token bucket `a` is the level and `b` the last update; for a packed
 /// sliding window `a` and `b` hold four `u32` sub-window slots, oldest first,
 /// each `count << 14 | offset` where `offset` is the slot's sub-window number
@@ -98,174 +108,186 @@ impl Entry {
         b: 0,
     };
 
+    const TOMB: Entry = Entry {
+        key: CompactString::const_new(""),
+        head: (TOMB as u64) << 56,
+        a: 0,
+        b: 0,
+    };
+
     fn tag(&self) -> u8 {
         (self.head >> 56) as u8
     }
+
+    /// Whether the slot holds a key.
+    fn is_live(&self) -> bool {
+        self.tag() < TOMB || self.tag() == GENERAL
+    }
+
+    /// Stores a state (`head` without fingerprint bits), keeping the fingerprint.
+    fn set(&mut self, head: u64, a: u64, b: u64) {
+        debug_assert_eq!(head & FP_MASK, 0);
+        (self.head, self.a, self.b) = (head | (self.head & FP_MASK), a, b);
+    }
 }
 
-/// Slab positions per chunk.
-const CHUNK_BITS: u32 = 10;
-const CHUNK: usize = 1 << CHUNK_BITS;
-/// The most keys one shard holds: index slots keep a position in 24 bits.
+/// Entries per bucket: a bucket is three cache lines, read together.
+const WAYS: usize = 4;
+
+/// [`WAYS`] entries on their own cache lines (192 bytes, 64-byte aligned).
+#[repr(align(64))]
+struct Bucket([Entry; WAYS]);
+
+impl Bucket {
+    const VACANT: Bucket = Bucket([Entry::VACANT; WAYS]);
+}
+
+/// The most keys one shard holds.
 const MAX_SHARD_KEYS: usize = (1 << 24) - 2;
+/// A table grows when an insert would fill more than this share of its slots
+/// (in percent, tombstones included), to hold its keys at 75%: between 56.5 and
+/// 64 bytes per key.
+const MAX_LOAD_PCT: usize = 85;
 
-/// The shard's index: open addressing with linear probing over `u32` slots, each
-/// `tag << 24 | (position + 1)` (0 is empty). `tag` is the hash's top 8 bits, so
-/// a probe reads an entry only for 1 in 256 non-matching slots. Deletion shifts
-/// later slots back (no tombstones).
+/// A shard's keys: an open-addressed table of buckets, with linear probing from
+/// bucket to bucket. A key's home bucket is its hash's low 32 bits scaled to the
+/// bucket count (any count: growth is by a third, not doubling, so the table
+/// stays between 75% and 85% full). Within a bucket slots fill in order and a
+/// vacant slot ends a probe, so a lookup reads the home bucket's three cache
+/// lines at once and, most of the time (over 90% at 85% load), no more: one
+/// memory round trip for a cold key. Removal leaves a tombstone; sweeps rebuild.
+///
+/// A position is `bucket * WAYS + way`; it stays valid until the table grows or
+/// is rebuilt (only insert, sweep and rebuild do that, under the shard's lock).
 #[derive(Default)]
-struct Index {
-    slots: Vec<u32>,
+struct Table {
+    buckets: Vec<Bucket>,
+    /// Slots holding a key.
     len: usize,
+    /// Slots holding a key or a tombstone.
+    used: usize,
 }
 
-impl Index {
-    fn mask(&self) -> usize {
-        self.slots.len().wrapping_sub(1)
+impl Table {
+    fn slots(&self) -> usize {
+        self.buckets.len() * WAYS
     }
 
-    fn home(&self, hash: u64) -> usize {
-        hash as usize & self.mask()
-    }
-
-    fn slot_value(hash: u64, pos: u32) -> u32 {
-        ((hash >> 56) as u32) << 24 | (pos + 1)
-    }
-
-    /// The index slot and slab position of the entry with this hash for which
-    /// `is_key` holds.
-    fn find(&self, hash: u64, mut is_key: impl FnMut(u32) -> bool) -> Option<(usize, u32)> {
-        if self.slots.is_empty() {
-            return None;
-        }
-        let tag = (hash >> 56) as u32;
-        let mask = self.mask();
-        let mut i = self.home(hash);
-        loop {
-            let s = self.slots[i];
-            if s == 0 {
-                return None;
-            }
-            if s >> 24 == tag && is_key((s & 0xff_ffff) - 1) {
-                return Some((i, (s & 0xff_ffff) - 1));
-            }
-            i = (i + 1) & mask;
-        }
-    }
-
-    /// Adds slab position `pos` (not present) under `hash`; grows at 80% load,
-    /// rehashing with `hash_of(position)`.
-    fn insert(&mut self, hash: u64, pos: u32, hash_of: impl Fn(u32) -> u64) {
-        if (self.len + 1) * 5 > self.slots.len() * 4 {
-            let old = std::mem::take(&mut self.slots);
-            let live = old.into_iter().filter(|s| *s != 0);
-            *self = Index::build(
-                self.len + 1,
-                live.map(|s| (s, hash_of((s & 0xff_ffff) - 1))),
-            );
-        }
-        self.put(Index::slot_value(hash, pos), hash);
-        self.len += 1;
-    }
-
-    fn put(&mut self, value: u32, hash: u64) {
-        let mask = self.mask();
-        let mut i = self.home(hash);
-        while self.slots[i] != 0 {
-            i = (i + 1) & mask;
-        }
-        self.slots[i] = value;
-    }
-
-    /// A table sized for `len` keys (at most 80% full, at least 16 slots) holding
-    /// these (slot value, hash) pairs.
-    fn build(len: usize, items: impl Iterator<Item = (u32, u64)>) -> Index {
-        let cap = (len * 5 / 4 + 1).next_power_of_two().max(16);
-        let mut index = Index {
-            slots: vec![0; cap],
-            len: 0,
-        };
-        for (value, hash) in items {
-            index.put(value, hash);
-            index.len += 1;
-        }
-        index
-    }
-
-    /// Empties index slot `i`, shifting back the slots after it that may move.
-    fn remove(&mut self, mut i: usize, hash_of: impl Fn(u32) -> u64) {
-        let mask = self.mask();
-        let mut j = i;
-        loop {
-            j = (j + 1) & mask;
-            let s = self.slots[j];
-            if s == 0 {
-                break;
-            }
-            let home = self.home(hash_of((s & 0xff_ffff) - 1));
-            // `s` may fill the hole if its home is not after the hole (cyclically).
-            if j.wrapping_sub(home) & mask >= j.wrapping_sub(i) & mask {
-                self.slots[i] = s;
-                i = j;
-            }
-        }
-        self.slots[i] = 0;
-        self.len -= 1;
-    }
-}
-
-/// The entries of one shard, in chunks of [`CHUNK`].
-#[derive(Default)]
-struct Slab {
-    chunks: Vec<Vec<Entry>>,
-    /// Vacant positions, reused first.
-    free: Vec<u32>,
-}
-
-impl Slab {
     fn get(&self, pos: u32) -> &Entry {
-        &self.chunks[(pos >> CHUNK_BITS) as usize][pos as usize & (CHUNK - 1)]
+        &self.buckets[pos as usize / WAYS].0[pos as usize % WAYS]
     }
 
     fn get_mut(&mut self, pos: u32) -> &mut Entry {
-        &mut self.chunks[(pos >> CHUNK_BITS) as usize][pos as usize & (CHUNK - 1)]
+        &mut self.buckets[pos as usize / WAYS].0[pos as usize % WAYS]
     }
 
-    /// Positions in use or free.
-    fn slots(&self) -> usize {
-        self.chunks
-            .last()
-            .map_or(0, |c| (self.chunks.len() - 1) * CHUNK + c.len())
+    fn home(&self, hash: u64) -> usize {
+        (((hash & 0xffff_ffff) * self.buckets.len() as u64) >> 32) as usize
     }
 
-    fn alloc(&mut self, entry: Entry) -> u32 {
-        if let Some(pos) = self.free.pop() {
-            *self.get_mut(pos) = entry;
-            return pos;
-        }
-        let pos = self.slots() as u32;
-        match self.chunks.last_mut() {
-            // The first chunk grows as a Vec does (entries are addressed by
-            // position, so moving them is fine): a shard with a few keys does not
-            // hold a whole chunk. Later chunks are allocated whole, never moved.
-            Some(c) if c.len() < CHUNK => c.push(entry),
-            last => {
-                let cap = if last.is_none() { 4 } else { CHUNK };
-                let mut c = Vec::with_capacity(cap);
-                c.push(entry);
-                self.chunks.push(c);
+    /// The position of `key` (whose hash is `hash`).
+    #[inline]
+    fn find(&self, hash: u64, key: &str) -> Option<u32> {
+        let n = self.buckets.len();
+        let fp = hash >> 56;
+        let mut b = self.home(hash);
+        for _ in 0..n {
+            let bucket = &self.buckets[b].0;
+            // All the heads first: the three lines are fetched together.
+            let heads: [u64; WAYS] = std::array::from_fn(|w| bucket[w].head);
+            for (w, head) in heads.into_iter().enumerate() {
+                let form = (head >> 56) as u8;
+                if form == VACANT {
+                    return None;
+                }
+                if (head >> FP_SHIFT) & 0xff == fp && form != TOMB && bucket[w].key == key {
+                    return Some((b * WAYS + w) as u32);
+                }
             }
+            b = if b + 1 == n { 0 } else { b + 1 };
         }
+        None
+    }
+
+    /// The first vacant or tombstone slot on `hash`'s probe path (the table is
+    /// never full: at most [`MAX_LOAD_PCT`] of it is used).
+    fn place(&self, hash: u64) -> Option<u32> {
+        let n = self.buckets.len();
+        let mut b = self.home(hash);
+        for _ in 0..n {
+            for (w, e) in self.buckets[b].0.iter().enumerate() {
+                if !e.is_live() {
+                    return Some((b * WAYS + w) as u32);
+                }
+            }
+            b = if b + 1 == n { 0 } else { b + 1 };
+        }
+        None
+    }
+
+    /// Adds `key` (not present) with no state yet (the caller sets it next);
+    /// grows the table first if needed. Returns its position.
+    fn insert(&mut self, hash: u64, key: &str, hash_of: impl Fn(&str) -> u64) -> u32 {
+        if (self.used + 1) * 100 > self.slots() * MAX_LOAD_PCT {
+            self.rebuild(self.len + 1, &hash_of);
+        }
+        let pos = match self.place(hash) {
+            Some(pos) => pos,
+            None => {
+                // Unreachable at the load kept; stay correct anyway.
+                self.rebuild(self.len * 2 + 8, &hash_of);
+                self.place(hash).unwrap_or(0)
+            }
+        };
+        if self.get(pos).tag() == VACANT {
+            self.used += 1;
+        }
+        *self.get_mut(pos) = Entry {
+            key: CompactString::new(key),
+            head: (u64::from(VACANT) << 56) | (hash >> 56 << FP_SHIFT),
+            a: 0,
+            b: 0,
+        };
+        self.len += 1;
         pos
     }
 
-    /// Every position with its entry, vacant ones included.
+    /// Takes the key at `pos` out, leaving a tombstone; returns its entry.
+    fn remove(&mut self, pos: u32) -> Entry {
+        self.len -= 1;
+        std::mem::replace(self.get_mut(pos), Entry::TOMB)
+    }
+
+    /// Every key with its position.
     fn iter(&self) -> impl Iterator<Item = (u32, &Entry)> {
-        self.chunks
+        self.buckets
             .iter()
-            .flatten()
+            .flat_map(|b| b.0.iter())
             .enumerate()
+            .filter(|(_, e)| e.is_live())
             .map(|(i, e)| (i as u32, e))
+    }
+
+    /// Re-places every key in a table sized for `keys` keys at 75% load (at
+    /// least two buckets), dropping tombstones. Positions change.
+    fn rebuild(&mut self, keys: usize, hash_of: impl Fn(&str) -> u64) {
+        let slots = (keys.max(self.len) * 4 / 3 + 1).max(2 * WAYS);
+        let old = std::mem::replace(
+            &mut self.buckets,
+            (0..slots.div_ceil(WAYS)).map(|_| Bucket::VACANT).collect(),
+        );
+        self.len = 0;
+        self.used = 0;
+        for e in old.into_iter().flat_map(|b| b.0) {
+            if !e.is_live() {
+                continue;
+            }
+            if let Some(pos) = self.place(hash_of(e.key.as_str())) {
+                *self.get_mut(pos) = e;
+                self.len += 1;
+                self.used += 1;
+            }
+        }
     }
 }
 
@@ -319,8 +341,7 @@ struct Ids {
 }
 
 struct Shard {
-    index: Index,
-    slab: Slab,
+    table: Table,
     ids: Ids,
     /// States that do not pack, and the free positions among them.
     general: Vec<KeyState>,
@@ -335,7 +356,7 @@ impl Ids {
         if let Some(t) = self.ids.iter().position(|i| *i == id) {
             return Some(t as u8);
         }
-        if self.ids.len() >= usize::from(GENERAL) {
+        if self.ids.len() >= usize::from(TOMB) {
             return None;
         }
         let sub = match id.precision() {
@@ -435,8 +456,7 @@ impl Ids {
 impl Shard {
     fn new() -> Shard {
         Shard {
-            index: Index::default(),
-            slab: Slab::default(),
+            table: Table::default(),
             ids: Ids::default(),
             general: Vec::new(),
             general_free: Vec::new(),
@@ -445,12 +465,11 @@ impl Shard {
     }
 
     fn len(&self) -> usize {
-        self.index.len
+        self.table.len
     }
 
-    fn find(&self, hash: u64, key: &str) -> Option<(usize, u32)> {
-        let slab = &self.slab;
-        self.index.find(hash, |pos| slab.get(pos).key == key)
+    fn find(&self, hash: u64, key: &str) -> Option<u32> {
+        self.table.find(hash, key)
     }
 
     /// Calls `f` with the state of entry `e`.
@@ -472,11 +491,11 @@ impl Shard {
     /// table (reusing the entry's place there if it had one).
     fn set_state(&mut self, pos: u32, state: KeyState) {
         let packed = self.ids.pack(&state);
-        let e = self.slab.get_mut(pos);
+        let e = self.table.get_mut(pos);
         let old_general = (e.tag() == GENERAL).then_some(e.a);
         match (packed, old_general) {
             (Some((head, a, b)), old) => {
-                (e.head, e.a, e.b) = (head, a, b);
+                e.set(head, a, b);
                 if let Some(g) = old {
                     self.free_general(g);
                 }
@@ -493,8 +512,8 @@ impl Shard {
                         (self.general.len() - 1) as u64
                     }
                 };
-                let e = self.slab.get_mut(pos);
-                (e.head, e.a, e.b) = (u64::from(GENERAL) << 56, g, 0);
+                let e = self.table.get_mut(pos);
+                e.set(u64::from(GENERAL) << 56, g, 0);
             }
         }
     }
@@ -503,9 +522,9 @@ impl Shard {
     fn set_one(&mut self, pos: u32, one: &OneCounter) {
         match self.ids.pack_one(one) {
             Some((head, a, b)) => {
-                let e = self.slab.get_mut(pos);
+                let e = self.table.get_mut(pos);
                 debug_assert!(e.tag() != GENERAL);
-                (e.head, e.a, e.b) = (head, a, b);
+                e.set(head, a, b);
             }
             None => self.set_state(pos, one.to_key_state()),
         }
@@ -527,15 +546,15 @@ impl Shard {
         now: Timestamp,
         mode: Mode,
     ) -> Decision {
-        let e = self.slab.get(pos);
+        let e = self.table.get(pos);
         if e.tag() == GENERAL {
             let g = e.a as usize;
             let decision = self.general[g].apply(limits, cost, now, mode);
             if mode == Mode::Acquire && decision.is_allowed() {
                 // It may fit the packed form again (e.g. after decaying to nothing).
                 if let Some((head, a, b)) = self.ids.pack(&self.general[g]) {
-                    let e = self.slab.get_mut(pos);
-                    (e.head, e.a, e.b) = (head, a, b);
+                    let e = self.table.get_mut(pos);
+                    e.set(head, a, b);
                     self.free_general(g as u64);
                 }
             }
@@ -588,7 +607,7 @@ impl Shard {
         if now_ms > IDLE_MASK {
             return None;
         }
-        let e = self.slab.get(pos);
+        let e = self.table.get(pos);
         if e.tag() >= GENERAL {
             return None;
         }
@@ -774,75 +793,41 @@ impl Shard {
                 (status, idle_at, new, last)
             }
         };
-        let e = self.slab.get_mut(pos);
-        (e.head, e.a, e.b) = ((u64::from(tag) << 56) | idle_at, a, b);
+        let e = self.table.get_mut(pos);
+        e.set((u64::from(tag) << 56) | idle_at, a, b);
         Some((None, status))
     }
 
     /// Adds a new key (not present), with no state yet: set it next.
     fn insert(&mut self, hash: u64, key: &str, hasher: &ahash::RandomState) -> u32 {
-        let pos = self.slab.alloc(Entry {
-            key: CompactString::new(key),
-            ..Entry::VACANT
-        });
-        let slab = &self.slab;
-        self.index
-            .insert(hash, pos, |p| hasher.hash_one(slab.get(p).key.as_str()));
-        pos
+        self.table.insert(hash, key, |k| hasher.hash_one(k))
     }
 
-    /// Frees the entry at `pos` (already out of the index).
-    fn vacate(&mut self, pos: u32) {
-        let e = std::mem::replace(self.slab.get_mut(pos), Entry::VACANT);
+    /// Removes the key at `pos`.
+    fn remove(&mut self, pos: u32) {
+        let e = self.table.remove(pos);
         if e.tag() == GENERAL {
             self.free_general(e.a);
         }
-        self.slab.free.push(pos);
     }
 
-    /// Removes the key at index slot `slot`, slab position `pos`.
-    fn remove(&mut self, slot: usize, pos: u32, hasher: &ahash::RandomState) {
-        let slab = &self.slab;
-        self.index
-            .remove(slot, |p| hasher.hash_one(slab.get(p).key.as_str()));
-        self.vacate(pos);
-    }
-
-    /// Forgets every key idle at `now`; returns how many. Rebuilds the index when
-    /// keys were removed, and compacts the slab when it is mostly empty (after a
-    /// key flood), so the memory a flood took is given back.
+    /// Forgets every key idle at `now`; returns how many. Rebuilds the table when
+    /// keys were removed, sized for the keys left, so the memory a key flood
+    /// took is given back.
     fn sweep(&mut self, now: Timestamp, hasher: &ahash::RandomState) -> usize {
         let idle: Vec<u32> = self
-            .slab
+            .table
             .iter()
-            .filter(|(_, e)| e.tag() != VACANT && self.is_idle(e, now))
+            .filter(|(_, e)| self.is_idle(e, now))
             .map(|(pos, _)| pos)
             .collect();
         if idle.is_empty() {
             return 0;
         }
         for &pos in &idle {
-            self.vacate(pos);
+            self.remove(pos);
         }
-        let live = self.index.len - idle.len();
-        if live * 2 < self.slab.slots() && self.slab.slots() > CHUNK {
-            let old = std::mem::take(&mut self.slab);
-            for e in old.chunks.into_iter().flatten() {
-                if e.tag() != VACANT {
-                    self.slab.alloc(e);
-                }
-            }
-            self.slab.free.shrink_to_fit();
-        }
-        let slab = &self.slab;
-        let items = slab
-            .iter()
-            .filter(|(_, e)| e.tag() != VACANT)
-            .map(|(pos, e)| {
-                let hash = hasher.hash_one(e.key.as_str());
-                (Index::slot_value(hash, pos), hash)
-            });
-        self.index = Index::build(live, items);
+        self.table.rebuild(0, |k| hasher.hash_one(k));
         if self.general_free.len() == self.general.len() {
             self.general = Vec::new();
             self.general_free = Vec::new();
@@ -854,9 +839,9 @@ impl Shard {
 /// A sharded in-memory [`Store`].
 ///
 /// Keys are hashed once (ahash, per-process random seeds, so user-chosen keys
-/// cannot force collisions); the hash picks a shard, a home slot in that shard's
-/// index and an 8-bit tag. Each shard is a cache-padded `parking_lot` mutex over
-/// its index, slab and side table (see the module docs); a decision locks exactly
+/// cannot force collisions); the hash picks a shard, a home bucket in that shard's
+/// table and an 8-bit fingerprint. Each shard is a cache-padded `parking_lot`
+/// mutex over its table and side table (see the module docs); a decision locks exactly
 /// one shard, and looks up an existing key by `&str` without allocating.
 ///
 /// **Key cap.** At most [`MemoryStoreConfig::max_keys`] keys are tracked. When a
@@ -903,9 +888,9 @@ impl std::fmt::Debug for MemoryStore {
     }
 }
 
-/// Which bits of the hash choose the shard: the middle ones. The index uses the
-/// low bits for the home slot and the top 8 for the tag, so neither loses entropy
-/// to sharding.
+/// Which bits of the hash choose the shard: the middle ones. The table uses the
+/// low 32 bits for the home bucket and the top 8 for the fingerprint, so neither
+/// loses entropy to sharding.
 const SHARD_SHIFT: u32 = 40;
 
 impl MemoryStore {
@@ -976,7 +961,7 @@ impl MemoryStore {
         }
         let hash = self.hasher.hash_one(key);
         let mut shard = self.shard_for(hash).lock();
-        if let Some((_, pos)) = shard.find(hash, key) {
+        if let Some(pos) = shard.find(hash, key) {
             shard.set_state(pos, state);
             return Ok(());
         }
@@ -1006,7 +991,7 @@ impl Store for MemoryStore {
         }
         let hash = self.hasher.hash_one(key);
         let mut shard = self.shard_for(hash).lock();
-        if let Some((_, pos)) = shard.find(hash, key) {
+        if let Some(pos) = shard.find(hash, key) {
             if let [limit] = limits
                 && let Some((denial, status)) = shard.apply_packed(pos, limit, cost, now, mode)
             {
@@ -1049,8 +1034,8 @@ impl Store for MemoryStore {
 }
 
 impl Sweep for MemoryStore {
-    /// Locks one shard at a time. Rebuilds a shard's index when keys were removed,
-    /// and compacts its slab when it is less than half full (after a key flood).
+    /// Locks one shard at a time. Rebuilds a shard's table, sized for the keys
+    /// left, when keys were removed (so a key flood's memory is given back).
     fn sweep(&self, now: Timestamp) -> usize {
         let mut removed = 0;
         for shard in self.shards.iter() {
@@ -1066,10 +1051,8 @@ impl Scan for MemoryStore {
     fn scan(&self, f: &mut dyn FnMut(&str, &KeyState)) {
         for shard in self.shards.iter() {
             let shard = shard.lock();
-            for (_, e) in shard.slab.iter() {
-                if e.tag() != VACANT {
-                    shard.with_state(e, |state| f(&e.key, state));
-                }
+            for (_, e) in shard.table.iter() {
+                shard.with_state(e, |state| f(&e.key, state));
             }
         }
     }
@@ -1086,8 +1069,8 @@ impl Reset for MemoryStore {
         let hash = self.hasher.hash_one(key);
         let mut shard = self.shard_for(hash).lock();
         match shard.find(hash, key) {
-            Some((slot, pos)) => {
-                shard.remove(slot, pos, &self.hasher);
+            Some(pos) => {
+                shard.remove(pos);
                 self.len.fetch_sub(1, Ordering::Relaxed);
                 Ok(true)
             }
@@ -1224,8 +1207,7 @@ mod tests {
         assert_eq!(s.key_count(), 1);
         for shard in s.shards.iter() {
             let shard = shard.lock();
-            assert!(shard.slab.slots() <= 1, "the slab was compacted");
-            assert!(shard.index.slots.len() <= 16, "the index was shrunk");
+            assert!(shard.table.slots() <= 2 * WAYS, "the table was shrunk");
         }
         let d = acquire(&s, "stays", 100_001).unwrap();
         assert_eq!(d.statuses()[0].used, 1);
@@ -1248,33 +1230,50 @@ mod tests {
             }
         }
 
-        /// The index finds exactly what was inserted and not removed, with hashes
-        /// crowded into a few home slots so that clusters wrap and deletions shift.
+        /// The table finds exactly what was inserted and not removed, through
+        /// growth, tombstones and rebuilds, with hashes crowded into three home
+        /// places and four fingerprints so that probes run over full buckets
+        /// and wrap around.
         #[test]
-        fn the_index_finds_what_it_holds(ops in prop::collection::vec((any::<bool>(), 0u32..200), 1..600)) {
-            // Position p hashes to a home among 8 slots, with one of 4 tags.
-            let hash_of = |p: u32| u64::from(p % 8) | (u64::from(p % 4) << 56);
-            let mut index = Index::default();
+        fn the_table_finds_what_it_holds(
+            ops in prop::collection::vec((0u8..10, 0u32..300), 1..800)
+        ) {
+            let hash_of = |k: &str| {
+                let p: u64 = k.parse().unwrap();
+                ((p % 3) << 30) | ((p % 4) << 56)
+            };
+            let mut table = Table::default();
             let mut held = std::collections::BTreeSet::new();
-            for (insert, p) in ops {
-                let found = index.find(hash_of(p), |q| q == p);
+            for (op, p) in ops {
+                let key = p.to_string();
+                let found = table.find(hash_of(&key), &key);
                 prop_assert_eq!(found.is_some(), held.contains(&p));
-                match (insert, found) {
-                    (true, None) => {
-                        index.insert(hash_of(p), p, hash_of);
+                match (op, found) {
+                    (0..=5, None) => {
+                        let pos = table.insert(hash_of(&key), &key, hash_of);
+                        table.get_mut(pos).set(0, 0, 0);
                         held.insert(p);
                     }
-                    (false, Some((slot, _))) => {
-                        index.remove(slot, hash_of);
+                    (6..=8, Some(pos)) => {
+                        let removed = table.remove(pos);
+                        prop_assert_eq!(removed.key.as_str(), key.as_str());
                         held.remove(&p);
                     }
+                    (9, _) => table.rebuild(0, hash_of),
                     _ => {}
                 }
-                prop_assert_eq!(index.len, held.len());
+                prop_assert_eq!(table.len, held.len());
+                prop_assert!(table.used * 100 <= table.slots() * MAX_LOAD_PCT);
             }
-            for p in 0..200 {
-                prop_assert_eq!(index.find(hash_of(p), |q| q == p).map(|f| f.1), held.get(&p).copied());
+            for p in 0..300u32 {
+                let key = p.to_string();
+                let found = table.find(hash_of(&key), &key);
+                prop_assert_eq!(found.is_some(), held.contains(&p));
+                if let Some(pos) = found {
+                    prop_assert_eq!(table.get(pos).key.as_str(), key.as_str());
+                }
             }
+            prop_assert_eq!(table.iter().count(), held.len());
         }
     }
 
@@ -1301,8 +1300,8 @@ mod tests {
         let bucket = Limit::token_bucket(100, Duration::from_secs(3600), 100).unwrap();
         let form = |key: &str| {
             let shard = s.shards[0].lock();
-            let (_, pos) = shard.find(s.hasher.hash_one(key), key).unwrap();
-            shard.slab.get(pos).tag()
+            let pos = shard.find(s.hasher.hash_one(key), key).unwrap();
+            shard.table.get(pos).tag()
         };
         for i in 0..4 {
             s.check(
