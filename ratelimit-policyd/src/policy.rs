@@ -24,7 +24,7 @@
 
 use std::borrow::Cow;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -42,6 +42,7 @@ use crate::config::{
     ActionKind, Backend, Config, FailMode, NetworksPolicy, TierPolicy, WithoutSasl,
 };
 use crate::protocol::{Action, PolicyRequest, Stage};
+use crate::template::{Approx, Fill, Template, TimeOfDay};
 
 /// Where counters live, as the server sees it.
 #[derive(Clone)]
@@ -98,11 +99,16 @@ impl Stats {
 }
 
 /// Per-connection memory: the message (`instance`) last charged and its answer, so
-/// one message is charged once however many END-OF-MESSAGE requests it produces.
+/// one message is charged once however many END-OF-MESSAGE requests it produces; and
+/// the buffers reply texts are written into, reused from request to request.
 #[derive(Debug, Default)]
 pub struct ConnState {
     last_instance: Vec<u8>,
+    /// The answer to `last_instance`, without its text (that is `last_text`).
     last_answer: Option<Action<'static>>,
+    last_text: String,
+    /// The text of the answer being decided.
+    text: String,
 }
 
 /// An incident: the first refusal of a key for one limit, until it clears.
@@ -157,6 +163,12 @@ pub struct Engine {
     wiring_warned: AtomicBool,
     last_snapshot_ms: AtomicU64,
 }
+
+/// The policy of a tier without one of its own (every configured tier has one).
+static DEFAULT_POLICY: LazyLock<TierPolicy> = LazyLock::new(|| TierPolicy {
+    action: ActionKind::Defer,
+    message: Template::new(crate::config::DEFAULT_MESSAGE),
+});
 
 /// Requests at RCPT/DATA with no END-OF-MESSAGE ever seen before the wiring warning.
 const WIRING_WARNING_AFTER: u64 = 50;
@@ -231,8 +243,13 @@ impl Engine {
         *self.incident_sink.lock() = Some(sink);
     }
 
-    /// Decides one request.
-    pub async fn decide(&self, req: &PolicyRequest<'_>, conn: &mut ConnState) -> Action<'static> {
+    /// Decides one request. The text of a refusal is written into `conn` (which
+    /// allocates nothing once its buffers have grown), so the answer borrows it.
+    pub async fn decide<'c>(
+        &self,
+        req: &PolicyRequest<'_>,
+        conn: &'c mut ConnState,
+    ) -> Action<'c> {
         self.stats.stage(req.protocol_state);
         let mode = match req.protocol_state {
             Stage::Rcpt | Stage::Data => Mode::Peek,
@@ -262,7 +279,7 @@ impl Engine {
             && conn.last_instance == instance
             && let Some(answer) = &conn.last_answer
         {
-            return answer.clone();
+            return answer.with_text(Cow::Borrowed(&conn.last_text));
         }
         let now = self.clock.now();
         let flagged = match watch {
@@ -275,7 +292,10 @@ impl Engine {
         let (answer, allowed) = match flagged {
             Some(answer) => (answer, Some(false)),
             None if tier.is_unlimited() => return self.skip(),
-            None => self.volume(&cfg, &key, &tier, now, mode, req).await,
+            None => {
+                self.volume(&cfg, &key, &tier, now, mode, req, &mut conn.text)
+                    .await
+            }
         };
         self.ops
             .note_decision(tier.name(), crate::ops::Outcome::of(allowed, &answer));
@@ -284,7 +304,9 @@ impl Engine {
         {
             conn.last_instance.clear();
             conn.last_instance.extend_from_slice(instance);
-            conn.last_answer = Some(answer.clone());
+            conn.last_text.clear();
+            conn.last_text.push_str(answer.text().unwrap_or_default());
+            conn.last_answer = Some(answer.with_text(Cow::Borrowed("")));
         }
         tracing::debug!(user = %key, stage = %req.protocol_state, action = answer.keyword(), "decided");
         answer
@@ -320,14 +342,15 @@ impl Engine {
         }
     }
 
-    fn skip(&self) -> Action<'static> {
+    fn skip<'t>(&self) -> Action<'t> {
         self.stats.skipped.fetch_add(1, Ordering::Relaxed);
         Action::Dunno
     }
 
     /// The volume decision: the tier's limits, charged at END-OF-MESSAGE. Also whether
-    /// the limits admitted (`None`: the store failed).
-    async fn volume(
+    /// the limits admitted (`None`: the store failed). A refusal's text goes in `text`.
+    #[allow(clippy::too_many_arguments)]
+    async fn volume<'t>(
         &self,
         cfg: &Config,
         key: &str,
@@ -335,7 +358,8 @@ impl Engine {
         now: Timestamp,
         mode: Mode,
         req: &PolicyRequest<'_>,
-    ) -> (Action<'static>, Option<bool>) {
+        text: &'t mut String,
+    ) -> (Action<'t>, Option<bool>) {
         let recipients = req.recipient_count.unwrap_or(0).max(1);
         let cost = match req.protocol_state {
             Stage::Rcpt => Cost::message(1, req.size.unwrap_or(0)),
@@ -344,7 +368,7 @@ impl Engine {
         let result = self.check(cfg, key, tier, cost, now, mode).await;
         let allowed = result.as_ref().ok().map(Decision::is_allowed);
         let answer = match result {
-            Ok(decision) => self.answer(cfg, key, tier, &decision, now, req),
+            Ok(decision) => self.answer(cfg, key, tier, &decision, now, req, text),
             Err(e) => {
                 self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
                 // During an outage every request fails: warn at most every few seconds.
@@ -399,7 +423,7 @@ impl Engine {
         let dry_run = policy.action == ActionKind::Warn;
         self.note_networks_incident(key, tier, policy, &observation, until, now, req, dry_run);
         let retry = until.saturating_duration_since(now);
-        let text = render(
+        let rendered = render(
             &policy
                 .message
                 .replace("{max}", &policy.limit.max().to_string())
@@ -418,12 +442,8 @@ impl Engine {
             return None;
         }
         self.stats.networks_flagged.fetch_add(1, Ordering::Relaxed);
-        Some(match &policy.action {
-            ActionKind::Hold => Action::Hold(Cow::Owned(text)),
-            ActionKind::Reject(None) => Action::Reject(Cow::Owned(text)),
-            ActionKind::Reject(Some(code)) | ActionKind::Code(code) => code_action(code, text),
-            ActionKind::Defer | ActionKind::Warn => Action::DeferIfPermit(Cow::Owned(text)),
-        })
+        let mut text = String::new();
+        Some(refusal(&policy.action, &mut text, |out| out.push_str(&rendered)).into_owned())
     }
 
     async fn observe(
@@ -541,7 +561,8 @@ impl Engine {
         }
     }
 
-    fn answer(
+    #[allow(clippy::too_many_arguments)]
+    fn answer<'t>(
         &self,
         cfg: &Config,
         key: &str,
@@ -549,7 +570,8 @@ impl Engine {
         decision: &Decision,
         now: Timestamp,
         req: &PolicyRequest<'_>,
-    ) -> Action<'static> {
+        text: &'t mut String,
+    ) -> Action<'t> {
         let Some(denial) = decision.denial() else {
             self.stats.allowed.fetch_add(1, Ordering::Relaxed);
             if req.protocol_state == Stage::EndOfMessage {
@@ -557,11 +579,7 @@ impl Engine {
             }
             return Action::Dunno;
         };
-        let default_policy = TierPolicy {
-            action: ActionKind::Defer,
-            message: crate::config::DEFAULT_MESSAGE.into(),
-        };
-        let policy = cfg.policies.get(tier.name()).unwrap_or(&default_policy);
+        let policy = cfg.policies.get(tier.name()).unwrap_or(&DEFAULT_POLICY);
         let limit = tier.limits().get(denial.limit).copied();
         let used = decision.statuses().get(denial.limit).map_or(0, |s| s.used);
         let clears_at = denial
@@ -579,27 +597,20 @@ impl Engine {
             req,
             dry_run,
         );
-        let text = render(
-            &policy.message,
-            key,
-            tier.name(),
-            limit,
-            denial.retry_after,
-            clears_at,
-        );
         if dry_run {
             self.stats.dry_run.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(user = %key, tier = tier.name(), limit = %limit.map(|l| l.to_string()).unwrap_or_default(), "dry run: would refuse");
             return Action::Dunno;
         }
         self.stats.refused.fetch_add(1, Ordering::Relaxed);
-        match &policy.action {
-            ActionKind::Defer | ActionKind::Warn => Action::DeferIfPermit(Cow::Owned(text)),
-            ActionKind::Code(code) => code_action(code, text),
-            ActionKind::Hold => Action::Hold(Cow::Owned(text)),
-            ActionKind::Reject(None) => Action::Reject(Cow::Owned(text)),
-            ActionKind::Reject(Some(code)) => code_action(code, text),
-        }
+        let fill = Fill {
+            user: key,
+            tier: tier.name(),
+            limit,
+            retry_after: denial.retry_after,
+            clears_at,
+        };
+        refusal(&policy.action, text, |out| policy.message.write(out, &fill))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -745,14 +756,39 @@ impl Engine {
     }
 }
 
-fn code_action(code: &str, text: String) -> Action<'static> {
-    let mut parts = code.splitn(2, ' ');
-    let num: u16 = parts.next().and_then(|c| c.parse().ok()).unwrap_or(450);
-    let text = match parts.next() {
-        Some(enhanced) => format!("{enhanced} {text}"),
-        None => text,
+/// The answer of a tier's `action` to a user over a limit, its text written into
+/// `text` by `write` (after the enhanced status code of an explicit reply code, as in
+/// `451 4.7.1`; a code that is not 4xx or 5xx defers instead).
+fn refusal<'t>(
+    action: &ActionKind,
+    text: &'t mut String,
+    write: impl FnOnce(&mut String),
+) -> Action<'t> {
+    text.clear();
+    let code = match action {
+        ActionKind::Code(code) | ActionKind::Reject(Some(code)) => {
+            let (num, enhanced) = match code.split_once(' ') {
+                Some((num, enhanced)) => (num, Some(enhanced)),
+                None => (code.as_str(), None),
+            };
+            if let Some(enhanced) = enhanced {
+                text.push_str(enhanced);
+                text.push(' ');
+            }
+            Some(num.parse::<u16>().unwrap_or(450))
+        }
+        ActionKind::Defer | ActionKind::Warn | ActionKind::Hold | ActionKind::Reject(None) => {
+            None
+        }
     };
-    Action::code(num, text.clone()).unwrap_or(Action::DeferIfPermit(Cow::Owned(text)))
+    write(text);
+    let text = Cow::Borrowed(text.as_str());
+    match (action, code) {
+        (_, Some(num)) => Action::code(num, text.clone()).unwrap_or(Action::DeferIfPermit(text)),
+        (ActionKind::Hold, _) => Action::Hold(text),
+        (ActionKind::Reject(_), _) => Action::Reject(text),
+        _ => Action::DeferIfPermit(text),
+    }
 }
 
 /// The key for a request, normalized; `None` when it is not counted.
@@ -855,7 +891,8 @@ fn is_exempt(cfg: &Config, key: &str, req: &PolicyRequest<'_>) -> bool {
     false
 }
 
-/// Fills a reply template: `{user}`, `{tier}`, `{limit}`, `{retry}`, `{retry_at}`.
+/// Fills a reply template: `{user}`, `{tier}`, `{limit}`, `{retry}`, `{retry_at}`
+/// (see [`Template`], which the request path uses instead).
 pub fn render(
     template: &str,
     user: &str,
@@ -864,42 +901,23 @@ pub fn render(
     retry_after: Option<Duration>,
     clears_at: Option<u64>,
 ) -> String {
-    let limit = limit.map(|l| l.to_string()).unwrap_or_default();
-    let retry = retry_after.map_or_else(
-        || "never (the message exceeds the limit)".to_string(),
-        fmt_duration,
-    );
-    let retry_at = clears_at.map_or_else(|| "never".to_string(), fmt_time_of_day);
-    template
-        .replace("{user}", user)
-        .replace("{tier}", tier)
-        .replace("{limit}", &limit)
-        .replace("{retry_at}", &retry_at)
-        .replace("{retry}", &retry)
+    Template::new(template).replace_chained(&Fill {
+        user,
+        tier,
+        limit,
+        retry_after,
+        clears_at,
+    })
 }
 
 /// `1h5m`, `12m30s`, `45s` (rounded up to whole seconds).
 pub fn fmt_duration(d: Duration) -> String {
-    let secs = d.as_millis().div_ceil(1000) as u64;
-    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
-    match (h, m, s) {
-        (0, 0, s) => format!("{s}s"),
-        (0, m, 0) => format!("{m}m"),
-        (0, m, s) => format!("{m}m{s}s"),
-        (h, 0, _) => format!("{h}h"),
-        (h, m, _) => format!("{h}h{m}m"),
-    }
+    Approx(d).to_string()
 }
 
 /// `14:05:30 UTC` for a wall-clock time in ms.
 pub fn fmt_time_of_day(ms: u64) -> String {
-    let secs = ms.div_ceil(1000) % 86_400;
-    format!(
-        "{:02}:{:02}:{:02} UTC",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    )
+    TimeOfDay(ms).to_string()
 }
 
 /// Tracked keys and their usage of their tier's first limit, heaviest first.

@@ -214,12 +214,12 @@ impl Workers {
 
 /// Decides on this thread: the memory store never waits, so one poll completes the
 /// future; a store with network calls (Redis) is driven by the runtime.
-fn decide(
+fn decide<'c>(
     engine: &Engine,
     rt: &Handle,
     req: &PolicyRequest<'_>,
-    state: &mut ConnState,
-) -> Action<'static> {
+    state: &'c mut ConnState,
+) -> Action<'c> {
     let mut fut = std::pin::pin!(engine.decide(req, state));
     if engine.counters().memory().is_some()
         && let Poll::Ready(a) = fut.as_mut().poll(&mut Context::from_waker(Waker::noop()))
