@@ -966,6 +966,10 @@ fn clean(text: &str) -> Cow<'_, str> {
 
 /// Writes `text` with each control character replaced by a space.
 fn write_sanitized<W: fmt::Write>(out: &mut W, text: &str) -> fmt::Result {
+    // Printable ASCII, as every text this server writes is, has none.
+    if text.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+        return out.write_str(text);
+    }
     let mut pieces = text.split(char::is_control);
     if let Some(first) = pieces.next() {
         out.write_str(first)?;
