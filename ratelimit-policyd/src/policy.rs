@@ -24,12 +24,13 @@
 
 use std::borrow::Cow;
 use std::net::IpAddr;
-use std::sync::{Arc, LazyLock};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use ahash::AHashMap;
 use arc_swap::ArcSwap;
+use arc_swap::cache::Cache;
 use ipnet::IpNet;
 use parking_lot::Mutex;
 use ratelimit_core::distinct::{DistinctStore, Observation};
@@ -103,12 +104,35 @@ impl Stats {
 /// the buffers reply texts are written into, reused from request to request.
 #[derive(Debug, Default)]
 pub struct ConnState {
+    /// The configuration, cached: see [`Engine::config_for`].
+    config: Option<ConfigCache>,
+    /// The decision counters of the tier last decided on.
+    decisions: Option<crate::ops::TierDecisions>,
     last_instance: Vec<u8>,
     /// The answer to `last_instance`, without its text (that is `last_text`).
     last_answer: Option<Action<'static>>,
     last_text: String,
     /// The text of the answer being decided.
     text: String,
+}
+
+/// A connection's cached handle on the configuration in force.
+type ConfigCache = Cache<Arc<ArcSwap<Config>>, Arc<Config>>;
+
+/// The configuration in force, through `cache` (made for `shared` if it is not).
+fn cached_config<'c>(
+    shared: &Arc<ArcSwap<Config>>,
+    cache: &'c mut Option<ConfigCache>,
+) -> &'c Arc<Config> {
+    if cache
+        .as_ref()
+        .is_some_and(|c| !std::ptr::eq(c.arc_swap(), &**shared))
+    {
+        *cache = None;
+    }
+    cache
+        .get_or_insert_with(|| Cache::new(Arc::clone(shared)))
+        .load()
 }
 
 /// An incident: the first refusal of a key for one limit, until it clears.
@@ -148,7 +172,8 @@ const NETWORKS_INCIDENT: usize = usize::MAX;
 
 /// The policy engine shared by every connection.
 pub struct Engine {
-    config: ArcSwap<Config>,
+    /// Shared with the connections' [`ConfigCache`]s.
+    config: Arc<ArcSwap<Config>>,
     counters: Counters,
     networks: Networks,
     clock: Arc<dyn Clock>,
@@ -189,7 +214,7 @@ impl Engine {
             Counters::Remote(r) => Networks::Remote(Arc::clone(r)),
         };
         Engine {
-            config: ArcSwap::from_pointee(config),
+            config: Arc::new(ArcSwap::from_pointee(config)),
             counters,
             networks,
             clock,
@@ -207,6 +232,13 @@ impl Engine {
     /// The configuration in force.
     pub fn config(&self) -> Arc<Config> {
         self.config.load_full()
+    }
+
+    /// The configuration in force, as `conn` sees it: while it has not been replaced,
+    /// one relaxed atomic load, and no reference count is touched (a connection
+    /// holds on to the configuration it last used until its next request).
+    pub fn config_for<'c>(&self, conn: &'c mut ConnState) -> &'c Arc<Config> {
+        cached_config(&self.config, &mut conn.config)
     }
 
     /// Replaces the configuration atomically (in-flight requests finish with the old one).
@@ -245,10 +277,16 @@ impl Engine {
 
     /// Decides one request. The text of a refusal is written into `conn` (which
     /// allocates nothing once its buffers have grown), so the answer borrows it.
-    pub async fn decide<'c>(
+    pub async fn decide<'c>(&self, req: &PolicyRequest<'_>, conn: &'c mut ConnState) -> Action<'c> {
+        self.decide_at(req, conn, self.clock.now()).await
+    }
+
+    /// [`Engine::decide`] at `now`, for a caller that has read the clock already.
+    pub async fn decide_at<'c>(
         &self,
         req: &PolicyRequest<'_>,
         conn: &'c mut ConnState,
+        now: Timestamp,
     ) -> Action<'c> {
         self.stats.stage(req.protocol_state);
         let mode = match req.protocol_state {
@@ -257,15 +295,15 @@ impl Engine {
             _ => return self.skip(),
         };
         self.watch_wiring(req.protocol_state);
-        let cfg = self.config.load();
-        let Some(key) = request_key(&cfg, req) else {
+        let cfg = cached_config(&self.config, &mut conn.config);
+        let Some(key) = request_key(cfg, req) else {
             return self.skip();
         };
-        if is_exempt(&cfg, &key, req) {
+        if is_exempt(cfg, &key, req) {
             tracing::debug!(user = %key, "exempt");
             return self.skip();
         }
-        let tier = Arc::clone(cfg.tiers.tier_of(&key));
+        let tier = cfg.tiers.tier_of(&key);
         let watch = cfg
             .networks
             .get(tier.name())
@@ -281,24 +319,27 @@ impl Engine {
         {
             return answer.with_text(Cow::Borrowed(&conn.last_text));
         }
-        let now = self.clock.now();
         let flagged = match watch {
-            Some(policy) => {
-                self.watch_networks(&cfg, &key, &tier, policy, now, req)
-                    .await
-            }
+            Some(policy) => self.watch_networks(cfg, &key, tier, policy, now, req).await,
             None => None,
         };
         let (answer, allowed) = match flagged {
             Some(answer) => (answer, Some(false)),
             None if tier.is_unlimited() => return self.skip(),
             None => {
-                self.volume(&cfg, &key, &tier, now, mode, req, &mut conn.text)
+                self.volume(cfg, &key, tier, now, mode, req, &mut conn.text)
                     .await
             }
         };
-        self.ops
-            .note_decision(tier.name(), crate::ops::Outcome::of(allowed, &answer));
+        let outcome = crate::ops::Outcome::of(allowed, &answer);
+        match &conn.decisions {
+            Some(counts) if counts.tier() == tier.name() => counts.note(outcome),
+            _ => {
+                let counts = self.ops.tier_decisions(tier.name());
+                counts.note(outcome);
+                conn.decisions = Some(counts);
+            }
+        }
         if mode == Mode::Acquire
             && let Some(instance) = req.instance
         {
@@ -674,7 +715,11 @@ impl Engine {
 
     fn watch_wiring(&self, stage: Stage) {
         if stage == Stage::EndOfMessage {
-            self.eom_seen.store(true, Ordering::Relaxed);
+            // Read first: a store on every request would take the line from the
+            // other cores each time.
+            if !self.eom_seen.load(Ordering::Relaxed) {
+                self.eom_seen.store(true, Ordering::Relaxed);
+            }
             return;
         }
         if self.eom_seen.load(Ordering::Relaxed) || self.wiring_warned.load(Ordering::Relaxed) {
@@ -777,9 +822,7 @@ fn refusal<'t>(
             }
             Some(num.parse::<u16>().unwrap_or(450))
         }
-        ActionKind::Defer | ActionKind::Warn | ActionKind::Hold | ActionKind::Reject(None) => {
-            None
-        }
+        ActionKind::Defer | ActionKind::Warn | ActionKind::Hold | ActionKind::Reject(None) => None,
     };
     write(text);
     let text = Cow::Borrowed(text.as_str());

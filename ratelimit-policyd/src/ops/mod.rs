@@ -146,6 +146,32 @@ impl Histogram {
 
 type TierCounters = Arc<[AtomicU64; 6]>;
 
+fn note(counts: &TierCounters, outcome: Outcome) {
+    let i = Outcome::ALL.iter().position(|o| *o == outcome).unwrap_or(0);
+    if let Some(n) = counts.get(i) {
+        n.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The decision counters of one tier (as [`OpsState::note_decision`] counts them).
+#[derive(Debug, Clone)]
+pub struct TierDecisions {
+    tier: Box<str>,
+    counts: TierCounters,
+}
+
+impl TierDecisions {
+    /// The tier these count (its decisions may be counted under `"other"`).
+    pub fn tier(&self) -> &str {
+        &self.tier
+    }
+
+    /// Counts a decision.
+    pub fn note(&self, outcome: Outcome) {
+        note(&self.counts, outcome);
+    }
+}
+
 /// Re-reads the configuration for `admin reload`; set by the daemon (which knows the
 /// file and the command-line overrides). Returns a summary or the error.
 pub type ReloadHook = Arc<dyn Fn(&Engine) -> Result<String, String> + Send + Sync>;
@@ -217,14 +243,23 @@ impl std::fmt::Debug for OpsState {
 
 impl OpsState {
     /// Counts a decision of `tier`. Takes a read lock (a write lock the first time a
-    /// tier is seen).
+    /// tier is seen); a caller deciding many requests keeps a [`TierDecisions`].
     pub fn note_decision(&self, tier: &str, outcome: Outcome) {
-        let i = Outcome::ALL.iter().position(|o| *o == outcome).unwrap_or(0);
+        note(&self.tier_counters(tier), outcome);
+    }
+
+    /// The decision counters of `tier`, to count its decisions without looking it up
+    /// each time. Takes a read lock (a write lock the first time a tier is seen).
+    pub fn tier_decisions(&self, tier: &str) -> TierDecisions {
+        TierDecisions {
+            tier: tier.into(),
+            counts: self.tier_counters(tier),
+        }
+    }
+
+    fn tier_counters(&self, tier: &str) -> TierCounters {
         if let Some(c) = self.decisions.read().get(tier) {
-            if let Some(n) = c.get(i) {
-                n.fetch_add(1, Ordering::Relaxed);
-            }
-            return;
+            return Arc::clone(c);
         }
         let mut map = self.decisions.write();
         let label = if map.len() >= MAX_TIER_LABELS && !map.contains_key(tier) {
@@ -232,10 +267,7 @@ impl OpsState {
         } else {
             tier
         };
-        let c = map.entry(label.into()).or_default();
-        if let Some(n) = c.get(i) {
-            n.fetch_add(1, Ordering::Relaxed);
-        }
+        Arc::clone(map.entry(label.into()).or_default())
     }
 
     /// Decisions by tier and outcome, sorted by tier.
