@@ -128,6 +128,14 @@ pub struct TierPolicy {
     /// The reply text template (`{user}`, `{limit}`, `{tier}`, `{retry}`, `{retry_at}`),
     /// compiled here so that a refusal only fills it in.
     pub message: Template,
+    /// The tier's limits, each with its text for `{limit}` (`100/1h`): formatting a
+    /// [`Limit`] allocates, so it is done here once.
+    pub limits: Vec<(Limit, String)>,
+}
+
+/// `limits` with their texts, for [`TierPolicy::limits`].
+pub fn limit_texts(limits: &[Limit]) -> Vec<(Limit, String)> {
+    limits.iter().map(|l| (*l, l.to_string())).collect()
 }
 
 /// The default reply text.
@@ -397,6 +405,7 @@ fn minimal() -> Config {
         TierPolicy {
             action: ActionKind::Defer,
             message: Template::new(DEFAULT_MESSAGE),
+            limits: limit_texts(tier.limits()),
         },
     );
     Config {
@@ -765,6 +774,7 @@ pub fn parse(text: &str, file: &str, base: Option<&Path>) -> Result<Config, Conf
                             .clone()
                             .unwrap_or_else(|| DEFAULT_MESSAGE.to_string()),
                     ),
+                    limits: limit_texts(t.limits()),
                 },
             );
             built.push(t);

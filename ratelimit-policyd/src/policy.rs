@@ -28,7 +28,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use ahash::AHashMap;
 use arc_swap::ArcSwap;
 use arc_swap::cache::Cache;
 use ipnet::IpNet;
@@ -167,6 +166,20 @@ enum Networks {
     Remote(Arc<RedisStore>),
 }
 
+/// Open incidents: until when (ms), by key and limit index.
+type Incidents = hashbrown::HashMap<(String, usize), u64, ahash::RandomState>;
+
+/// An [`Incidents`] key to look up without copying the user's key (hashes as the
+/// tuple does: the string, then the index).
+#[derive(Hash)]
+struct IncidentKey<'a>(&'a str, usize);
+
+impl hashbrown::Equivalent<(String, usize)> for IncidentKey<'_> {
+    fn equivalent(&self, key: &(String, usize)) -> bool {
+        self.0 == key.0 && self.1 == key.1
+    }
+}
+
 /// The incident index of the networks signal (volume limits use their position).
 const NETWORKS_INCIDENT: usize = usize::MAX;
 
@@ -181,7 +194,7 @@ pub struct Engine {
     pub stats: Stats,
     /// Operational counters and worker handles (metrics, alerts, recording).
     pub ops: crate::ops::OpsState,
-    incidents: Mutex<AHashMap<(String, usize), u64>>,
+    incidents: Mutex<Incidents>,
     incident_sink: Mutex<Option<IncidentSink>>,
     peeks_without_eom: AtomicU64,
     eom_seen: AtomicBool,
@@ -193,6 +206,7 @@ pub struct Engine {
 static DEFAULT_POLICY: LazyLock<TierPolicy> = LazyLock::new(|| TierPolicy {
     action: ActionKind::Defer,
     message: Template::new(crate::config::DEFAULT_MESSAGE),
+    limits: Vec::new(),
 });
 
 /// Requests at RCPT/DATA with no END-OF-MESSAGE ever seen before the wiring warning.
@@ -220,7 +234,7 @@ impl Engine {
             clock,
             stats: Stats::default(),
             ops: crate::ops::OpsState::default(),
-            incidents: Mutex::new(AHashMap::new()),
+            incidents: Mutex::new(Incidents::default()),
             incident_sink: Mutex::new(None),
             peeks_without_eom: AtomicU64::new(0),
             eom_seen: AtomicBool::new(false),
@@ -530,7 +544,7 @@ impl Engine {
         let now_ms = now.as_millis();
         {
             let mut open = self.incidents.lock();
-            if let Some(open_until) = open.get_mut(&(key.to_string(), NETWORKS_INCIDENT))
+            if let Some(open_until) = open.get_mut(&IncidentKey(key, NETWORKS_INCIDENT))
                 && *open_until > now_ms
             {
                 *open_until = (*open_until).max(until.as_millis());
@@ -644,10 +658,18 @@ impl Engine {
             return Action::Dunno;
         }
         self.stats.refused.fetch_add(1, Ordering::Relaxed);
+        let formatted;
+        let limit_text = match policy.limits.get(denial.limit) {
+            Some((l, text)) if Some(*l) == limit => text.as_str(),
+            _ => {
+                formatted = limit.map(|l| l.to_string()).unwrap_or_default();
+                &formatted
+            }
+        };
         let fill = Fill {
             user: key,
             tier: tier.name(),
-            limit,
+            limit: limit_text,
             retry_after: denial.retry_after,
             clears_at,
         };
@@ -670,7 +692,7 @@ impl Engine {
         let now_ms = now.as_millis();
         {
             let mut open = self.incidents.lock();
-            if let Some(until) = open.get_mut(&(key.to_string(), limit_index))
+            if let Some(until) = open.get_mut(&IncidentKey(key, limit_index))
                 && *until > now_ms
             {
                 return; // still the same incident
@@ -947,7 +969,7 @@ pub fn render(
     Template::new(template).replace_chained(&Fill {
         user,
         tier,
-        limit,
+        limit: &limit.map(|l| l.to_string()).unwrap_or_default(),
         retry_after,
         clears_at,
     })

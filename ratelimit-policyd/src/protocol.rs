@@ -327,7 +327,12 @@ fn scan<'b>(
                         attributes: count,
                     }));
                 }
-                let eq = memchr::memchr(b'=', content).ok_or(ParseError::MissingEquals { line })?;
+                // Names are short and the '=' comes early: a plain loop stops there,
+                // where a memchr call costs more to set up than it saves.
+                let eq = content
+                    .iter()
+                    .position(|&b| b == b'=')
+                    .ok_or(ParseError::MissingEquals { line })?;
                 if eq == 0 {
                     return Err(ParseError::EmptyName { line });
                 }

@@ -5,8 +5,8 @@
 //! `{retry_at}`. Anything else between braces is left as written.
 //!
 //! Filling used to be five chained `str::replace` calls, and that stays the meaning:
-//! a template whose braces are all placeholders, filled with a user and a tier name
-//! without braces (every real one), gives the same text in one pass without
+//! a template whose braces are all placeholders, filled with a user, a tier name and
+//! a limit without braces (every real one), gives the same text in one pass without
 //! allocating. Otherwise (a stray brace, a value that itself spells a placeholder)
 //! [`Template::write`] falls back to the chained replacements, so the text is the
 //! same in every case.
@@ -24,7 +24,7 @@
 //!     &Fill {
 //!         user: "a@b",
 //!         tier: "default",
-//!         limit: "100/1h".parse().ok(),
+//!         limit: "100/1h",
 //!         retry_after: Some(Duration::from_secs(90)),
 //!         clears_at: None,
 //!     },
@@ -35,8 +35,6 @@
 use std::fmt::{self, Write};
 use std::ops::Range;
 use std::time::Duration;
-
-use ratelimit_core::Limit;
 
 /// One part of a compiled template.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,8 +74,8 @@ pub struct Fill<'a> {
     pub user: &'a str,
     /// `{tier}`: the tier's name.
     pub tier: &'a str,
-    /// `{limit}`: the limit that refused, as written (`100/1h`); empty when `None`.
-    pub limit: Option<Limit>,
+    /// `{limit}`: the limit that refused, as written (`100/1h`), or empty.
+    pub limit: &'a str,
     /// `{retry}`: when to retry (`12m30s`); `None` for a message over the limit itself.
     pub retry_after: Option<Duration>,
     /// `{retry_at}`: when the limit clears (ms since the epoch), as `14:05:30 UTC`.
@@ -128,7 +126,7 @@ impl Template {
     /// except in the rare fallback described in the [module docs](self)).
     pub fn write(&self, out: &mut String, fill: &Fill<'_>) {
         let braces = |s: &str| memchr::memchr2(b'{', b'}', s.as_bytes()).is_some();
-        if !self.one_pass || braces(fill.user) || braces(fill.tier) {
+        if !self.one_pass || braces(fill.user) || braces(fill.tier) || braces(fill.limit) {
             out.push_str(&self.replace_chained(fill));
             return;
         }
@@ -138,10 +136,7 @@ impl Template {
                 Piece::Text(range) => out.write_str(self.source.get(range.clone()).unwrap_or("")),
                 Piece::User => out.write_str(fill.user),
                 Piece::Tier => out.write_str(fill.tier),
-                Piece::Limit => match fill.limit {
-                    Some(limit) => write!(out, "{limit}"),
-                    None => Ok(()),
-                },
+                Piece::Limit => out.write_str(fill.limit),
                 Piece::Retry => write!(out, "{}", Retry(fill.retry_after)),
                 Piece::RetryAt => write!(out, "{}", RetryAt(fill.clears_at)),
             };
@@ -150,11 +145,10 @@ impl Template {
 
     /// The filled template, as five chained replacements (the reference meaning).
     pub fn replace_chained(&self, fill: &Fill<'_>) -> String {
-        let limit = fill.limit.map(|l| l.to_string()).unwrap_or_default();
         self.source
             .replace("{user}", fill.user)
             .replace("{tier}", fill.tier)
-            .replace("{limit}", &limit)
+            .replace("{limit}", fill.limit)
             .replace("{retry_at}", &RetryAt(fill.clears_at).to_string())
             .replace("{retry}", &Retry(fill.retry_after).to_string())
     }
@@ -239,7 +233,7 @@ mod tests {
         Fill {
             user,
             tier,
-            limit: "100/1h".parse().ok(),
+            limit: "100/1h",
             retry_after: Some(Duration::from_secs(90)),
             clears_at: Some(1_700_000_000_000),
         }
@@ -264,7 +258,7 @@ mod tests {
     fn missing_values_read_as_never() {
         let t = Template::new("[{limit}] {retry} / {retry_at}");
         let f = Fill {
-            limit: None,
+            limit: "",
             retry_after: None,
             clears_at: None,
             ..fill("a", "t")

@@ -14,7 +14,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ahash::AHashMap;
@@ -200,6 +200,8 @@ pub struct OpsState {
     pub clients: clients::ClientsSeen,
     decisions: RwLock<AHashMap<Box<str>, TierCounters>>,
     recorder: ArcSwapOption<mpsc::Sender<record::Record>>,
+    /// Whether `recorder` was ever set: one plain load per request when it was not.
+    recording: AtomicBool,
     next_conn: AtomicU64,
     metrics_addr: Mutex<Option<SocketAddr>>,
     ready: watch::Sender<bool>,
@@ -224,6 +226,7 @@ impl Default for OpsState {
             clients: clients::ClientsSeen::default(),
             decisions: RwLock::new(AHashMap::new()),
             recorder: ArcSwapOption::empty(),
+            recording: AtomicBool::new(false),
             next_conn: AtomicU64::new(0),
             metrics_addr: Mutex::new(None),
             ready: watch::channel(false).0,
@@ -309,6 +312,9 @@ impl OpsState {
         req: &crate::protocol::PolicyRequest<'_>,
         answer: &Action<'_>,
     ) {
+        if !self.recording.load(Ordering::Acquire) {
+            return;
+        }
         let guard = self.recorder.load();
         let Some(tx) = guard.as_ref() else {
             return;
@@ -386,6 +392,7 @@ pub async fn start(engine: &Arc<Engine>, tasks: &mut JoinSet<()>, stop: watch::R
             Ok(file) => {
                 let (tx, rx) = mpsc::channel(record::QUEUE);
                 engine.ops.recorder.store(Some(Arc::new(tx)));
+                engine.ops.recording.store(true, Ordering::Release);
                 tasks.spawn(record::writer(file, rx, stop.clone()));
                 tracing::info!(path = %path.display(), "recording decided requests");
             }
