@@ -17,6 +17,8 @@ use ratelimit_core::{Limit, Tier, TierMap, Unit};
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::template::Template;
+
 /// The built-in default configuration (used when no `--config` is given).
 pub const DEFAULT_CONFIG: &str = include_str!("../config/default.toml");
 
@@ -123,8 +125,17 @@ pub enum ActionKind {
 pub struct TierPolicy {
     /// The action.
     pub action: ActionKind,
-    /// The reply text template (`{user}`, `{limit}`, `{tier}`, `{retry}`, `{retry_at}`).
-    pub message: String,
+    /// The reply text template (`{user}`, `{limit}`, `{tier}`, `{retry}`, `{retry_at}`),
+    /// compiled here so that a refusal only fills it in.
+    pub message: Template,
+    /// The tier's limits, each with its text for `{limit}` (`100/1h`): formatting a
+    /// [`Limit`] allocates, so it is done here once.
+    pub limits: Vec<(Limit, String)>,
+}
+
+/// `limits` with their texts, for [`TierPolicy::limits`].
+pub fn limit_texts(limits: &[Limit]) -> Vec<(Limit, String)> {
+    limits.iter().map(|l| (*l, l.to_string())).collect()
 }
 
 /// The default reply text.
@@ -393,7 +404,8 @@ fn minimal() -> Config {
         "default".to_string(),
         TierPolicy {
             action: ActionKind::Defer,
-            message: DEFAULT_MESSAGE.into(),
+            message: Template::new(DEFAULT_MESSAGE),
+            limits: limit_texts(tier.limits()),
         },
     );
     Config {
@@ -757,10 +769,12 @@ pub fn parse(text: &str, file: &str, base: Option<&Path>) -> Result<Config, Conf
                 name.clone(),
                 TierPolicy {
                     action,
-                    message: tier
-                        .message
-                        .clone()
-                        .unwrap_or_else(|| DEFAULT_MESSAGE.to_string()),
+                    message: Template::new(
+                        tier.message
+                            .clone()
+                            .unwrap_or_else(|| DEFAULT_MESSAGE.to_string()),
+                    ),
+                    limits: limit_texts(t.limits()),
                 },
             );
             built.push(t);

@@ -8,7 +8,7 @@
 //! # Modules
 //! - [`protocol`]: the request parser and reply encoder; [`connection`]: framing.
 //! - [`config`]: TOML configuration, validated once.
-//! - [`policy`]: request → key → tier → decision → action.
+//! - [`policy`]: request → key → tier → decision → action; [`template`]: reply texts.
 //! - [`server`]: listeners, connections, shutdown; [`run`](server::run) is what `main` calls.
 //! - [`daemon`]: start-up (config, snapshot restore, signals).
 //! - [`ops`]: incident alerts, Prometheus metrics, request recording.
@@ -26,4 +26,5 @@ pub mod policy;
 pub mod protocol;
 pub mod replay;
 pub mod server;
+pub mod template;
 pub mod threaded;

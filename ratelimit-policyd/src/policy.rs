@@ -24,12 +24,12 @@
 
 use std::borrow::Cow;
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use ahash::AHashMap;
 use arc_swap::ArcSwap;
+use arc_swap::cache::Cache;
 use ipnet::IpNet;
 use parking_lot::Mutex;
 use ratelimit_core::distinct::{DistinctStore, Observation};
@@ -42,6 +42,7 @@ use crate::config::{
     ActionKind, Backend, Config, FailMode, NetworksPolicy, TierPolicy, WithoutSasl,
 };
 use crate::protocol::{Action, PolicyRequest, Stage};
+use crate::template::{Approx, Fill, Template, TimeOfDay};
 
 /// Where counters live, as the server sees it.
 #[derive(Clone)]
@@ -98,11 +99,39 @@ impl Stats {
 }
 
 /// Per-connection memory: the message (`instance`) last charged and its answer, so
-/// one message is charged once however many END-OF-MESSAGE requests it produces.
+/// one message is charged once however many END-OF-MESSAGE requests it produces; and
+/// the buffers reply texts are written into, reused from request to request.
 #[derive(Debug, Default)]
 pub struct ConnState {
+    /// The configuration, cached: see [`Engine::config_for`].
+    config: Option<ConfigCache>,
+    /// The decision counters of the tier last decided on.
+    decisions: Option<crate::ops::TierDecisions>,
     last_instance: Vec<u8>,
+    /// The answer to `last_instance`, without its text (that is `last_text`).
     last_answer: Option<Action<'static>>,
+    last_text: String,
+    /// The text of the answer being decided.
+    text: String,
+}
+
+/// A connection's cached handle on the configuration in force.
+type ConfigCache = Cache<Arc<ArcSwap<Config>>, Arc<Config>>;
+
+/// The configuration in force, through `cache` (made for `shared` if it is not).
+fn cached_config<'c>(
+    shared: &Arc<ArcSwap<Config>>,
+    cache: &'c mut Option<ConfigCache>,
+) -> &'c Arc<Config> {
+    if cache
+        .as_ref()
+        .is_some_and(|c| !std::ptr::eq(c.arc_swap(), &**shared))
+    {
+        *cache = None;
+    }
+    cache
+        .get_or_insert_with(|| Cache::new(Arc::clone(shared)))
+        .load()
 }
 
 /// An incident: the first refusal of a key for one limit, until it clears.
@@ -137,12 +166,27 @@ enum Networks {
     Remote(Arc<RedisStore>),
 }
 
+/// Open incidents: until when (ms), by key and limit index.
+type Incidents = hashbrown::HashMap<(String, usize), u64, ahash::RandomState>;
+
+/// An [`Incidents`] key to look up without copying the user's key (hashes as the
+/// tuple does: the string, then the index).
+#[derive(Hash)]
+struct IncidentKey<'a>(&'a str, usize);
+
+impl hashbrown::Equivalent<(String, usize)> for IncidentKey<'_> {
+    fn equivalent(&self, key: &(String, usize)) -> bool {
+        self.0 == key.0 && self.1 == key.1
+    }
+}
+
 /// The incident index of the networks signal (volume limits use their position).
 const NETWORKS_INCIDENT: usize = usize::MAX;
 
 /// The policy engine shared by every connection.
 pub struct Engine {
-    config: ArcSwap<Config>,
+    /// Shared with the connections' [`ConfigCache`]s.
+    config: Arc<ArcSwap<Config>>,
     counters: Counters,
     networks: Networks,
     clock: Arc<dyn Clock>,
@@ -150,13 +194,20 @@ pub struct Engine {
     pub stats: Stats,
     /// Operational counters and worker handles (metrics, alerts, recording).
     pub ops: crate::ops::OpsState,
-    incidents: Mutex<AHashMap<(String, usize), u64>>,
+    incidents: Mutex<Incidents>,
     incident_sink: Mutex<Option<IncidentSink>>,
     peeks_without_eom: AtomicU64,
     eom_seen: AtomicBool,
     wiring_warned: AtomicBool,
     last_snapshot_ms: AtomicU64,
 }
+
+/// The policy of a tier without one of its own (every configured tier has one).
+static DEFAULT_POLICY: LazyLock<TierPolicy> = LazyLock::new(|| TierPolicy {
+    action: ActionKind::Defer,
+    message: Template::new(crate::config::DEFAULT_MESSAGE),
+    limits: Vec::new(),
+});
 
 /// Requests at RCPT/DATA with no END-OF-MESSAGE ever seen before the wiring warning.
 const WIRING_WARNING_AFTER: u64 = 50;
@@ -177,13 +228,13 @@ impl Engine {
             Counters::Remote(r) => Networks::Remote(Arc::clone(r)),
         };
         Engine {
-            config: ArcSwap::from_pointee(config),
+            config: Arc::new(ArcSwap::from_pointee(config)),
             counters,
             networks,
             clock,
             stats: Stats::default(),
             ops: crate::ops::OpsState::default(),
-            incidents: Mutex::new(AHashMap::new()),
+            incidents: Mutex::new(Incidents::default()),
             incident_sink: Mutex::new(None),
             peeks_without_eom: AtomicU64::new(0),
             eom_seen: AtomicBool::new(false),
@@ -195,6 +246,13 @@ impl Engine {
     /// The configuration in force.
     pub fn config(&self) -> Arc<Config> {
         self.config.load_full()
+    }
+
+    /// The configuration in force, as `conn` sees it: while it has not been replaced,
+    /// one relaxed atomic load, and no reference count is touched (a connection
+    /// holds on to the configuration it last used until its next request).
+    pub fn config_for<'c>(&self, conn: &'c mut ConnState) -> &'c Arc<Config> {
+        cached_config(&self.config, &mut conn.config)
     }
 
     /// Replaces the configuration atomically (in-flight requests finish with the old one).
@@ -231,8 +289,19 @@ impl Engine {
         *self.incident_sink.lock() = Some(sink);
     }
 
-    /// Decides one request.
-    pub async fn decide(&self, req: &PolicyRequest<'_>, conn: &mut ConnState) -> Action<'static> {
+    /// Decides one request. The text of a refusal is written into `conn` (which
+    /// allocates nothing once its buffers have grown), so the answer borrows it.
+    pub async fn decide<'c>(&self, req: &PolicyRequest<'_>, conn: &'c mut ConnState) -> Action<'c> {
+        self.decide_at(req, conn, self.clock.now()).await
+    }
+
+    /// [`Engine::decide`] at `now`, for a caller that has read the clock already.
+    pub async fn decide_at<'c>(
+        &self,
+        req: &PolicyRequest<'_>,
+        conn: &'c mut ConnState,
+        now: Timestamp,
+    ) -> Action<'c> {
         self.stats.stage(req.protocol_state);
         let mode = match req.protocol_state {
             Stage::Rcpt | Stage::Data => Mode::Peek,
@@ -240,15 +309,15 @@ impl Engine {
             _ => return self.skip(),
         };
         self.watch_wiring(req.protocol_state);
-        let cfg = self.config.load();
-        let Some(key) = request_key(&cfg, req) else {
+        let cfg = cached_config(&self.config, &mut conn.config);
+        let Some(key) = request_key(cfg, req) else {
             return self.skip();
         };
-        if is_exempt(&cfg, &key, req) {
+        if is_exempt(cfg, &key, req) {
             tracing::debug!(user = %key, "exempt");
             return self.skip();
         }
-        let tier = Arc::clone(cfg.tiers.tier_of(&key));
+        let tier = cfg.tiers.tier_of(&key);
         let watch = cfg
             .networks
             .get(tier.name())
@@ -262,29 +331,37 @@ impl Engine {
             && conn.last_instance == instance
             && let Some(answer) = &conn.last_answer
         {
-            return answer.clone();
+            return answer.with_text(Cow::Borrowed(&conn.last_text));
         }
-        let now = self.clock.now();
         let flagged = match watch {
-            Some(policy) => {
-                self.watch_networks(&cfg, &key, &tier, policy, now, req)
-                    .await
-            }
+            Some(policy) => self.watch_networks(cfg, &key, tier, policy, now, req).await,
             None => None,
         };
         let (answer, allowed) = match flagged {
             Some(answer) => (answer, Some(false)),
             None if tier.is_unlimited() => return self.skip(),
-            None => self.volume(&cfg, &key, &tier, now, mode, req).await,
+            None => {
+                self.volume(cfg, &key, tier, now, mode, req, &mut conn.text)
+                    .await
+            }
         };
-        self.ops
-            .note_decision(tier.name(), crate::ops::Outcome::of(allowed, &answer));
+        let outcome = crate::ops::Outcome::of(allowed, &answer);
+        match &conn.decisions {
+            Some(counts) if counts.tier() == tier.name() => counts.note(outcome),
+            _ => {
+                let counts = self.ops.tier_decisions(tier.name());
+                counts.note(outcome);
+                conn.decisions = Some(counts);
+            }
+        }
         if mode == Mode::Acquire
             && let Some(instance) = req.instance
         {
             conn.last_instance.clear();
             conn.last_instance.extend_from_slice(instance);
-            conn.last_answer = Some(answer.clone());
+            conn.last_text.clear();
+            conn.last_text.push_str(answer.text().unwrap_or_default());
+            conn.last_answer = Some(answer.with_text(Cow::Borrowed("")));
         }
         tracing::debug!(user = %key, stage = %req.protocol_state, action = answer.keyword(), "decided");
         answer
@@ -320,14 +397,15 @@ impl Engine {
         }
     }
 
-    fn skip(&self) -> Action<'static> {
+    fn skip<'t>(&self) -> Action<'t> {
         self.stats.skipped.fetch_add(1, Ordering::Relaxed);
         Action::Dunno
     }
 
     /// The volume decision: the tier's limits, charged at END-OF-MESSAGE. Also whether
-    /// the limits admitted (`None`: the store failed).
-    async fn volume(
+    /// the limits admitted (`None`: the store failed). A refusal's text goes in `text`.
+    #[allow(clippy::too_many_arguments)]
+    async fn volume<'t>(
         &self,
         cfg: &Config,
         key: &str,
@@ -335,7 +413,8 @@ impl Engine {
         now: Timestamp,
         mode: Mode,
         req: &PolicyRequest<'_>,
-    ) -> (Action<'static>, Option<bool>) {
+        text: &'t mut String,
+    ) -> (Action<'t>, Option<bool>) {
         let recipients = req.recipient_count.unwrap_or(0).max(1);
         let cost = match req.protocol_state {
             Stage::Rcpt => Cost::message(1, req.size.unwrap_or(0)),
@@ -344,7 +423,7 @@ impl Engine {
         let result = self.check(cfg, key, tier, cost, now, mode).await;
         let allowed = result.as_ref().ok().map(Decision::is_allowed);
         let answer = match result {
-            Ok(decision) => self.answer(cfg, key, tier, &decision, now, req),
+            Ok(decision) => self.answer(cfg, key, tier, &decision, now, req, text),
             Err(e) => {
                 self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
                 // During an outage every request fails: warn at most every few seconds.
@@ -399,7 +478,7 @@ impl Engine {
         let dry_run = policy.action == ActionKind::Warn;
         self.note_networks_incident(key, tier, policy, &observation, until, now, req, dry_run);
         let retry = until.saturating_duration_since(now);
-        let text = render(
+        let rendered = render(
             &policy
                 .message
                 .replace("{max}", &policy.limit.max().to_string())
@@ -418,12 +497,8 @@ impl Engine {
             return None;
         }
         self.stats.networks_flagged.fetch_add(1, Ordering::Relaxed);
-        Some(match &policy.action {
-            ActionKind::Hold => Action::Hold(Cow::Owned(text)),
-            ActionKind::Reject(None) => Action::Reject(Cow::Owned(text)),
-            ActionKind::Reject(Some(code)) | ActionKind::Code(code) => code_action(code, text),
-            ActionKind::Defer | ActionKind::Warn => Action::DeferIfPermit(Cow::Owned(text)),
-        })
+        let mut text = String::new();
+        Some(refusal(&policy.action, &mut text, |out| out.push_str(&rendered)).into_owned())
     }
 
     async fn observe(
@@ -469,7 +544,7 @@ impl Engine {
         let now_ms = now.as_millis();
         {
             let mut open = self.incidents.lock();
-            if let Some(open_until) = open.get_mut(&(key.to_string(), NETWORKS_INCIDENT))
+            if let Some(open_until) = open.get_mut(&IncidentKey(key, NETWORKS_INCIDENT))
                 && *open_until > now_ms
             {
                 *open_until = (*open_until).max(until.as_millis());
@@ -541,7 +616,8 @@ impl Engine {
         }
     }
 
-    fn answer(
+    #[allow(clippy::too_many_arguments)]
+    fn answer<'t>(
         &self,
         cfg: &Config,
         key: &str,
@@ -549,7 +625,8 @@ impl Engine {
         decision: &Decision,
         now: Timestamp,
         req: &PolicyRequest<'_>,
-    ) -> Action<'static> {
+        text: &'t mut String,
+    ) -> Action<'t> {
         let Some(denial) = decision.denial() else {
             self.stats.allowed.fetch_add(1, Ordering::Relaxed);
             if req.protocol_state == Stage::EndOfMessage {
@@ -557,11 +634,7 @@ impl Engine {
             }
             return Action::Dunno;
         };
-        let default_policy = TierPolicy {
-            action: ActionKind::Defer,
-            message: crate::config::DEFAULT_MESSAGE.into(),
-        };
-        let policy = cfg.policies.get(tier.name()).unwrap_or(&default_policy);
+        let policy = cfg.policies.get(tier.name()).unwrap_or(&DEFAULT_POLICY);
         let limit = tier.limits().get(denial.limit).copied();
         let used = decision.statuses().get(denial.limit).map_or(0, |s| s.used);
         let clears_at = denial
@@ -579,27 +652,28 @@ impl Engine {
             req,
             dry_run,
         );
-        let text = render(
-            &policy.message,
-            key,
-            tier.name(),
-            limit,
-            denial.retry_after,
-            clears_at,
-        );
         if dry_run {
             self.stats.dry_run.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(user = %key, tier = tier.name(), limit = %limit.map(|l| l.to_string()).unwrap_or_default(), "dry run: would refuse");
             return Action::Dunno;
         }
         self.stats.refused.fetch_add(1, Ordering::Relaxed);
-        match &policy.action {
-            ActionKind::Defer | ActionKind::Warn => Action::DeferIfPermit(Cow::Owned(text)),
-            ActionKind::Code(code) => code_action(code, text),
-            ActionKind::Hold => Action::Hold(Cow::Owned(text)),
-            ActionKind::Reject(None) => Action::Reject(Cow::Owned(text)),
-            ActionKind::Reject(Some(code)) => code_action(code, text),
-        }
+        let formatted;
+        let limit_text = match policy.limits.get(denial.limit) {
+            Some((l, text)) if Some(*l) == limit => text.as_str(),
+            _ => {
+                formatted = limit.map(|l| l.to_string()).unwrap_or_default();
+                &formatted
+            }
+        };
+        let fill = Fill {
+            user: key,
+            tier: tier.name(),
+            limit: limit_text,
+            retry_after: denial.retry_after,
+            clears_at,
+        };
+        refusal(&policy.action, text, |out| policy.message.write(out, &fill))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -618,7 +692,7 @@ impl Engine {
         let now_ms = now.as_millis();
         {
             let mut open = self.incidents.lock();
-            if let Some(until) = open.get_mut(&(key.to_string(), limit_index))
+            if let Some(until) = open.get_mut(&IncidentKey(key, limit_index))
                 && *until > now_ms
             {
                 return; // still the same incident
@@ -663,7 +737,11 @@ impl Engine {
 
     fn watch_wiring(&self, stage: Stage) {
         if stage == Stage::EndOfMessage {
-            self.eom_seen.store(true, Ordering::Relaxed);
+            // Read first: a store on every request would take the line from the
+            // other cores each time.
+            if !self.eom_seen.load(Ordering::Relaxed) {
+                self.eom_seen.store(true, Ordering::Relaxed);
+            }
             return;
         }
         if self.eom_seen.load(Ordering::Relaxed) || self.wiring_warned.load(Ordering::Relaxed) {
@@ -745,14 +823,37 @@ impl Engine {
     }
 }
 
-fn code_action(code: &str, text: String) -> Action<'static> {
-    let mut parts = code.splitn(2, ' ');
-    let num: u16 = parts.next().and_then(|c| c.parse().ok()).unwrap_or(450);
-    let text = match parts.next() {
-        Some(enhanced) => format!("{enhanced} {text}"),
-        None => text,
+/// The answer of a tier's `action` to a user over a limit, its text written into
+/// `text` by `write` (after the enhanced status code of an explicit reply code, as in
+/// `451 4.7.1`; a code that is not 4xx or 5xx defers instead).
+fn refusal<'t>(
+    action: &ActionKind,
+    text: &'t mut String,
+    write: impl FnOnce(&mut String),
+) -> Action<'t> {
+    text.clear();
+    let code = match action {
+        ActionKind::Code(code) | ActionKind::Reject(Some(code)) => {
+            let (num, enhanced) = match code.split_once(' ') {
+                Some((num, enhanced)) => (num, Some(enhanced)),
+                None => (code.as_str(), None),
+            };
+            if let Some(enhanced) = enhanced {
+                text.push_str(enhanced);
+                text.push(' ');
+            }
+            Some(num.parse::<u16>().unwrap_or(450))
+        }
+        ActionKind::Defer | ActionKind::Warn | ActionKind::Hold | ActionKind::Reject(None) => None,
     };
-    Action::code(num, text.clone()).unwrap_or(Action::DeferIfPermit(Cow::Owned(text)))
+    write(text);
+    let text = Cow::Borrowed(text.as_str());
+    match (action, code) {
+        (_, Some(num)) => Action::code(num, text.clone()).unwrap_or(Action::DeferIfPermit(text)),
+        (ActionKind::Hold, _) => Action::Hold(text),
+        (ActionKind::Reject(_), _) => Action::Reject(text),
+        _ => Action::DeferIfPermit(text),
+    }
 }
 
 /// The key for a request, normalized; `None` when it is not counted.
@@ -855,7 +956,8 @@ fn is_exempt(cfg: &Config, key: &str, req: &PolicyRequest<'_>) -> bool {
     false
 }
 
-/// Fills a reply template: `{user}`, `{tier}`, `{limit}`, `{retry}`, `{retry_at}`.
+/// Fills a reply template: `{user}`, `{tier}`, `{limit}`, `{retry}`, `{retry_at}`
+/// (see [`Template`], which the request path uses instead).
 pub fn render(
     template: &str,
     user: &str,
@@ -864,42 +966,23 @@ pub fn render(
     retry_after: Option<Duration>,
     clears_at: Option<u64>,
 ) -> String {
-    let limit = limit.map(|l| l.to_string()).unwrap_or_default();
-    let retry = retry_after.map_or_else(
-        || "never (the message exceeds the limit)".to_string(),
-        fmt_duration,
-    );
-    let retry_at = clears_at.map_or_else(|| "never".to_string(), fmt_time_of_day);
-    template
-        .replace("{user}", user)
-        .replace("{tier}", tier)
-        .replace("{limit}", &limit)
-        .replace("{retry_at}", &retry_at)
-        .replace("{retry}", &retry)
+    Template::new(template).replace_chained(&Fill {
+        user,
+        tier,
+        limit: &limit.map(|l| l.to_string()).unwrap_or_default(),
+        retry_after,
+        clears_at,
+    })
 }
 
 /// `1h5m`, `12m30s`, `45s` (rounded up to whole seconds).
 pub fn fmt_duration(d: Duration) -> String {
-    let secs = d.as_millis().div_ceil(1000) as u64;
-    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
-    match (h, m, s) {
-        (0, 0, s) => format!("{s}s"),
-        (0, m, 0) => format!("{m}m"),
-        (0, m, s) => format!("{m}m{s}s"),
-        (h, 0, _) => format!("{h}h"),
-        (h, m, _) => format!("{h}h{m}m"),
-    }
+    Approx(d).to_string()
 }
 
 /// `14:05:30 UTC` for a wall-clock time in ms.
 pub fn fmt_time_of_day(ms: u64) -> String {
-    let secs = ms.div_ceil(1000) % 86_400;
-    format!(
-        "{:02}:{:02}:{:02} UTC",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    )
+    TimeOfDay(ms).to_string()
 }
 
 /// Tracked keys and their usage of their tier's first limit, heaviest first.

@@ -327,7 +327,12 @@ fn scan<'b>(
                         attributes: count,
                     }));
                 }
-                let eq = memchr::memchr(b'=', content).ok_or(ParseError::MissingEquals { line })?;
+                // Names are short and the '=' comes early: a plain loop stops there,
+                // where a memchr call costs more to set up than it saves.
+                let eq = content
+                    .iter()
+                    .position(|&b| b == b'=')
+                    .ok_or(ParseError::MissingEquals { line })?;
                 if eq == 0 {
                     return Err(ParseError::EmptyName { line });
                 }
@@ -873,6 +878,34 @@ impl<'a> Action<'a> {
         }
     }
 
+    /// The same action with `text` as its text ([`Action::Dunno`] and [`Action::Ok`]
+    /// have none and stay as they are). Lets a caller keep texts in buffers it reuses.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ratelimit_policyd::protocol::Action;
+    /// let kept = String::from("4.7.1 Slow down");
+    /// let action = Action::code(451, "")?.with_text(kept.as_str().into());
+    /// assert_eq!(action.to_string(), "451 4.7.1 Slow down");
+    /// assert_eq!(Action::Dunno.with_text("ignored".into()), Action::Dunno);
+    /// # Ok::<(), ratelimit_policyd::protocol::InvalidReplyCode>(())
+    /// ```
+    pub fn with_text<'b>(&self, text: Cow<'b, str>) -> Action<'b> {
+        match self {
+            Action::Dunno => Action::Dunno,
+            Action::Ok => Action::Ok,
+            Action::DeferIfPermit(_) => Action::DeferIfPermit(text),
+            Action::Defer(_) => Action::Defer(text),
+            Action::Reject(_) => Action::Reject(text),
+            Action::Hold(_) => Action::Hold(text),
+            Action::Code { code, .. } => Action::Code { code: *code, text },
+            Action::Warn(_) => Action::Warn(text),
+            Action::Info(_) => Action::Info(text),
+            Action::Prepend(_) => Action::Prepend(text),
+        }
+    }
+
     /// Writes the `action` value (without `action=` and the line ends), sanitized.
     fn write_value<W: fmt::Write>(&self, out: &mut W) -> fmt::Result {
         let (head, text) = match self {
@@ -938,6 +971,10 @@ fn clean(text: &str) -> Cow<'_, str> {
 
 /// Writes `text` with each control character replaced by a space.
 fn write_sanitized<W: fmt::Write>(out: &mut W, text: &str) -> fmt::Result {
+    // Printable ASCII, as every text this server writes is, has none.
+    if text.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+        return out.write_str(text);
+    }
     let mut pieces = text.split(char::is_control);
     if let Some(first) = pieces.next() {
         out.write_str(first)?;

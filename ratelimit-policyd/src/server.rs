@@ -252,7 +252,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let mut state = ConnState::default();
     let conn_id = engine.ops.next_connection_id();
     loop {
-        let idle = engine.config().idle_timeout;
+        let idle = engine.config_for(&mut state).idle_timeout;
         let next = tokio::select! {
             r = tokio::time::timeout(idle, conn.read_request()) => r,
             _ = stopped(stop.clone()) => return,
@@ -277,7 +277,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             match conn.request(&mut slots) {
                 Ok(req) => {
                     let at = engine.now();
-                    let action = engine.decide(&req, &mut state).await;
+                    let action = engine.decide_at(&req, &mut state, at).await;
                     engine.ops.record(conn_id, at, &req, &action);
                     action
                 }

@@ -31,6 +31,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use ratelimit_core::Timestamp;
 use tokio::runtime::Handle;
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -87,9 +88,10 @@ struct Deadline {
 }
 
 impl Deadline {
-    fn set(&self, workers: &Workers, within: Duration) {
+    /// The deadline `within` from `now`.
+    fn set(&self, workers: &Workers, now: Instant, within: Duration) {
         let ms = workers
-            .elapsed_ms()
+            .ms_at(now)
             .saturating_add(u64::try_from(within.as_millis()).unwrap_or(u64::MAX));
         self.at_ms.store(ms, Ordering::Relaxed);
     }
@@ -120,7 +122,12 @@ impl Workers {
     }
 
     fn elapsed_ms(&self) -> u64 {
-        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+        self.ms_at(Instant::now())
+    }
+
+    /// `at` in milliseconds since the workers were created.
+    fn ms_at(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.started).as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Shuts down, every [`WATCHDOG_EVERY`], the connections past their deadline.
@@ -166,7 +173,7 @@ impl Workers {
         let deadline = Arc::new(Deadline {
             at_ms: AtomicU64::new(u64::MAX),
         });
-        deadline.set(self, engine.config().idle_timeout);
+        deadline.set(self, Instant::now(), engine.config().idle_timeout);
         match stream.closer() {
             Ok(c) => {
                 self.open.lock().insert(id, (c, Arc::clone(&deadline)));
@@ -214,13 +221,14 @@ impl Workers {
 
 /// Decides on this thread: the memory store never waits, so one poll completes the
 /// future; a store with network calls (Redis) is driven by the runtime.
-fn decide(
+fn decide<'c>(
     engine: &Engine,
     rt: &Handle,
     req: &PolicyRequest<'_>,
-    state: &mut ConnState,
-) -> Action<'static> {
-    let mut fut = std::pin::pin!(engine.decide(req, state));
+    state: &'c mut ConnState,
+    now: Timestamp,
+) -> Action<'c> {
+    let mut fut = std::pin::pin!(engine.decide_at(req, state, now));
     if engine.counters().memory().is_some()
         && let Poll::Ready(a) = fut.as_mut().poll(&mut Context::from_waker(Waker::noop()))
     {
@@ -243,7 +251,8 @@ fn serve<S: BlockingStream>(
     let mut out = Vec::with_capacity(256);
     let mut state = ConnState::default();
     let conn_id = engine.ops.next_connection_id();
-    let mut request_started: Option<Instant> = None;
+    // Whether the wait for the next request has begun (its deadline is set).
+    let mut waiting = false;
     loop {
         // Parse the next request straight from the buffer (once: the attributes borrow
         // it), and read more only when it is incomplete.
@@ -256,7 +265,7 @@ fn serve<S: BlockingStream>(
                     match PolicyRequest::from_attributes(&slots[..p.attributes]) {
                         Ok(req) => {
                             let at = engine.now();
-                            let action = decide(engine, rt, &req, &mut state);
+                            let action = decide(engine, rt, &req, &mut state, at);
                             engine.ops.record(conn_id, at, &req, &action);
                             Some((p.consumed, action, started))
                         }
@@ -279,9 +288,10 @@ fn serve<S: BlockingStream>(
             }
             // The deadline (set when the wait for this request began) bounds the wait
             // and the whole request: bytes dripping in do not extend it.
-            if start == end && request_started.is_none() {
-                deadline.set(workers, engine.config().idle_timeout);
-                request_started = Some(Instant::now());
+            if start == end && !waiting {
+                let idle = engine.config_for(&mut state).idle_timeout;
+                deadline.set(workers, Instant::now(), idle);
+                waiting = true;
             }
             if start > 0 {
                 buf.copy_within(start..end, 0);
@@ -321,15 +331,20 @@ fn serve<S: BlockingStream>(
         if start == end {
             (start, end) = (0, 0);
         }
-        request_started = None;
+        waiting = false;
         out.clear();
         encode_response(&action, &mut out);
         // Observed before the reply goes out, so a client that has its answer sees it
         // counted (the time to write is the kernel's, not ours).
-        engine.ops.latency.observe(started.elapsed());
+        let answered = Instant::now();
+        engine
+            .ops
+            .latency
+            .observe(answered.saturating_duration_since(started));
         // A reply gets idle_timeout to be taken; then the wait for the next request
         // starts its own.
-        deadline.set(workers, engine.config().idle_timeout);
+        let idle = engine.config_for(&mut state).idle_timeout;
+        deadline.set(workers, answered, idle);
         if let Err(e) = stream.write_all(&out) {
             tracing::debug!(client = peer, error = %e, "write failed (or the client does not read its replies)");
             return;

@@ -5,7 +5,8 @@
 //! Bounded twice: at most [`PER_USER`] addresses per user, and at most
 //! [`MAX_USERS`] users; a shard that fills up is cleared (the next incidents then
 //! show fewer addresses, nothing else is affected). Updating an already-known user
-//! takes one shard lock and allocates nothing.
+//! takes one shard lock and allocates nothing; when the address is the one it was
+//! last seen from, spelled the same, it is not even parsed.
 
 use std::net::IpAddr;
 
@@ -18,7 +19,35 @@ pub const PER_USER: usize = 4;
 pub const MAX_USERS: usize = 65_536;
 const SHARDS: usize = 16;
 
-type Recent = [Option<IpAddr>; PER_USER];
+/// Longest `client_address` kept as sent (an IPv6 address in full is 39 bytes).
+const RAW_MAX: usize = 39;
+
+/// The addresses of one user, most recent first.
+struct Recent {
+    addrs: [Option<IpAddr>; PER_USER],
+    /// `client_address` as sent when `addrs[0]` was last noted, if at most
+    /// [`RAW_MAX`] bytes (`raw_len` 0: not kept).
+    raw: [u8; RAW_MAX],
+    raw_len: u8,
+}
+
+impl Recent {
+    /// Whether `client` is spelled as the address last noted.
+    fn last_is(&self, client: &[u8]) -> bool {
+        self.raw_len != 0 && self.raw.get(..usize::from(self.raw_len)) == Some(client)
+    }
+
+    /// Keeps `client` as the spelling of `addrs[0]`, when it fits.
+    fn keep_raw(&mut self, client: &[u8]) {
+        match self.raw.get_mut(..client.len()) {
+            Some(raw) if !client.is_empty() => {
+                raw.copy_from_slice(client);
+                self.raw_len = client.len() as u8;
+            }
+            _ => self.raw_len = 0,
+        }
+    }
+}
 
 /// Last client addresses per user.
 pub struct ClientsSeen {
@@ -44,22 +73,40 @@ impl ClientsSeen {
     /// Notes that `user` sent from `client` (the raw `client_address`; ignored when
     /// absent or not an IP address).
     pub fn note(&self, user: &str, client: Option<&[u8]>) {
-        let Some(ip) = client
-            .and_then(|c| std::str::from_utf8(c).ok())
-            .and_then(|c| c.parse::<IpAddr>().ok())
-        else {
+        let Some(client) = client else {
             return;
+        };
+        let parse = || {
+            std::str::from_utf8(client)
+                .ok()
+                .and_then(|c| c.parse::<IpAddr>().ok())
         };
         let mut map = self.shard(user).lock();
         if let Some(recent) = map.get_mut(user) {
-            push(recent, ip);
+            // The same spelling parses to the same address, already the most recent.
+            if recent.last_is(client) {
+                return;
+            }
+            let Some(ip) = parse() else {
+                return;
+            };
+            push(&mut recent.addrs, ip);
+            recent.keep_raw(client);
             return;
         }
+        let Some(ip) = parse() else {
+            return;
+        };
         if map.len() >= MAX_USERS / SHARDS {
             map.clear();
         }
-        let mut recent = [None; PER_USER];
-        recent[0] = Some(ip);
+        let mut recent = Recent {
+            addrs: [None; PER_USER],
+            raw: [0; RAW_MAX],
+            raw_len: 0,
+        };
+        recent.addrs[0] = Some(ip);
+        recent.keep_raw(client);
         map.insert(user.into(), recent);
     }
 
@@ -68,13 +115,13 @@ impl ClientsSeen {
         self.shard(user)
             .lock()
             .get(user)
-            .map(|r| r.iter().flatten().copied().collect())
+            .map(|r| r.addrs.iter().flatten().copied().collect())
             .unwrap_or_default()
     }
 }
 
 /// Moves `ip` to the front, keeping the others in order and dropping the oldest.
-fn push(recent: &mut Recent, ip: IpAddr) {
+fn push(recent: &mut [Option<IpAddr>; PER_USER], ip: IpAddr) {
     if recent[0] == Some(ip) {
         return;
     }
@@ -114,10 +161,33 @@ mod tests {
     }
 
     #[test]
+    fn spellings_of_one_address_count_once() {
+        let c = ClientsSeen::default();
+        let long = "0000:0000:0000:0000:0000:ffff:192.0.2.123"; // over RAW_MAX
+        for a in [
+            "2001:db8::1",
+            "192.0.2.123",
+            "2001:0db8::1",
+            long,
+            "192.0.2.123",
+        ] {
+            c.note("alice", Some(a.as_bytes()));
+        }
+        let got: Vec<String> = c.get("alice").iter().map(|i| i.to_string()).collect();
+        assert_eq!(got, ["192.0.2.123", "::ffff:192.0.2.123", "2001:db8::1"]);
+        // A bad address after a good one changes nothing, and the good one is still
+        // recognised when it comes again.
+        c.note("alice", Some(b"192.0.2.123x"));
+        c.note("alice", Some(b"192.0.2.123"));
+        c.note("alice", Some(b""));
+        assert_eq!(c.get("alice").len(), 3);
+    }
+
+    #[test]
     fn the_number_of_users_is_bounded() {
         let c = ClientsSeen::default();
         for i in 0..MAX_USERS * 2 {
-            c.note(&format!("u{i}"), Some(b"192.0.2.1"));
+            c.note(&format!("u{i}"), Some(b"192.0.2.123"));
         }
         let total: usize = c.shards.iter().map(|s| s.lock().len()).sum();
         assert!(total <= MAX_USERS, "{total}");

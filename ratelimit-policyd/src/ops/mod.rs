@@ -14,7 +14,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ahash::AHashMap;
@@ -146,6 +146,32 @@ impl Histogram {
 
 type TierCounters = Arc<[AtomicU64; 6]>;
 
+fn note(counts: &TierCounters, outcome: Outcome) {
+    let i = Outcome::ALL.iter().position(|o| *o == outcome).unwrap_or(0);
+    if let Some(n) = counts.get(i) {
+        n.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The decision counters of one tier (as [`OpsState::note_decision`] counts them).
+#[derive(Debug, Clone)]
+pub struct TierDecisions {
+    tier: Box<str>,
+    counts: TierCounters,
+}
+
+impl TierDecisions {
+    /// The tier these count (its decisions may be counted under `"other"`).
+    pub fn tier(&self) -> &str {
+        &self.tier
+    }
+
+    /// Counts a decision.
+    pub fn note(&self, outcome: Outcome) {
+        note(&self.counts, outcome);
+    }
+}
+
 /// Re-reads the configuration for `admin reload`; set by the daemon (which knows the
 /// file and the command-line overrides). Returns a summary or the error.
 pub type ReloadHook = Arc<dyn Fn(&Engine) -> Result<String, String> + Send + Sync>;
@@ -174,6 +200,8 @@ pub struct OpsState {
     pub clients: clients::ClientsSeen,
     decisions: RwLock<AHashMap<Box<str>, TierCounters>>,
     recorder: ArcSwapOption<mpsc::Sender<record::Record>>,
+    /// Whether `recorder` was ever set: one plain load per request when it was not.
+    recording: AtomicBool,
     next_conn: AtomicU64,
     metrics_addr: Mutex<Option<SocketAddr>>,
     ready: watch::Sender<bool>,
@@ -198,6 +226,7 @@ impl Default for OpsState {
             clients: clients::ClientsSeen::default(),
             decisions: RwLock::new(AHashMap::new()),
             recorder: ArcSwapOption::empty(),
+            recording: AtomicBool::new(false),
             next_conn: AtomicU64::new(0),
             metrics_addr: Mutex::new(None),
             ready: watch::channel(false).0,
@@ -217,14 +246,23 @@ impl std::fmt::Debug for OpsState {
 
 impl OpsState {
     /// Counts a decision of `tier`. Takes a read lock (a write lock the first time a
-    /// tier is seen).
+    /// tier is seen); a caller deciding many requests keeps a [`TierDecisions`].
     pub fn note_decision(&self, tier: &str, outcome: Outcome) {
-        let i = Outcome::ALL.iter().position(|o| *o == outcome).unwrap_or(0);
+        note(&self.tier_counters(tier), outcome);
+    }
+
+    /// The decision counters of `tier`, to count its decisions without looking it up
+    /// each time. Takes a read lock (a write lock the first time a tier is seen).
+    pub fn tier_decisions(&self, tier: &str) -> TierDecisions {
+        TierDecisions {
+            tier: tier.into(),
+            counts: self.tier_counters(tier),
+        }
+    }
+
+    fn tier_counters(&self, tier: &str) -> TierCounters {
         if let Some(c) = self.decisions.read().get(tier) {
-            if let Some(n) = c.get(i) {
-                n.fetch_add(1, Ordering::Relaxed);
-            }
-            return;
+            return Arc::clone(c);
         }
         let mut map = self.decisions.write();
         let label = if map.len() >= MAX_TIER_LABELS && !map.contains_key(tier) {
@@ -232,10 +270,7 @@ impl OpsState {
         } else {
             tier
         };
-        let c = map.entry(label.into()).or_default();
-        if let Some(n) = c.get(i) {
-            n.fetch_add(1, Ordering::Relaxed);
-        }
+        Arc::clone(map.entry(label.into()).or_default())
     }
 
     /// Decisions by tier and outcome, sorted by tier.
@@ -277,6 +312,9 @@ impl OpsState {
         req: &crate::protocol::PolicyRequest<'_>,
         answer: &Action<'_>,
     ) {
+        if !self.recording.load(Ordering::Acquire) {
+            return;
+        }
         let guard = self.recorder.load();
         let Some(tx) = guard.as_ref() else {
             return;
@@ -354,6 +392,7 @@ pub async fn start(engine: &Arc<Engine>, tasks: &mut JoinSet<()>, stop: watch::R
             Ok(file) => {
                 let (tx, rx) = mpsc::channel(record::QUEUE);
                 engine.ops.recorder.store(Some(Arc::new(tx)));
+                engine.ops.recording.store(true, Ordering::Release);
                 tasks.spawn(record::writer(file, rx, stop.clone()));
                 tracing::info!(path = %path.display(), "recording decided requests");
             }
