@@ -5,8 +5,9 @@
 //! Each shard holds its keys in one open-addressed table of 48-byte [`Entry`]s,
 //! four to a 192-byte bucket (three cache lines, 64-byte aligned). A key's hash
 //! picks its home bucket; a lookup reads that bucket's three lines at once and
-//! finds the key there more than 90% of the time, so a cold key costs one memory
-//! round trip: no index to read first, no pointer to chase. The table is kept
+//! finds the key there 82-87% of the time (else in the next bucket), so a cold
+//! key mostly costs one memory round trip: no index to read first, no pointer to
+//! chase. The table is kept
 //! between 75% and 85% full (it grows by a third, not by doubling): 56.5 to 64
 //! bytes per key, against about 200 for a `hashbrown` table of
 //! `(CompactString, KeyState)`. See [`Table`].
@@ -154,8 +155,9 @@ const MAX_LOAD_PCT: usize = 85;
 /// bucket count (any count: growth is by a third, not doubling, so the table
 /// stays between 75% and 85% full). Within a bucket slots fill in order and a
 /// vacant slot ends a probe, so a lookup reads the home bucket's three cache
-/// lines at once and, most of the time (over 90% at 85% load), no more: one
-/// memory round trip for a cold key. Removal leaves a tombstone; sweeps rebuild.
+/// lines at once and, 82-87% of the time (simulated at 85% and 75% load), no
+/// more: one memory round trip for a cold key. Removal leaves a tombstone;
+/// sweeps rebuild.
 ///
 /// A position is `bucket * WAYS + way`; it stays valid until the table grows or
 /// is rebuilt (only insert, sweep and rebuild do that, under the shard's lock).
