@@ -23,7 +23,7 @@ pub const STRIPES: usize = 64;
 /// line of padding would still share.
 #[derive(Debug, Default)]
 #[repr(align(128))]
-struct Padded<T>(T);
+pub(crate) struct Padded<T>(pub(crate) T);
 
 static NEXT_STRIPE: AtomicUsize = AtomicUsize::new(0);
 
