@@ -64,37 +64,70 @@ impl Counters {
     }
 }
 
-/// Request and decision counters (for metrics and `stats`).
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Requests by stage: RCPT, DATA, END-OF-MESSAGE, other.
-    pub requests: [AtomicU64; 4],
-    /// Answers: DUNNO (allowed or not counted), refused (by the tier's action), dry-run
-    /// would-refuse, failure answers.
-    pub allowed: AtomicU64,
+/// What [`Stats`] counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stat {
+    /// Requests at RCPT.
+    Rcpt,
+    /// Requests at DATA.
+    Data,
+    /// Requests at END-OF-MESSAGE.
+    EndOfMessage,
+    /// Requests at any other stage.
+    OtherStage,
+    /// Answers `DUNNO` after the limits admitted.
+    Allowed,
     /// Refusals sent (defer, code, hold, reject).
-    pub refused: AtomicU64,
+    Refused,
     /// Refusals logged only (warn tiers).
-    pub dry_run: AtomicU64,
+    DryRun,
     /// Store failures and timeouts.
-    pub store_errors: AtomicU64,
-    /// Requests not counted: no key, exempt, unlimited tier.
-    pub skipped: AtomicU64,
+    StoreErrors,
+    /// Requests not counted: no key, exempt, unlimited tier, other stages.
+    Skipped,
     /// Messages charged at END-OF-MESSAGE.
-    pub charged: AtomicU64,
+    Charged,
     /// Requests answered with the networks action (too many client networks).
-    pub networks_flagged: AtomicU64,
+    NetworksFlagged,
 }
 
+impl Stat {
+    /// How many there are.
+    const COUNT: usize = Stat::NetworksFlagged as usize + 1;
+
+    /// Requests by stage, in the order of [`Stats::requests`].
+    pub const STAGES: [Stat; 4] = [Stat::Rcpt, Stat::Data, Stat::EndOfMessage, Stat::OtherStage];
+}
+
+/// Request and decision counters (for metrics and `stats`), striped: every request
+/// adds to one or two, from whichever connection thread serves it.
+#[derive(Debug, Default)]
+pub struct Stats(crate::ops::striped::Counters<{ Stat::COUNT }>);
+
 impl Stats {
+    /// Counts one `stat`.
+    pub fn add(&self, stat: Stat) {
+        self.0.add(stat as usize, 1);
+    }
+
+    /// The count of `stat` so far.
+    pub fn get(&self, stat: Stat) -> u64 {
+        self.0.get(stat as usize)
+    }
+
+    /// Requests by stage: RCPT, DATA, END-OF-MESSAGE, other.
+    pub fn requests(&self) -> [u64; 4] {
+        let all = self.0.all();
+        Stat::STAGES.map(|s| all.get(s as usize).copied().unwrap_or(0))
+    }
+
     fn stage(&self, stage: Stage) {
-        let i = match stage {
-            Stage::Rcpt => 0,
-            Stage::Data => 1,
-            Stage::EndOfMessage => 2,
-            _ => 3,
-        };
-        self.requests[i].fetch_add(1, Ordering::Relaxed);
+        self.add(match stage {
+            Stage::Rcpt => Stat::Rcpt,
+            Stage::Data => Stat::Data,
+            Stage::EndOfMessage => Stat::EndOfMessage,
+            _ => Stat::OtherStage,
+        });
     }
 }
 
@@ -398,7 +431,7 @@ impl Engine {
     }
 
     fn skip<'t>(&self) -> Action<'t> {
-        self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+        self.stats.add(Stat::Skipped);
         Action::Dunno
     }
 
@@ -425,7 +458,7 @@ impl Engine {
         let answer = match result {
             Ok(decision) => self.answer(cfg, key, tier, &decision, now, req, text),
             Err(e) => {
-                self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                self.stats.add(Stat::StoreErrors);
                 // During an outage every request fails: warn at most every few seconds.
                 match self.ops.store_error_log_due(now.as_millis()) {
                     Some(suppressed) => {
@@ -462,7 +495,7 @@ impl Engine {
         let observation = match self.observe(cfg, key, &network, policy, now).await {
             Ok(o) => o,
             Err(e) => {
-                self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                self.stats.add(Stat::StoreErrors);
                 match self.ops.store_error_log_due(now.as_millis()) {
                     Some(suppressed) => {
                         tracing::warn!(user = %key, error = %e, suppressed, "store failure observing the client network; volume limits only")
@@ -492,11 +525,11 @@ impl Engine {
             Some(until.as_millis()),
         );
         if dry_run {
-            self.stats.dry_run.fetch_add(1, Ordering::Relaxed);
+            self.stats.add(Stat::DryRun);
             tracing::info!(user = %key, tier = tier.name(), network = %network, networks = observation.distinct, "dry run: would act on too many networks");
             return None;
         }
-        self.stats.networks_flagged.fetch_add(1, Ordering::Relaxed);
+        self.stats.add(Stat::NetworksFlagged);
         let mut text = String::new();
         Some(refusal(&policy.action, &mut text, |out| out.push_str(&rendered)).into_owned())
     }
@@ -628,9 +661,9 @@ impl Engine {
         text: &'t mut String,
     ) -> Action<'t> {
         let Some(denial) = decision.denial() else {
-            self.stats.allowed.fetch_add(1, Ordering::Relaxed);
+            self.stats.add(Stat::Allowed);
             if req.protocol_state == Stage::EndOfMessage {
-                self.stats.charged.fetch_add(1, Ordering::Relaxed);
+                self.stats.add(Stat::Charged);
             }
             return Action::Dunno;
         };
@@ -653,11 +686,11 @@ impl Engine {
             dry_run,
         );
         if dry_run {
-            self.stats.dry_run.fetch_add(1, Ordering::Relaxed);
+            self.stats.add(Stat::DryRun);
             tracing::debug!(user = %key, tier = tier.name(), limit = %limit.map(|l| l.to_string()).unwrap_or_default(), "dry run: would refuse");
             return Action::Dunno;
         }
-        self.stats.refused.fetch_add(1, Ordering::Relaxed);
+        self.stats.add(Stat::Refused);
         let formatted;
         let limit_text = match policy.limits.get(denial.limit) {
             Some((l, text)) if Some(*l) == limit => text.as_str(),

@@ -24,14 +24,13 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::io::BufRead;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use parking_lot::Mutex;
 use ratelimit_core::{Clock, ManualClock, MemoryStore, MemoryStoreConfig, Timestamp};
 
 use crate::config::{Backend, Config};
 use crate::ops::record::{Record, action_label};
-use crate::policy::{ConnState, Counters, Engine, Incident};
+use crate::policy::{ConnState, Counters, Engine, Incident, Stat};
 use crate::protocol::{Attribute, PolicyRequest};
 
 /// One replayed request.
@@ -152,10 +151,10 @@ pub async fn replay(cfg: Config, input: impl BufRead) -> std::io::Result<Report>
         // Records from several connections may be slightly out of order: time only
         // moves forward.
         clock.set(Timestamp::from_millis(rec.ts.max(clock.now().as_millis())));
-        let dry_before = engine.stats.dry_run.load(Ordering::Relaxed);
+        let dry_before = engine.stats.get(Stat::DryRun);
         let state = conns.entry(rec.conn).or_default();
         let answer = engine.decide(&req, state).await;
-        let dry_run = engine.stats.dry_run.load(Ordering::Relaxed) > dry_before;
+        let dry_run = engine.stats.get(Stat::DryRun) > dry_before;
         report.requests.push(Replayed {
             ts: rec.ts,
             user: rec.attrs.get("sasl_username").cloned(),

@@ -263,10 +263,7 @@ reply_code = "550 5.7.1"
         assert_eq!(c.message("w@example.com", &format!("w{i}"), 1).await, DUNNO);
     }
     assert_eq!(
-        s.engine
-            .stats
-            .dry_run
-            .load(std::sync::atomic::Ordering::Relaxed),
+        s.engine.stats.get(ratelimit_policyd::policy::Stat::DryRun),
         3 * 3
     );
     assert_eq!(c.message("t@example.com", "t0", 1).await, DUNNO);

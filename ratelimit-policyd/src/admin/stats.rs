@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use serde::{Deserialize, Serialize};
 
 use crate::ops::Outcome;
-use crate::policy::Engine;
+use crate::policy::{Engine, Stat};
 
 /// `{"cmd":"stats"}`
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -53,8 +53,8 @@ impl Stats {
         let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         let requests = ["rcpt", "data", "end_of_message", "other"]
             .iter()
-            .zip(s.requests.iter())
-            .map(|(k, v)| (k.to_string(), ld(v)))
+            .zip(s.requests())
+            .map(|(k, v)| (k.to_string(), v))
             .collect();
         let decisions = o
             .decisions()
@@ -72,9 +72,9 @@ impl Stats {
             uptime_secs: o.uptime().as_secs(),
             requests,
             decisions,
-            skipped: ld(&s.skipped),
-            charged: ld(&s.charged),
-            store_errors: ld(&s.store_errors),
+            skipped: s.get(Stat::Skipped),
+            charged: s.get(Stat::Charged),
+            store_errors: s.get(Stat::StoreErrors),
             tracked_keys: engine.tracked_keys(),
             connections_open: ld(&o.connections_open),
             connections_total: ld(&o.connections_total),

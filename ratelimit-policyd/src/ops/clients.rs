@@ -13,6 +13,8 @@ use std::net::IpAddr;
 use ahash::{AHashMap, RandomState};
 use parking_lot::Mutex;
 
+use super::striped::Padded;
+
 /// Addresses kept per user (most recent first).
 pub const PER_USER: usize = 4;
 /// Users tracked in all.
@@ -49,25 +51,30 @@ impl Recent {
     }
 }
 
+/// One shard: users and their recent addresses.
+type Shard = Mutex<AHashMap<Box<str>, Recent>>;
+
 /// Last client addresses per user.
 pub struct ClientsSeen {
     hasher: RandomState,
-    shards: [Mutex<AHashMap<Box<str>, Recent>>; SHARDS],
+    /// Padded: unpadded (72 bytes each), neighbouring shards shared cache lines, so
+    /// threads noting users of different shards still took each other's lines.
+    shards: [Padded<Shard>; SHARDS],
 }
 
 impl Default for ClientsSeen {
     fn default() -> Self {
         ClientsSeen {
             hasher: RandomState::new(),
-            shards: std::array::from_fn(|_| Mutex::new(AHashMap::new())),
+            shards: std::array::from_fn(|_| Padded(Mutex::new(AHashMap::new()))),
         }
     }
 }
 
 impl ClientsSeen {
-    fn shard(&self, user: &str) -> &Mutex<AHashMap<Box<str>, Recent>> {
+    fn shard(&self, user: &str) -> &Shard {
         let i = (self.hasher.hash_one(user) as usize) % SHARDS;
-        &self.shards[i]
+        &self.shards[i].0
     }
 
     /// Notes that `user` sent from `client` (the raw `client_address`; ignored when
@@ -189,7 +196,7 @@ mod tests {
         for i in 0..MAX_USERS * 2 {
             c.note(&format!("u{i}"), Some(b"192.0.2.123"));
         }
-        let total: usize = c.shards.iter().map(|s| s.lock().len()).sum();
+        let total: usize = c.shards.iter().map(|s| s.0.lock().len()).sum();
         assert!(total <= MAX_USERS, "{total}");
     }
 }

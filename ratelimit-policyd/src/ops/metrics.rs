@@ -1,7 +1,7 @@
 //! Prometheus metrics: `GET /metrics` on `[metrics] listen` (a loopback port).
 //!
 //! Written in the text exposition format by hand rather than with
-//! `prometheus-client` or `metrics`: every value already lives in an atomic of the
+//! `prometheus-client` or `metrics`: every value already lives in a counter of the
 //! engine ([`Stats`](crate::policy::Stats), [`OpsState`](super::OpsState)), so a
 //! registry would only mirror them; there are about twenty series, one histogram and
 //! one bounded label set (tiers, from the configuration); and the whole endpoint is
@@ -35,7 +35,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use super::{LATENCY_BUCKETS_US, Outcome};
-use crate::policy::Engine;
+use crate::policy::{Engine, Stat};
 
 /// The exposition format version served.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -70,13 +70,9 @@ pub fn render(engine: &Engine) -> String {
     );
     for (stage, n) in ["rcpt", "data", "end_of_message", "other"]
         .iter()
-        .zip(s.requests.iter())
+        .zip(s.requests())
     {
-        let _ = writeln!(
-            o,
-            "ratelimit_requests_total{{stage=\"{stage}\"}} {}",
-            load(n)
-        );
+        let _ = writeln!(o, "ratelimit_requests_total{{stage=\"{stage}\"}} {n}");
     }
 
     header(
@@ -122,14 +118,18 @@ pub fn render(engine: &Engine) -> String {
         "counter",
         "Requests not counted: no key, exempt, unlimited tier, or a stage that is not checked.",
     );
-    let _ = writeln!(o, "ratelimit_skipped_total {}", load(&s.skipped));
+    let _ = writeln!(o, "ratelimit_skipped_total {}", s.get(Stat::Skipped));
     header(
         &mut o,
         "ratelimit_messages_charged_total",
         "counter",
         "Messages charged at END-OF-MESSAGE.",
     );
-    let _ = writeln!(o, "ratelimit_messages_charged_total {}", load(&s.charged));
+    let _ = writeln!(
+        o,
+        "ratelimit_messages_charged_total {}",
+        s.get(Stat::Charged)
+    );
 
     header(
         &mut o,
@@ -172,7 +172,11 @@ pub fn render(engine: &Engine) -> String {
         "counter",
         "Store failures and timeouts (answered per on_store_error).",
     );
-    let _ = writeln!(o, "ratelimit_store_errors_total {}", load(&s.store_errors));
+    let _ = writeln!(
+        o,
+        "ratelimit_store_errors_total {}",
+        s.get(Stat::StoreErrors)
+    );
     if let Some(at) = engine.last_snapshot() {
         header(
             &mut o,

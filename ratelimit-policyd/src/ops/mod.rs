@@ -11,6 +11,7 @@
 //! - [`metrics`]: the `/metrics` endpoint (Prometheus text format).
 //! - [`record`]: JSON lines of decided requests, for [`replay`](crate::replay).
 //! - [`clients`]: the last few client addresses of each user, for incident lines.
+//! - [`striped`]: the counters every request adds to, one copy per thread stripe.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,6 +32,7 @@ pub mod clients;
 pub mod config;
 pub mod metrics;
 pub mod record;
+pub mod striped;
 
 /// How a decided request was answered, for `ratelimit_decisions_total{action}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,14 +103,16 @@ pub const LATENCY_BUCKETS_US: [u64; 14] = [
     1_000_000,
 ];
 
-/// Request latency: time from a complete request to its answer written.
+/// The histogram's sum (µs), after its buckets and `+Inf`.
+const LATENCY_SUM: usize = LATENCY_BUCKETS_US.len() + 1;
+/// The histogram's count.
+const LATENCY_COUNT: usize = LATENCY_SUM + 1;
+
+/// Request latency: time from a complete request to its answer written. Striped
+/// (every request observes it): non-cumulative counts per bucket and `+Inf`, then
+/// the sum in µs and the count.
 #[derive(Debug, Default)]
-pub struct Histogram {
-    /// Non-cumulative counts per bucket, plus one for `+Inf`.
-    buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
-    sum_us: AtomicU64,
-    count: AtomicU64,
-}
+pub struct Histogram(striped::Counters<{ LATENCY_COUNT + 1 }>);
 
 impl Histogram {
     /// Records one observation.
@@ -118,39 +122,34 @@ impl Histogram {
             .iter()
             .position(|b| us <= *b)
             .unwrap_or(LATENCY_BUCKETS_US.len());
-        if let Some(b) = self.buckets.get(i) {
-            b.fetch_add(1, Ordering::Relaxed);
-        }
-        self.sum_us.fetch_add(us, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
+        self.0.add(i, 1);
+        self.0.add(LATENCY_SUM, us);
+        self.0.add(LATENCY_COUNT, 1);
     }
 
     /// Cumulative counts per bucket (the last is `+Inf`), the sum in µs, the count.
     pub fn snapshot(&self) -> (Vec<u64>, u64, u64) {
-        let mut acc = 0;
-        let cumulative = self
-            .buckets
+        let all = self.0.all();
+        let mut acc = 0u64;
+        let cumulative = all
             .iter()
-            .map(|b| {
-                acc += b.load(Ordering::Relaxed);
+            .take(LATENCY_SUM)
+            .map(|n| {
+                acc = acc.wrapping_add(*n);
                 acc
             })
             .collect();
-        (
-            cumulative,
-            self.sum_us.load(Ordering::Relaxed),
-            self.count.load(Ordering::Relaxed),
-        )
+        let at = |i: usize| all.get(i).copied().unwrap_or(0);
+        (cumulative, at(LATENCY_SUM), at(LATENCY_COUNT))
     }
 }
 
-type TierCounters = Arc<[AtomicU64; 6]>;
+/// One tier's decisions by outcome (in [`Outcome::ALL`] order), striped.
+type TierCounters = Arc<striped::Counters<6>>;
 
 fn note(counts: &TierCounters, outcome: Outcome) {
     let i = Outcome::ALL.iter().position(|o| *o == outcome).unwrap_or(0);
-    if let Some(n) = counts.get(i) {
-        n.fetch_add(1, Ordering::Relaxed);
-    }
+    counts.add(i, 1);
 }
 
 /// The decision counters of one tier (as [`OpsState::note_decision`] counts them).
@@ -279,13 +278,7 @@ impl OpsState {
             .decisions
             .read()
             .iter()
-            .map(|(t, c)| {
-                let mut v = [0; 6];
-                for (slot, n) in v.iter_mut().zip(c.iter()) {
-                    *slot = n.load(Ordering::Relaxed);
-                }
-                (t.to_string(), v)
-            })
+            .map(|(t, c)| (t.to_string(), c.all()))
             .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
