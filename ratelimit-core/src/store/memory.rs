@@ -813,9 +813,10 @@ impl Shard {
         }
     }
 
-    /// Forgets every key idle at `now`; returns how many. Rebuilds the table when
-    /// keys were removed, sized for the keys left, so the memory a key flood
-    /// took is given back.
+    /// Forgets every key idle at `now`; returns how many. The removed keys leave
+    /// tombstones; the table is rebuilt, sized for the keys left, once tombstones
+    /// take a quarter of it or the keys left fill less than 3/8 of it (after a
+    /// key flood, so the memory the flood took is given back).
     fn sweep(&mut self, now: Timestamp, hasher: &ahash::RandomState) -> usize {
         let idle: Vec<u32> = self
             .table
@@ -829,7 +830,10 @@ impl Shard {
         for &pos in &idle {
             self.remove(pos);
         }
-        self.table.rebuild(0, |k| hasher.hash_one(k));
+        let slots = self.table.slots();
+        if (self.table.used - self.table.len) * 4 > slots || self.table.len * 8 < slots * 3 {
+            self.table.rebuild(0, |k| hasher.hash_one(k));
+        }
         if self.general_free.len() == self.general.len() {
             self.general = Vec::new();
             self.general_free = Vec::new();
