@@ -547,15 +547,10 @@ impl Engine {
             Networks::Remote(store) => {
                 let store = Arc::clone(store);
                 let (key, network, limit) = (key.to_string(), network.to_string(), policy.limit);
-                let job =
-                    tokio::task::spawn_blocking(move || store.observe(&key, &network, &limit, now));
-                match tokio::time::timeout(cfg.decision_timeout, job).await {
-                    Ok(Ok(r)) => r,
-                    Ok(Err(join)) => Err(StoreError::Unavailable(format!(
-                        "store task failed: {join}"
-                    ))),
-                    Err(_) => Err(StoreError::Timeout(cfg.decision_timeout)),
-                }
+                blocking_store_call(cfg.decision_timeout, move || {
+                    store.observe(&key, &network, &limit, now)
+                })
+                .await
             }
         }
     }
@@ -635,16 +630,10 @@ impl Engine {
                 let store = Arc::clone(store);
                 let key = key.to_string();
                 let tier = Arc::clone(tier);
-                let job = tokio::task::spawn_blocking(move || {
+                blocking_store_call(cfg.decision_timeout, move || {
                     store.check(&key, tier.limits(), cost, now, mode)
-                });
-                match tokio::time::timeout(cfg.decision_timeout, job).await {
-                    Ok(Ok(r)) => r,
-                    Ok(Err(join)) => Err(StoreError::Unavailable(format!(
-                        "store task failed: {join}"
-                    ))),
-                    Err(_) => Err(StoreError::Timeout(cfg.decision_timeout)),
-                }
+                })
+                .await
             }
         }
     }
@@ -1040,6 +1029,21 @@ pub fn top_senders(engine: &Engine, n: usize) -> Vec<(String, String, u64, u64)>
     all.sort_by(|a, b| b.2.cmp(&a.2).then_with(|| a.0.cmp(&b.0)));
     all.truncate(n);
     all
+}
+
+/// Runs a call to a remote store on the blocking pool, bounded by `timeout`: a
+/// store that hangs, or a task that panics, is a [`StoreError`] like any other.
+async fn blocking_store_call<T: Send + 'static>(
+    timeout: std::time::Duration,
+    call: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(timeout, tokio::task::spawn_blocking(call)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(join)) => Err(StoreError::Unavailable(format!(
+            "store task failed: {join}"
+        ))),
+        Err(_) => Err(StoreError::Timeout(timeout)),
+    }
 }
 
 #[cfg(test)]

@@ -233,13 +233,12 @@ impl Table {
         if (self.used + 1) * 100 > self.slots() * MAX_LOAD_PCT {
             self.rebuild(self.len + 1, &hash_of);
         }
-        let pos = match self.place(hash) {
-            Some(pos) => pos,
-            None => {
-                // Unreachable at the load kept; stay correct anyway.
-                self.rebuild(self.len * 2 + 8, &hash_of);
-                self.place(hash).unwrap_or(0)
+        // `place` finds a slot at the load kept; should it ever not, grow until it does.
+        let pos = loop {
+            if let Some(pos) = self.place(hash) {
+                break pos;
             }
+            self.rebuild(self.len * 2 + 8, &hash_of);
         };
         if self.get(pos).tag() == VACANT {
             self.used += 1;

@@ -342,6 +342,12 @@ impl RedisStore {
         }
     }
 
+    /// One `DEL` of the hash `name`; whether it existed.
+    pub(crate) fn delete(&self, name: &str) -> Result<bool, StoreError> {
+        let n: i64 = self.run(|con| redis::cmd("DEL").arg(name).query(con))?;
+        Ok(n > 0)
+    }
+
     /// Runs `op` on a pooled or new connection (see "Connections" in the module docs).
     fn run<T>(
         &self,
@@ -714,9 +720,7 @@ impl Scan for RedisStore {
 impl Reset for RedisStore {
     /// One `DEL`.
     fn reset(&self, key: &str) -> Result<bool, StoreError> {
-        let name = self.key_name(key);
-        let n: i64 = self.run(|con| redis::cmd("DEL").arg(&name).query(con))?;
-        Ok(n > 0)
+        self.delete(&self.key_name(key))
     }
 }
 

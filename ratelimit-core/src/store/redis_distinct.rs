@@ -132,9 +132,7 @@ impl DistinctStore for RedisStore {
 
     /// One `DEL`.
     fn forget(&self, key: &str) -> Result<bool, StoreError> {
-        let name = self.distinct_key_name(key);
-        let n: i64 = self.run(|con| redis::cmd("DEL").arg(&name).query(con))?;
-        Ok(n > 0)
+        self.delete(&self.distinct_key_name(key))
     }
 }
 
