@@ -17,6 +17,7 @@ use crate::decision::{Cost, Decision, Mode};
 use crate::quota::Limit;
 
 mod distinct_memory;
+mod huge;
 mod memory;
 #[cfg(feature = "redis")]
 pub mod redis;
