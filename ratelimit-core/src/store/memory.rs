@@ -198,7 +198,7 @@ impl Table {
     }
 
     fn home(&self, hash: u64) -> usize {
-        (((hash & 0xffff_ffff) * self.buckets.len() as u64) >> 32) as usize
+        home_bucket(hash, self.buckets.len())
     }
 
     /// The position of `key` (whose hash is `hash`).
@@ -318,6 +318,13 @@ impl Table {
     }
 }
 
+/// The home bucket of `hash` among `buckets`: the hash's low 32 bits scaled
+/// to the count (the table's lookups and the lock-free prefetch must agree).
+#[inline]
+fn home_bucket(hash: u64, buckets: usize) -> usize {
+    (((hash & 0xffff_ffff) * buckets as u64) >> 32) as usize
+}
+
 /// Where a shard's table is, readable without the shard's lock: the store
 /// prefetches a key's home bucket before it locks the shard, so the memory
 /// round trip overlaps the lock. Only a hint: the two words may be stale or
@@ -332,8 +339,7 @@ impl TableHint {
     /// Starts loading the three cache lines of `hash`'s home bucket.
     #[inline]
     fn prefetch(&self, hash: u64) {
-        let n = self.buckets.load(Ordering::Relaxed) as u64;
-        let home = (((hash & 0xffff_ffff) * n) >> 32) as usize;
+        let home = home_bucket(hash, self.buckets.load(Ordering::Relaxed));
         let at = self
             .base
             .load(Ordering::Relaxed)
