@@ -20,8 +20,8 @@ fuzz_target!(|data: &[u8]| {
         Ok(cfg) => {
             // What check-config prints must be computable for any valid config.
             let _ = config::describe(&cfg);
-            assert!(cfg.max_connections >= 1);
-            assert!(!cfg.listen.is_empty());
+            assert!(cfg.server.max_connections >= 1);
+            assert!(!cfg.server.listen.is_empty());
         }
         Err(e) => {
             assert_eq!(e.file, "fuzz.toml");

@@ -44,7 +44,7 @@ pub fn load_config(path: Option<&Path>, listen: &[ListenAddr]) -> Result<Config,
         None => config::builtin(),
     };
     if !listen.is_empty() {
-        cfg.listen = listen.to_vec();
+        cfg.server.listen = listen.to_vec();
     }
     crate::admin::overrides::apply(&mut cfg)?;
     Ok(cfg)
@@ -52,13 +52,13 @@ pub fn load_config(path: Option<&Path>, listen: &[ListenAddr]) -> Result<Config,
 
 /// Builds the engine for `cfg`: the store, restored from its snapshot when configured.
 pub fn build_engine(cfg: Config, clock: Arc<dyn Clock>) -> Result<Arc<Engine>, StartError> {
-    let counters = match &cfg.backend {
+    let counters = match &cfg.store.backend {
         Backend::Memory { max_keys } => {
             let store = MemoryStore::with_config(MemoryStoreConfig {
                 max_keys: *max_keys,
                 ..MemoryStoreConfig::default()
             });
-            if let Some(snap) = &cfg.snapshot {
+            if let Some(snap) = &cfg.store.snapshot {
                 restore(&store, &snap.path, snap.start_empty_if_bad, clock.now())?;
             }
             Counters::Memory(Arc::new(store))
@@ -121,7 +121,7 @@ fn restore(
 /// Binds every configured listener.
 pub async fn bind(cfg: &Config) -> Result<Vec<Listener>, StartError> {
     let mut out = Vec::new();
-    for addr in &cfg.listen {
+    for addr in &cfg.server.listen {
         out.push(
             Listener::bind(addr)
                 .await
@@ -165,8 +165,8 @@ pub async fn serve(
     let addrs: Vec<String> = listeners.iter().map(|l| l.describe()).collect();
     tracing::info!(
         config = %cfg.source,
-        store = match &cfg.backend { Backend::Memory { .. } => "memory", Backend::Redis { .. } => "redis" },
-        tiers = cfg.tiers.tiers().count(),
+        store = match &cfg.store.backend { Backend::Memory { .. } => "memory", Backend::Redis { .. } => "redis" },
+        tiers = cfg.tiers.map.tiers().count(),
         "ratelimit-policyd {} started",
         env!("CARGO_PKG_VERSION")
     );
@@ -211,19 +211,19 @@ pub fn try_reload(
     match load_config(path, listen) {
         Ok(new) => {
             let old = engine.config();
-            if new.listen != old.listen
-                || new.backend != old.backend
-                || new.max_connections != old.max_connections
+            if new.server.listen != old.server.listen
+                || new.store.backend != old.store.backend
+                || new.server.max_connections != old.server.max_connections
             {
                 tracing::warn!(
                     "reload: changes to listen, store backend or max_connections take effect only after a restart"
                 );
             }
-            tracing::info!(config = %new.source, tiers = new.tiers.tiers().count(), "configuration reloaded");
+            tracing::info!(config = %new.source, tiers = new.tiers.map.tiers().count(), "configuration reloaded");
             let summary = format!(
                 "reloaded {} ({} tiers)",
                 new.source,
-                new.tiers.tiers().count()
+                new.tiers.map.tiers().count()
             );
             engine.set_config(new);
             Ok(summary)

@@ -20,6 +20,7 @@ pub mod admin;
 pub mod config;
 pub mod connection;
 pub mod daemon;
+pub mod key;
 pub mod logthrottle;
 pub mod ops;
 pub mod policy;

@@ -92,7 +92,7 @@ fn main() -> ExitCode {
         Some(Command::Replay { log }) => replay(cli.config.as_deref(), &log),
         None => {
             let cfg_json = daemon::load_config(cli.config.as_deref(), &cli.listen)
-                .map(|c| c.log_json)
+                .map(|c| c.server.log_json)
                 .unwrap_or(false);
             init_logging(cfg_json);
             let rt = match tokio::runtime::Builder::new_multi_thread()

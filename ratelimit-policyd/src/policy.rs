@@ -252,12 +252,12 @@ impl Engine {
     /// An engine deciding by `config` with `counters`, at the times `clock` gives.
     pub fn new(config: Config, counters: Counters, clock: Arc<dyn Clock>) -> Engine {
         let networks = match &counters {
-            Counters::Memory(_) => {
-                Networks::Memory(Arc::new(DistinctMemoryStore::new(match config.backend {
+            Counters::Memory(_) => Networks::Memory(Arc::new(DistinctMemoryStore::new(
+                match config.store.backend {
                     Backend::Memory { max_keys } => max_keys,
                     Backend::Redis { .. } => 1_000_000,
-                })))
-            }
+                },
+            ))),
             Counters::Remote(r) => Networks::Remote(Arc::clone(r)),
         };
         Engine {
@@ -350,11 +350,12 @@ impl Engine {
             tracing::debug!(user = %key, "exempt");
             return self.skip();
         }
-        let tier = cfg.tiers.tier_of(&key);
+        let tier = cfg.tiers.map.tier_of(&key);
         let watch = cfg
             .networks
+            .by_tier
             .get(tier.name())
-            .filter(|_| !cfg.roaming_users.contains(key.as_ref()));
+            .filter(|_| !cfg.exempt.roaming_users.contains(key.as_ref()));
         if tier.is_unlimited() && watch.is_none() {
             return self.skip();
         }
@@ -462,11 +463,11 @@ impl Engine {
                 // During an outage every request fails: warn at most every few seconds.
                 match self.ops.store_error_log_due(now.as_millis()) {
                     Some(suppressed) => {
-                        tracing::warn!(user = %key, error = %e, fail = ?cfg.on_store_error, suppressed, "store failure")
+                        tracing::warn!(user = %key, error = %e, fail = ?cfg.server.on_store_error, suppressed, "store failure")
                     }
                     None => tracing::debug!(user = %key, error = %e, "store failure"),
                 }
-                match cfg.on_store_error {
+                match cfg.server.on_store_error {
                     FailMode::Open => Action::Dunno,
                     FailMode::Closed => Action::DeferIfPermit(Cow::Borrowed(
                         "4.3.0 Rate limiter temporarily unavailable, try again later",
@@ -491,7 +492,8 @@ impl Engine {
         req: &PolicyRequest<'_>,
     ) -> Option<Action<'static>> {
         let ip = canonical_ip(req.client_address.and_then(parse_ip)?);
-        let network = client_network(ip, cfg.ipv4_prefix, cfg.ipv6_prefix).to_string();
+        let network =
+            client_network(ip, cfg.keying.ipv4_prefix, cfg.keying.ipv6_prefix).to_string();
         let observation = match self.observe(cfg, key, &network, policy, now).await {
             Ok(o) => o,
             Err(e) => {
@@ -547,7 +549,7 @@ impl Engine {
             Networks::Remote(store) => {
                 let store = Arc::clone(store);
                 let (key, network, limit) = (key.to_string(), network.to_string(), policy.limit);
-                blocking_store_call(cfg.decision_timeout, move || {
+                blocking_store_call(cfg.server.decision_timeout, move || {
                     store.observe(&key, &network, &limit, now)
                 })
                 .await
@@ -630,7 +632,7 @@ impl Engine {
                 let store = Arc::clone(store);
                 let key = key.to_string();
                 let tier = Arc::clone(tier);
-                blocking_store_call(cfg.decision_timeout, move || {
+                blocking_store_call(cfg.server.decision_timeout, move || {
                     store.check(&key, tier.limits(), cost, now, mode)
                 })
                 .await
@@ -656,7 +658,11 @@ impl Engine {
             }
             return Action::Dunno;
         };
-        let policy = cfg.policies.get(tier.name()).unwrap_or(&DEFAULT_POLICY);
+        let policy = cfg
+            .tiers
+            .policies
+            .get(tier.name())
+            .unwrap_or(&DEFAULT_POLICY);
         let limit = tier.limits().get(denial.limit).copied();
         let used = decision.statuses().get(denial.limit).map_or(0, |s| s.used);
         let clears_at = denial
@@ -881,9 +887,9 @@ fn refusal<'t>(
 /// The key for a request, normalized; `None` when it is not counted.
 pub fn request_key<'a>(cfg: &Config, req: &PolicyRequest<'a>) -> Option<Cow<'a, str>> {
     if let Some(user) = req.sasl_username {
-        return Some(normalize_bytes(user));
+        return Some(crate::key::normalize(user));
     }
-    match cfg.without_sasl {
+    match cfg.keying.without_sasl {
         WithoutSasl::Skip => None,
         WithoutSasl::ClientAddress => {
             let ip = parse_ip(req.client_address?)?;
@@ -891,12 +897,15 @@ pub fn request_key<'a>(cfg: &Config, req: &PolicyRequest<'a>) -> Option<Cow<'a, 
         }
         WithoutSasl::ClientPrefix => {
             let ip = parse_ip(req.client_address?)?;
-            let net = client_network(ip, cfg.ipv4_prefix, cfg.ipv6_prefix);
+            let net = client_network(ip, cfg.keying.ipv4_prefix, cfg.keying.ipv6_prefix);
             Some(Cow::Owned(format!("net:{net}")))
         }
         WithoutSasl::Sender => {
             let sender = req.sender?;
-            Some(Cow::Owned(format!("sender:{}", normalize_bytes(sender))))
+            Some(Cow::Owned(format!(
+                "sender:{}",
+                crate::key::normalize(sender)
+            )))
         }
     }
 }
@@ -921,59 +930,20 @@ fn parse_ip(raw: &[u8]) -> Option<IpAddr> {
     std::str::from_utf8(raw).ok()?.parse().ok()
 }
 
-/// A user name (raw bytes from the request) as a key: [`normalize`]d when it is UTF-8.
-///
-/// A name that is not UTF-8 (a Latin-1 user database, a broken client) still gets a key
-/// of its own, never a lossy one: `U+FFFD` replacement would make `jos\xe9` and
-/// `jos\xe8` (and the valid `jos\u{fffd}`) one user sharing one quota. Its ASCII
-/// whitespace is trimmed and ASCII letters lowercased, valid UTF-8 runs are normalized
-/// as usual, and every invalid byte is written `\XHH` (capital X, upper-case hex).
-/// Normalized UTF-8 names never contain a capital `X`, so such keys cannot collide with
-/// them, and the escaping is reversible, so they cannot collide with each other.
-fn normalize_bytes(raw: &[u8]) -> Cow<'_, str> {
-    if let Ok(s) = std::str::from_utf8(raw) {
-        return normalize(Cow::Borrowed(s));
-    }
-    use std::fmt::Write;
-    let raw = raw.trim_ascii();
-    let mut key = String::with_capacity(raw.len() + 8);
-    for chunk in raw.utf8_chunks() {
-        key.push_str(&chunk.valid().to_lowercase());
-        for byte in chunk.invalid() {
-            let _ = write!(key, "\\X{byte:02X}");
-        }
-    }
-    Cow::Owned(key)
-}
-
-/// Trimmed and lowercased, borrowing when it already is.
-fn normalize(s: Cow<'_, str>) -> Cow<'_, str> {
-    let trimmed = s.trim();
-    let needs_lower = trimmed.chars().any(char::is_uppercase);
-    if !needs_lower && trimmed.len() == s.len() {
-        return s;
-    }
-    if needs_lower {
-        Cow::Owned(trimmed.to_lowercase())
-    } else {
-        Cow::Owned(trimmed.to_string())
-    }
-}
-
 fn is_exempt(cfg: &Config, key: &str, req: &PolicyRequest<'_>) -> bool {
-    if cfg.exempt_users.contains(key) {
+    if cfg.exempt.users.contains(key) {
         return true;
     }
-    if !cfg.exempt_domains.is_empty()
+    if !cfg.exempt.domains.is_empty()
         && let Some((_, domain)) = key.rsplit_once('@')
-        && cfg.exempt_domains.contains(domain)
+        && cfg.exempt.domains.contains(domain)
     {
         return true;
     }
-    if !cfg.exempt_clients.is_empty()
+    if !cfg.exempt.clients.is_empty()
         && let Some(ip) = req.client_address.and_then(parse_ip)
     {
-        return cfg.exempt_clients.iter().any(|n| n.contains(&ip));
+        return cfg.exempt.clients.iter().any(|n| n.contains(&ip));
     }
     false
 }
@@ -1013,7 +983,7 @@ pub fn top_senders(engine: &Engine, n: usize) -> Vec<(String, String, u64, u64)>
     let now = engine.now();
     let mut all: Vec<(String, String, u64, u64)> = Vec::new();
     let _ = engine.scan(&mut |key, state| {
-        let tier = cfg.tiers.tier_of(key);
+        let tier = cfg.tiers.map.tier_of(key);
         if let Some(first) = tier.limits().first() {
             let used = state.used(first, now);
             if used > 0 {
@@ -1075,42 +1045,6 @@ mod tests {
             t,
             "a@b in default hit 100/1h; retry in 1m30s (22:13:20 UTC)"
         );
-    }
-
-    #[test]
-    fn normalization_trims_and_lowercases_without_copying_clean_names() {
-        assert!(matches!(
-            normalize(Cow::Borrowed("alice@example.com")),
-            Cow::Borrowed(_)
-        ));
-        assert_eq!(
-            normalize(Cow::Borrowed(" Alice@Example.COM ")),
-            "alice@example.com"
-        );
-        assert_eq!(normalize(Cow::Borrowed("ÉLODIE")), "élodie");
-    }
-
-    #[test]
-    fn names_that_are_not_utf8_get_keys_of_their_own() {
-        assert_eq!(
-            normalize_bytes(b" Jos\xe9@Example.com "),
-            "jos\\XE9@example.com"
-        );
-        let keys = [
-            normalize_bytes(b"jos\xe9"),
-            normalize_bytes(b"jos\xe8"),
-            normalize_bytes("jos\u{fffd}".as_bytes()),
-            normalize_bytes(b"jos\\XE9"),
-        ];
-        for (i, a) in keys.iter().enumerate() {
-            for b in &keys[i + 1..] {
-                assert_ne!(a, b);
-            }
-        }
-        assert_eq!(normalize_bytes(b"JOS\xe9"), normalize_bytes(b"jos\xe9"));
-        // A valid name spelling the escape is lowercased like any other.
-        assert_eq!(normalize_bytes(b"jos\\XE9"), "jos\\xe9");
-        assert_eq!(normalize_bytes(b"\xc3\x89\xff"), "\u{e9}\\XFF");
     }
 
     #[test]

@@ -96,7 +96,7 @@ pub fn run(cfg: Config, input: impl BufRead) -> std::io::Result<Report> {
 
 /// Replays the JSON lines of `input` through `cfg`.
 pub async fn replay(cfg: Config, input: impl BufRead) -> std::io::Result<Report> {
-    let max_keys = match &cfg.backend {
+    let max_keys = match &cfg.store.backend {
         Backend::Memory { max_keys } => *max_keys,
         Backend::Redis { .. } => MemoryStoreConfig::default().max_keys,
     };

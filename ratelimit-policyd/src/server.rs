@@ -108,7 +108,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let cfg = engine.config();
-    let max = cfg.max_connections.min(Semaphore::MAX_PERMITS);
+    let max = cfg.server.max_connections.min(Semaphore::MAX_PERMITS);
     let permits = Arc::new(Semaphore::new(max));
     let (stop_tx, stop_rx) = watch::channel(false);
     let workers = Workers::new();
@@ -171,7 +171,7 @@ async fn accept_loop(
             Ok(Accepted::Tcp(stream, peer)) => {
                 backoff = Duration::from_millis(5);
                 let ip = canonical(peer.ip());
-                if !engine.config().allow.iter().any(|n| n.contains(&ip)) {
+                if !engine.config().server.allow.iter().any(|n| n.contains(&ip)) {
                     engine
                         .ops
                         .connections_refused
@@ -252,7 +252,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let mut state = ConnState::default();
     let conn_id = engine.ops.next_connection_id();
     loop {
-        let idle = engine.config_for(&mut state).idle_timeout;
+        let idle = engine.config_for(&mut state).server.idle_timeout;
         let next = tokio::select! {
             r = tokio::time::timeout(idle, conn.read_request()) => r,
             _ = stopped(stop.clone()) => return,
@@ -311,8 +311,9 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
 
 async fn maintenance(engine: Arc<Engine>, stop: watch::Receiver<bool>) {
     let cfg = engine.config();
-    let mut sweep = tokio::time::interval(cfg.sweep_interval);
+    let mut sweep = tokio::time::interval(cfg.store.sweep_interval);
     let snap_every = cfg
+        .store
         .snapshot
         .as_ref()
         .map_or(Duration::from_secs(3600), |s| s.interval);
@@ -338,7 +339,7 @@ async fn maintenance(engine: Arc<Engine>, stop: watch::Receiver<bool>) {
 /// Writes the memory store's snapshot, if configured; logs the outcome.
 pub fn write_snapshot(engine: &Engine) -> Option<ratelimit_core::store::snapshot::SnapshotStats> {
     let cfg = engine.config();
-    let snap = cfg.snapshot.as_ref()?;
+    let snap = cfg.store.snapshot.as_ref()?;
     let mem = engine.counters().memory()?;
     match mem.save_snapshot(&snap.path, engine.now()) {
         Ok(stats) => {

@@ -173,7 +173,7 @@ impl Workers {
         let deadline = Arc::new(Deadline {
             at_ms: AtomicU64::new(u64::MAX),
         });
-        deadline.set(self, Instant::now(), engine.config().idle_timeout);
+        deadline.set(self, Instant::now(), engine.config().server.idle_timeout);
         match stream.closer() {
             Ok(c) => {
                 self.open.lock().insert(id, (c, Arc::clone(&deadline)));
@@ -289,7 +289,7 @@ fn serve<S: BlockingStream>(
             // The deadline (set when the wait for this request began) bounds the wait
             // and the whole request: bytes dripping in do not extend it.
             if start == end && !waiting {
-                let idle = engine.config_for(&mut state).idle_timeout;
+                let idle = engine.config_for(&mut state).server.idle_timeout;
                 deadline.set(workers, Instant::now(), idle);
                 waiting = true;
             }
@@ -343,7 +343,7 @@ fn serve<S: BlockingStream>(
             .observe(answered.saturating_duration_since(started));
         // A reply gets idle_timeout to be taken; then the wait for the next request
         // starts its own.
-        let idle = engine.config_for(&mut state).idle_timeout;
+        let idle = engine.config_for(&mut state).server.idle_timeout;
         deadline.set(workers, answered, idle);
         if let Err(e) = stream.write_all(&out) {
             tracing::debug!(client = peer, error = %e, "write failed (or the client does not read its replies)");

@@ -156,7 +156,7 @@ async fn every_admin_command_works_through_the_cli() {
     std::fs::write(&srv.config_path, text).unwrap();
     let out = ok(&sock, &["reload"]).await;
     assert!(out.starts_with("reloaded "), "{out}");
-    assert!(srv.engine.config().tiers.get("trial").is_some());
+    assert!(srv.engine.config().tiers.map.get("trial").is_some());
     assert!(
         ok(&sock, &["show", "alice@example.com"])
             .await
@@ -171,7 +171,7 @@ async fn every_admin_command_works_through_the_cli() {
         "{err}"
     );
     assert!(
-        srv.engine.config().tiers.get("trial").is_some(),
+        srv.engine.config().tiers.map.get("trial").is_some(),
         "the old config is kept"
     );
 

@@ -477,6 +477,7 @@ fn tier_settings_override_the_networks_defaults() {
     let cfg = config::parse(BASE_CONFIG, "test.toml", None).unwrap();
     let show = |tier: &str| {
         cfg.networks
+            .by_tier
             .get(tier)
             .map(|n| format!("{} {:?}", n.limit, n.action))
     };
@@ -485,7 +486,7 @@ fn tier_settings_override_the_networks_defaults() {
     assert_eq!(show("watch").as_deref(), Some(">3/1h Warn"));
     assert_eq!(show("deferring").as_deref(), Some(">1/1h Defer"));
     assert_eq!(show("roaming"), None);
-    assert!(cfg.roaming_users.contains("traveller@example.com"));
+    assert!(cfg.exempt.roaming_users.contains("traveller@example.com"));
     let described = config::describe(&cfg);
     assert!(
         described.contains("tier strict: networks >2/30m -> Hold"),
@@ -494,7 +495,7 @@ fn tier_settings_override_the_networks_defaults() {
     // The default text follows the action: logged by Postfix for hold, seen by the
     // client for defer.
     assert_eq!(
-        cfg.networks["strict"].message,
+        cfg.networks.by_tier["strict"].message,
         config::DEFAULT_NETWORKS_MESSAGE
     );
     let d = config::parse(
@@ -504,15 +505,16 @@ fn tier_settings_override_the_networks_defaults() {
     )
     .unwrap();
     assert_eq!(
-        d.networks["default"].message,
+        d.networks.by_tier["default"].message,
         config::DEFAULT_NETWORKS_REFUSAL
     );
     // Without any networks setting nothing is watched (the built-in default).
-    assert!(config::builtin().networks.is_empty());
+    assert!(config::builtin().networks.by_tier.is_empty());
     // [networks] alone applies to the default tier of a config without [tiers].
     let cfg = config::parse("[networks]\nmax = 4\n", "t", None).unwrap();
     assert_eq!(
         cfg.networks
+            .by_tier
             .get("default")
             .map(|n| n.limit.to_string())
             .as_deref(),

@@ -74,7 +74,7 @@ impl Server {
     async fn start(text: &str) -> Server {
         let mut cfg = config::parse(text, "hostile.toml", None).expect("test config is valid");
         if !text.contains("listen") {
-            cfg.listen = vec!["127.0.0.1:0".parse().unwrap()];
+            cfg.server.listen = vec!["127.0.0.1:0".parse().unwrap()];
         }
         let clock = ManualClock::new(Timestamp::from_millis(T0));
         let engine = daemon::build_engine(cfg, Arc::new(clock)).unwrap();

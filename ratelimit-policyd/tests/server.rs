@@ -227,7 +227,7 @@ limits = ["5/1h"]
     }
     assert_ne!(c.message("fay@example.com", "f3", 1).await, DUNNO);
     let mut cfg = (*s.engine.config()).clone();
-    cfg.tiers.assign("fay@example.com", "bulk").unwrap();
+    cfg.tiers.map.assign("fay@example.com", "bulk").unwrap();
     s.engine.set_config(cfg);
     // 3 already sent: 2 more in the bulk tier.
     assert_eq!(c.message("fay@example.com", "f4", 1).await, DUNNO);

@@ -11,7 +11,8 @@ use std::io::{self, Write};
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
-use crate::config::{Config, ConfigError, normalize_user};
+use crate::config::{Config, ConfigError};
+use crate::key;
 
 static LOCK: Mutex<()> = Mutex::new(());
 
@@ -50,7 +51,7 @@ pub fn read(path: &Path) -> Result<BTreeMap<String, String>, ConfigError> {
                 message: format!("expected \"user tier\", found \"{line}\""),
             });
         };
-        out.insert(normalize_user(user), tier.to_string());
+        out.insert(key::from_text(user), tier.to_string());
     }
     Ok(out)
 }
@@ -60,7 +61,7 @@ pub fn apply(cfg: &mut Config) -> Result<usize, ConfigError> {
     let path = cfg.ops.admin.tier_overrides.clone();
     let mut n = 0;
     for (user, tier) in read(&path)? {
-        match cfg.tiers.assign(&user, &tier) {
+        match cfg.tiers.map.assign(&user, &tier) {
             Ok(()) => n += 1,
             Err(e) => tracing::warn!(
                 file = %path.display(),

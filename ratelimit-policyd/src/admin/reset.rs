@@ -4,7 +4,6 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::normalize_user;
 use crate::policy::Engine;
 
 /// `{"cmd":"reset","user":"alice@example.com"}`
@@ -26,7 +25,7 @@ pub struct ResetReply {
 impl Reset {
     /// Resets the user.
     pub async fn apply(self, engine: &Arc<Engine>) -> Result<ResetReply, String> {
-        let key = normalize_user(&self.user);
+        let key = crate::key::from_text(&self.user);
         if key.is_empty() {
             return Err("reset needs a user".into());
         }

@@ -8,7 +8,6 @@ use std::time::Duration;
 use ratelimit_core::{Cost, Decision, Mode, Store};
 use serde::{Deserialize, Serialize};
 
-use crate::config::normalize_user;
 use crate::policy::{Counters, Engine, fmt_duration};
 
 /// `{"cmd":"show","user":"alice@example.com"}`
@@ -55,16 +54,16 @@ pub struct ShowReply {
 impl Show {
     /// Peeks the user's counters (nothing is recorded).
     pub async fn apply(self, engine: &Arc<Engine>) -> Result<ShowReply, String> {
-        let key = normalize_user(&self.user);
+        let key = crate::key::from_text(&self.user);
         if key.is_empty() {
             return Err("show needs a user".into());
         }
         let cfg = engine.config();
-        let tier = Arc::clone(cfg.tiers.tier_of(&key));
-        let exempt = cfg.exempt_users.contains(&key)
+        let tier = Arc::clone(cfg.tiers.map.tier_of(&key));
+        let exempt = cfg.exempt.users.contains(&key)
             || key
                 .rsplit_once('@')
-                .is_some_and(|(_, d)| cfg.exempt_domains.contains(d));
+                .is_some_and(|(_, d)| cfg.exempt.domains.contains(d));
         let now = engine.now();
         let decision: Decision = match engine.counters().clone() {
             Counters::Memory(m) => m

@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::normalize_user;
 use crate::policy::Engine;
 
 /// `{"cmd":"tier","user":"alice@example.com","tier":"bulk"}`
@@ -33,7 +32,7 @@ pub struct TierReply {
 impl SetTier {
     /// Persists, then applies to the running configuration.
     pub async fn apply(self, engine: &Arc<Engine>) -> Result<TierReply, String> {
-        let key = normalize_user(&self.user);
+        let key = crate::key::from_text(&self.user);
         if key.is_empty() || key == "@" {
             return Err("tier needs a user (or @domain) and a tier".into());
         }
@@ -47,15 +46,15 @@ fn set(engine: &Engine, key: &str, tier: &str) -> Result<TierReply, String> {
     // Held across write and swap, and by reload, so neither loses the other's change.
     let _guard = super::overrides::lock();
     let cfg = engine.config();
-    if cfg.tiers.get(tier).is_none() {
-        let mut names: Vec<&str> = cfg.tiers.tiers().map(|t| t.name()).collect();
+    if cfg.tiers.map.get(tier).is_none() {
+        let mut names: Vec<&str> = cfg.tiers.map.tiers().map(|t| t.name()).collect();
         names.sort_unstable();
         return Err(format!(
             "no tier is called \"{tier}\" (tiers: {})",
             names.join(", ")
         ));
     }
-    let previous = cfg.tiers.tier_of(key).name().to_string();
+    let previous = cfg.tiers.map.tier_of(key).name().to_string();
     let path = &cfg.ops.admin.tier_overrides;
     super::overrides::set(path, key, tier).map_err(|e| {
         format!(
@@ -64,7 +63,7 @@ fn set(engine: &Engine, key: &str, tier: &str) -> Result<TierReply, String> {
         )
     })?;
     let mut new = (*cfg).clone();
-    new.tiers.assign(key, tier).map_err(|e| e.to_string())?;
+    new.tiers.map.assign(key, tier).map_err(|e| e.to_string())?;
     engine.set_config(new);
     tracing::info!(user = %key, tier, previous = %previous, "admin: tier changed");
     Ok(TierReply {

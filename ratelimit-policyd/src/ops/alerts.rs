@@ -35,7 +35,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
-use super::config::{AlertsConfig, HttpUrl, Secret, redact};
+use crate::config::ops::{AlertsConfig, HttpUrl, Secret, redact};
 use crate::policy::{Engine, Incident};
 
 /// The webhook body (and the source of the command's environment).

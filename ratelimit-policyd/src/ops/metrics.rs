@@ -85,6 +85,7 @@ pub fn render(engine: &Engine) -> String {
     let mut tiers: Vec<String> = engine
         .config()
         .tiers
+        .map
         .tiers()
         .map(|t| t.name().to_string())
         .collect();

@@ -29,7 +29,6 @@ use crate::protocol::Action;
 
 pub mod alerts;
 pub mod clients;
-pub mod config;
 pub mod metrics;
 pub mod record;
 pub mod striped;

@@ -31,7 +31,7 @@ impl TestServer {
     pub async fn start(config_text: &str) -> TestServer {
         let mut cfg =
             config::parse(config_text, "test.toml", None).unwrap_or_else(|e| panic!("{e}"));
-        cfg.listen = vec!["127.0.0.1:0".parse().unwrap()];
+        cfg.server.listen = vec!["127.0.0.1:0".parse().unwrap()];
         // Tests run in parallel: no shared admin socket at the default path.
         cfg.ops.admin.socket = None;
         let clock = ManualClock::new(Timestamp::from_millis(T0));

@@ -17,10 +17,15 @@ use ratelimit_core::{Limit, Tier, TierMap, Unit};
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::key;
 use crate::template::Template;
 
+pub mod ops;
+
+pub use self::ops::OpsConfig;
+
 /// The built-in default configuration (used when no `--config` is given).
-pub const DEFAULT_CONFIG: &str = include_str!("../config/default.toml");
+pub const DEFAULT_CONFIG: &str = include_str!("../../config/default.toml");
 
 /// A configuration error: what was wrong and where.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -200,11 +205,30 @@ pub struct SnapshotConfig {
     pub start_empty_if_bad: bool,
 }
 
-/// The validated configuration.
+/// The validated configuration, one typed value per section of the file.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Where it was read from.
     pub source: String,
+    /// `[server]`: sockets, clients, timeouts, failure answer, log format.
+    pub server: ServerConfig,
+    /// `[store]`: where counters live, snapshots, sweeps.
+    pub store: StoreConfig,
+    /// `[keying]`: what a request is counted under.
+    pub keying: KeyingConfig,
+    /// `[exempt]`: who is never limited or never watched.
+    pub exempt: ExemptConfig,
+    /// `[tiers.*]`, `default_tier`, `[assign]`, `assign_file`.
+    pub tiers: TiersConfig,
+    /// `[networks]` and the tiers' `networks_*` keys: the compromise signal.
+    pub networks: NetworksConfig,
+    /// Alerts, metrics, admin socket, recording (`[alerts]`, `[metrics]`, `[admin]`, `[record]`).
+    pub ops: OpsConfig,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
     /// Listening sockets.
     pub listen: Vec<ListenAddr>,
     /// Client networks allowed to connect over TCP.
@@ -219,36 +243,59 @@ pub struct Config {
     pub on_store_error: FailMode,
     /// Log as JSON lines instead of text.
     pub log_json: bool,
+}
+
+/// `[store]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreConfig {
     /// Store backend.
     pub backend: Backend,
     /// Snapshots (memory store only).
     pub snapshot: Option<SnapshotConfig>,
     /// How often idle keys are swept from the memory store.
     pub sweep_interval: Duration,
+}
+
+/// `[keying]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyingConfig {
     /// What to key on without SASL.
     pub without_sasl: WithoutSasl,
     /// IPv4 prefix length for client networks.
     pub ipv4_prefix: u8,
     /// IPv6 prefix length for client networks.
     pub ipv6_prefix: u8,
+}
+
+/// `[exempt]`.
+#[derive(Debug, Clone, Default)]
+pub struct ExemptConfig {
     /// Users never limited (normalized).
-    pub exempt_users: AHashSet<String>,
+    pub users: AHashSet<String>,
     /// Domains never limited (lowercase).
-    pub exempt_domains: AHashSet<String>,
+    pub domains: AHashSet<String>,
     /// Client networks never limited.
-    pub exempt_clients: Vec<IpNet>,
-    /// Tiers and assignments (inline and from the map file).
-    pub tiers: TierMap,
+    pub clients: Vec<IpNet>,
+    /// Users never watched for the networks they send from (normalized).
+    pub roaming_users: AHashSet<String>,
+}
+
+/// The tiers: limits, who is in which, and what each does to a user over its limits.
+#[derive(Debug, Clone)]
+pub struct TiersConfig {
+    /// Tiers and assignments (inline, from the map file, and `admin tier` overrides).
+    pub map: TierMap,
     /// The action and text of each tier, by name.
     pub policies: AHashMap<String, TierPolicy>,
     /// The tier map file, re-read on reload.
     pub assign_file: Option<PathBuf>,
-    /// Alerts, metrics, admin socket, recording (`[alerts]`, `[metrics]`, `[admin]`, `[record]`).
-    pub ops: crate::ops::config::OpsConfig,
-    /// The compromise signal, by tier name (tiers without one are not watched).
-    pub networks: AHashMap<String, NetworksPolicy>,
-    /// Users never watched for the networks they send from (normalized).
-    pub roaming_users: AHashSet<String>,
+}
+
+/// The compromise signal of each tier that has one.
+#[derive(Debug, Clone, Default)]
+pub struct NetworksConfig {
+    /// By tier name (tiers without one are not watched).
+    pub by_tier: AHashMap<String, NetworksPolicy>,
 }
 
 // ---------------------------------------------------------------- raw structs
@@ -273,13 +320,13 @@ struct RawConfig {
     assign: BTreeMap<String, Spanned<String>>,
     assign_file: Option<Spanned<String>>,
     #[serde(default)]
-    alerts: crate::ops::config::RawAlerts,
+    alerts: self::ops::RawAlerts,
     #[serde(default)]
-    metrics: crate::ops::config::RawMetrics,
+    metrics: self::ops::RawMetrics,
     #[serde(default)]
-    admin: crate::ops::config::RawAdmin,
+    admin: self::ops::RawAdmin,
     #[serde(default)]
-    record: crate::ops::config::RawRecord,
+    record: self::ops::RawRecord,
 }
 
 #[derive(Deserialize, Default)]
@@ -410,30 +457,35 @@ fn minimal() -> Config {
     );
     Config {
         source: "built-in default".into(),
-        listen: vec![ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 10031)))],
-        allow: default_allow(),
-        max_connections: 1024,
-        idle_timeout: Duration::from_secs(600),
-        decision_timeout: Duration::from_millis(500),
-        on_store_error: FailMode::Open,
-        log_json: false,
-        backend: Backend::Memory {
-            max_keys: 1_000_000,
+        server: ServerConfig {
+            listen: vec![ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 10031)))],
+            allow: default_allow(),
+            max_connections: 1024,
+            idle_timeout: Duration::from_secs(600),
+            decision_timeout: Duration::from_millis(500),
+            on_store_error: FailMode::Open,
+            log_json: false,
         },
-        snapshot: None,
-        sweep_interval: Duration::from_secs(60),
-        without_sasl: WithoutSasl::Skip,
-        ipv4_prefix: 24,
-        ipv6_prefix: 64,
-        exempt_users: AHashSet::new(),
-        exempt_domains: AHashSet::new(),
-        exempt_clients: Vec::new(),
-        tiers: TierMap::new(tier),
-        policies,
-        assign_file: None,
-        ops: crate::ops::config::OpsConfig::default(),
-        networks: AHashMap::new(),
-        roaming_users: AHashSet::new(),
+        store: StoreConfig {
+            backend: Backend::Memory {
+                max_keys: 1_000_000,
+            },
+            snapshot: None,
+            sweep_interval: Duration::from_secs(60),
+        },
+        keying: KeyingConfig {
+            without_sasl: WithoutSasl::Skip,
+            ipv4_prefix: 24,
+            ipv6_prefix: 64,
+        },
+        exempt: ExemptConfig::default(),
+        tiers: TiersConfig {
+            map: TierMap::new(tier),
+            policies,
+            assign_file: None,
+        },
+        networks: NetworksConfig::default(),
+        ops: self::ops::OpsConfig::default(),
     }
 }
 
@@ -450,11 +502,6 @@ fn default_allow() -> Vec<IpNet> {
         .iter()
         .filter_map(|s| s.parse().ok())
         .collect()
-}
-
-/// Normalizes a user name as keys are normalized: trimmed and lowercased.
-pub fn normalize_user(s: &str) -> String {
-    s.trim().to_lowercase()
 }
 
 struct Ctx<'a> {
@@ -519,7 +566,7 @@ pub fn parse(text: &str, file: &str, base: Option<&Path>) -> Result<Config, Conf
         if listen.is_empty() {
             return cx.err(None, "server.listen", "needs at least one address");
         }
-        cfg.listen = listen
+        cfg.server.listen = listen
             .iter()
             .map(|l| {
                 l.get_ref()
@@ -529,7 +576,7 @@ pub fn parse(text: &str, file: &str, base: Option<&Path>) -> Result<Config, Conf
             .collect::<Result<_, _>>()?;
     }
     if let Some(allow) = &s.allow {
-        cfg.allow = allow
+        cfg.server.allow = allow
             .iter()
             .map(|a| parse_net(a.get_ref()).or_else(|e| cx.err(Some(a.span()), "server.allow", e)))
             .collect::<Result<_, _>>()?;
@@ -542,16 +589,20 @@ pub fn parse(text: &str, file: &str, base: Option<&Path>) -> Result<Config, Conf
                 "must be at least 1",
             );
         }
-        cfg.max_connections = *m.get_ref();
+        cfg.server.max_connections = *m.get_ref();
     }
-    cfg.idle_timeout = cx.duration(&s.idle_timeout, "server.idle_timeout", cfg.idle_timeout)?;
-    cfg.decision_timeout = cx.duration(
+    cfg.server.idle_timeout = cx.duration(
+        &s.idle_timeout,
+        "server.idle_timeout",
+        cfg.server.idle_timeout,
+    )?;
+    cfg.server.decision_timeout = cx.duration(
         &s.decision_timeout,
         "server.decision_timeout",
-        cfg.decision_timeout,
+        cfg.server.decision_timeout,
     )?;
     if let Some(v) = &s.on_store_error {
-        cfg.on_store_error = match v.get_ref().as_str() {
+        cfg.server.on_store_error = match v.get_ref().as_str() {
             "open" | "dunno" => FailMode::Open,
             "closed" | "defer" => FailMode::Closed,
             other => {
@@ -564,7 +615,7 @@ pub fn parse(text: &str, file: &str, base: Option<&Path>) -> Result<Config, Conf
         };
     }
     if let Some(v) = &s.log_format {
-        cfg.log_json = match v.get_ref().as_str() {
+        cfg.server.log_json = match v.get_ref().as_str() {
             "text" => false,
             "json" => true,
             other => {
@@ -583,7 +634,7 @@ pub fn parse(text: &str, file: &str, base: Option<&Path>) -> Result<Config, Conf
         .backend
         .as_ref()
         .map_or("memory", |b| b.get_ref().as_str());
-    cfg.backend = match backend {
+    cfg.store.backend = match backend {
         "memory" => Backend::Memory {
             max_keys: match &st.max_keys {
                 Some(m) if *m.get_ref() == 0 => {
@@ -650,7 +701,7 @@ pub fn parse(text: &str, file: &str, base: Option<&Path>) -> Result<Config, Conf
                 );
             }
         };
-        cfg.snapshot = Some(SnapshotConfig {
+        cfg.store.snapshot = Some(SnapshotConfig {
             path: PathBuf::from(path),
             interval: cx.duration(
                 &st.snapshot_interval,
@@ -660,20 +711,20 @@ pub fn parse(text: &str, file: &str, base: Option<&Path>) -> Result<Config, Conf
             start_empty_if_bad,
         });
     }
-    cfg.sweep_interval = cx.duration(
+    cfg.store.sweep_interval = cx.duration(
         &st.sweep_interval,
         "store.sweep_interval",
-        cfg.sweep_interval,
+        cfg.store.sweep_interval,
     )?;
 
     // [alerts], [metrics], [admin], [record]
-    cfg.ops = crate::ops::config::build(&raw.alerts, &raw.metrics, &raw.admin, &raw.record, base)
+    cfg.ops = self::ops::build(&raw.alerts, &raw.metrics, &raw.admin, &raw.record, base)
         .or_else(|(span, field, message)| cx.err(span, &field, message))?;
 
     // [keying]
     let k = &raw.keying;
     if let Some(v) = &k.without_sasl {
-        cfg.without_sasl = match v.get_ref().as_str() {
+        cfg.keying.without_sasl = match v.get_ref().as_str() {
             "skip" => WithoutSasl::Skip,
             "client_address" => WithoutSasl::ClientAddress,
             "client_prefix" => WithoutSasl::ClientPrefix,
@@ -691,7 +742,7 @@ pub fn parse(text: &str, file: &str, base: Option<&Path>) -> Result<Config, Conf
         if *v.get_ref() > 32 {
             return cx.err(Some(v.span()), "keying.ipv4_prefix", "must be from 0 to 32");
         }
-        cfg.ipv4_prefix = *v.get_ref();
+        cfg.keying.ipv4_prefix = *v.get_ref();
     }
     if let Some(v) = &k.ipv6_prefix {
         if *v.get_ref() > 128 {
@@ -701,29 +752,29 @@ pub fn parse(text: &str, file: &str, base: Option<&Path>) -> Result<Config, Conf
                 "must be from 0 to 128",
             );
         }
-        cfg.ipv6_prefix = *v.get_ref();
+        cfg.keying.ipv6_prefix = *v.get_ref();
     }
 
     // [exempt]
-    cfg.exempt_users = raw.exempt.users.iter().map(|u| normalize_user(u)).collect();
-    cfg.exempt_domains = raw
+    cfg.exempt.users = raw.exempt.users.iter().map(|u| key::from_text(u)).collect();
+    cfg.exempt.domains = raw
         .exempt
         .domains
         .iter()
-        .map(|d| normalize_user(d.trim_start_matches('@')))
+        .map(|d| key::from_text(d.trim_start_matches('@')))
         .collect();
-    cfg.exempt_clients = raw
+    cfg.exempt.clients = raw
         .exempt
         .clients
         .iter()
         .map(|a| parse_net(a.get_ref()).or_else(|e| cx.err(Some(a.span()), "exempt.clients", e)))
         .collect::<Result<_, _>>()?;
 
-    cfg.roaming_users = raw
+    cfg.exempt.roaming_users = raw
         .exempt
         .roaming_users
         .iter()
-        .map(|u| normalize_user(u))
+        .map(|u| key::from_text(u))
         .collect();
 
     // [tiers.*]
@@ -790,17 +841,17 @@ pub fn parse(text: &str, file: &str, base: Option<&Path>) -> Result<Config, Conf
             map.add_tier(t)
                 .or_else(|e| cx.err(None, &format!("tiers.{name}"), e.to_string()))?;
         }
-        cfg.tiers = map;
-        cfg.policies = policies;
+        cfg.tiers.map = map;
+        cfg.tiers.policies = policies;
     }
 
     // [networks] and the tiers' networks_* settings
-    cfg.networks = build_networks(&cx, &raw, &cfg.tiers)?;
+    cfg.networks.by_tier = build_networks(&cx, &raw, &cfg.tiers.map)?;
 
     // [assign] and assign_file
     for (key, tier) in &raw.assign {
-        let key = normalize_user(key);
-        cfg.tiers.assign(&key, tier.get_ref()).or_else(|e| {
+        let key = key::from_text(key);
+        cfg.tiers.map.assign(&key, tier.get_ref()).or_else(|e| {
             cx.err(
                 Some(tier.span()),
                 &format!("assign.\"{key}\""),
@@ -821,8 +872,8 @@ pub fn parse(text: &str, file: &str, base: Option<&Path>) -> Result<Config, Conf
                 format!("cannot read {}: {e}", p.display()),
             )
         })?;
-        apply_map_file(&mut cfg.tiers, &text, &p.display().to_string())?;
-        cfg.assign_file = Some(p);
+        apply_map_file(&mut cfg.tiers.map, &text, &p.display().to_string())?;
+        cfg.tiers.assign_file = Some(p);
     }
     Ok(cfg)
 }
@@ -1120,7 +1171,7 @@ pub fn apply_map_file(map: &mut TierMap, text: &str, file: &str) -> Result<usize
                 "expected \"user tier\" or \"@domain tier\", found \"{line}\""
             )));
         };
-        map.assign(&normalize_user(key), tier)
+        map.assign(&key::from_text(key), tier)
             .map_err(|e| err(e.to_string()))?;
         n += 1;
     }
@@ -1151,19 +1202,34 @@ pub fn describe(cfg: &Config) -> String {
     let _ = writeln!(
         s,
         "listen: {}",
-        list(&cfg.listen.iter().map(|l| l.to_string()).collect::<Vec<_>>())
+        list(
+            &cfg.server
+                .listen
+                .iter()
+                .map(|l| l.to_string())
+                .collect::<Vec<_>>()
+        )
     );
     let _ = writeln!(
         s,
         "allow: {}",
-        list(&cfg.allow.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+        list(
+            &cfg.server
+                .allow
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+        )
     );
     let _ = writeln!(
         s,
         "max_connections: {}, idle_timeout: {:?}, decision_timeout: {:?}, on_store_error: {:?}",
-        cfg.max_connections, cfg.idle_timeout, cfg.decision_timeout, cfg.on_store_error
+        cfg.server.max_connections,
+        cfg.server.idle_timeout,
+        cfg.server.decision_timeout,
+        cfg.server.on_store_error
     );
-    match &cfg.backend {
+    match &cfg.store.backend {
         Backend::Memory { max_keys } => {
             let _ = writeln!(s, "store: memory, max_keys {max_keys}");
         }
@@ -1181,7 +1247,7 @@ pub fn describe(cfg: &Config) -> String {
             );
         }
     }
-    if let Some(snap) = &cfg.snapshot {
+    if let Some(snap) = &cfg.store.snapshot {
         let _ = writeln!(
             s,
             "snapshot: {} every {:?}{}",
@@ -1194,17 +1260,18 @@ pub fn describe(cfg: &Config) -> String {
             }
         );
     }
-    let _ = writeln!(s, "without sasl: {:?}", cfg.without_sasl);
-    let mut tiers: Vec<_> = cfg.tiers.tiers().collect();
+    let _ = writeln!(s, "without sasl: {:?}", cfg.keying.without_sasl);
+    let mut tiers: Vec<_> = cfg.tiers.map.tiers().collect();
     tiers.sort_by(|a, b| a.name().cmp(b.name()));
     for t in tiers {
         let limits: Vec<String> = t.limits().iter().map(|l| l.to_string()).collect();
         let action = cfg
+            .tiers
             .policies
             .get(t.name())
             .map(|p| format!("{:?}", p.action))
             .unwrap_or_else(|| "Defer".into());
-        let default = if t.name() == cfg.tiers.default_tier().name() {
+        let default = if t.name() == cfg.tiers.map.default_tier().name() {
             " (default)"
         } else {
             ""
@@ -1220,25 +1287,25 @@ pub fn describe(cfg: &Config) -> String {
             }
         );
     }
-    let mut watched: Vec<_> = cfg.networks.iter().collect();
+    let mut watched: Vec<_> = cfg.networks.by_tier.iter().collect();
     watched.sort_by(|a, b| a.0.cmp(b.0));
     for (tier, n) in watched {
         let _ = writeln!(s, "tier {tier}: networks {} -> {:?}", n.limit, n.action);
     }
-    let mut assigned: Vec<_> = cfg.tiers.assignments().collect();
+    let mut assigned: Vec<_> = cfg.tiers.map.assignments().collect();
     assigned.sort();
     let _ = writeln!(s, "assignments: {}", assigned.len());
     let _ = writeln!(
         s,
         "exempt: {} users, {} domains, {} client networks",
-        cfg.exempt_users.len(),
-        cfg.exempt_domains.len(),
-        cfg.exempt_clients.len()
+        cfg.exempt.users.len(),
+        cfg.exempt.domains.len(),
+        cfg.exempt.clients.len()
     );
-    if !cfg.roaming_users.is_empty() {
-        let _ = writeln!(s, "roaming users: {}", cfg.roaming_users.len());
+    if !cfg.exempt.roaming_users.is_empty() {
+        let _ = writeln!(s, "roaming users: {}", cfg.exempt.roaming_users.len());
     }
-    s.push_str(&crate::ops::config::describe(&cfg.ops));
+    s.push_str(&self::ops::describe(&cfg.ops));
     s
 }
 
@@ -1265,27 +1332,27 @@ mod tests {
     fn builtin_default_is_valid() {
         let c = parse(DEFAULT_CONFIG, "default", None).unwrap();
         assert_eq!(
-            c.listen,
+            c.server.listen,
             [ListenAddr::Tcp("127.0.0.1:10031".parse().unwrap())]
         );
         assert_eq!(
-            c.tiers.default_tier().limits(),
+            c.tiers.map.default_tier().limits(),
             &["100/1h".parse().unwrap()]
         );
         assert_eq!(
-            c.backend,
+            c.store.backend,
             Backend::Memory {
                 max_keys: 1_000_000
             }
         );
-        assert_eq!(c.without_sasl, WithoutSasl::Skip);
+        assert_eq!(c.keying.without_sasl, WithoutSasl::Skip);
     }
 
     #[test]
     fn the_example_config_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/example.toml");
         let c = load(&path).unwrap_or_else(|e| panic!("{e}"));
-        assert!(c.tiers.get("bulk").is_some());
+        assert!(c.tiers.map.get("bulk").is_some());
     }
 
     fn err(text: &str) -> String {
@@ -1368,7 +1435,7 @@ message = "slow down"
             None,
         )
         .unwrap();
-        let l = c.tiers.default_tier().limits();
+        let l = c.tiers.map.default_tier().limits();
         assert_eq!(l.len(), 4);
         assert_eq!(l[1].unit(), Unit::Recipients);
         assert_eq!(
@@ -1379,7 +1446,7 @@ message = "slow down"
             l[3].algorithm(),
             ratelimit_core::Algorithm::SlidingWindow { precision: 3600 }
         );
-        let p = &c.policies["default"];
+        let p = &c.tiers.policies["default"];
         assert_eq!(p.action, ActionKind::Code("452 4.7.1".into()));
         assert_eq!(p.message, "slow down");
     }
@@ -1393,20 +1460,20 @@ message = "slow down"
         )
         .unwrap();
         let n = apply_map_file(
-            &mut c.tiers,
+            &mut c.tiers.map,
             "# comment\n\nAlice@Example.com bulk\n@lists.example bulk # trailing\n",
             "map",
         )
         .unwrap();
         assert_eq!(n, 2);
-        assert_eq!(c.tiers.tier_of("alice@example.com").name(), "bulk");
-        assert_eq!(c.tiers.tier_of("x@lists.example").name(), "bulk");
-        let e = apply_map_file(&mut c.tiers, "a bulk\nb gold\n", "map").unwrap_err();
+        assert_eq!(c.tiers.map.tier_of("alice@example.com").name(), "bulk");
+        assert_eq!(c.tiers.map.tier_of("x@lists.example").name(), "bulk");
+        let e = apply_map_file(&mut c.tiers.map, "a bulk\nb gold\n", "map").unwrap_err();
         assert_eq!(
             e.to_string(),
             "map:2: \"b\" is assigned to tier \"gold\", which is not defined"
         );
-        let e = apply_map_file(&mut c.tiers, "just-one-word\n", "map").unwrap_err();
+        let e = apply_map_file(&mut c.tiers.map, "just-one-word\n", "map").unwrap_err();
         assert!(e.to_string().starts_with("map:1: expected"), "{e}");
     }
 
