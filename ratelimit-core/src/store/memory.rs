@@ -19,7 +19,7 @@
 //! without the lock, before its shard is locked, so the fetch overlaps taking
 //! the lock and the lock is held for the decision only.
 //!
-//! Locking: a decision, a reset or an insert locks one shard; sweep and scan lock
+//! Locking: a decision, a forget or an insert locks one shard; sweep and scan lock
 //! one shard at a time.
 //!
 //! An entry holds the key (inline up to 24 bytes, longer keys on the heap) and the
@@ -40,7 +40,7 @@ use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 
 use super::huge::{self, HugeArray};
-use super::{Reset, Scan, Store, StoreError, Sweep};
+use super::{Forget, Scan, Store, StoreError, Sweep};
 use crate::algorithm::{CounterRef, Counters, KeyState, OneCounter, Slot, decide};
 use crate::clock::Timestamp;
 use crate::decision::{Cost, Decision, Denial, LimitStatus, Mode};
@@ -1034,6 +1034,23 @@ impl MemoryStore {
         &self.shards[self.shard_index(hash)]
     }
 
+    /// The number of tracked keys. Read without locking (a relaxed counter kept
+    /// beside the shards).
+    pub fn key_count(&self) -> usize {
+        self.len.load(Ordering::Relaxed)
+    }
+
+    /// [`Scan::scan`], which cannot fail here: calls `f` for every tracked key,
+    /// locking one shard at a time for the time it takes to call `f` on its keys.
+    pub(crate) fn for_each_state(&self, f: &mut dyn FnMut(&str, &KeyState)) {
+        for shard in self.shards.iter() {
+            let shard = shard.lock();
+            for (_, e) in shard.table.iter() {
+                shard.with_state(e, |state| f(&e.key, state));
+            }
+        }
+    }
+
     /// Puts a key's state in place, replacing what was there (snapshot restore).
     /// Idle states are skipped. Fails with [`StoreError::Full`] at the cap.
     pub(crate) fn insert_state(
@@ -1135,24 +1152,16 @@ impl Sweep for MemoryStore {
 
 impl Scan for MemoryStore {
     /// Locks one shard at a time, for the time it takes to call `f` on its keys.
-    fn scan(&self, f: &mut dyn FnMut(&str, &KeyState)) {
-        for shard in self.shards.iter() {
-            let shard = shard.lock();
-            for (_, e) in shard.table.iter() {
-                shard.with_state(e, |state| f(&e.key, state));
-            }
-        }
-    }
-
-    /// Read without locking (a relaxed counter kept beside the shards).
-    fn key_count(&self) -> usize {
-        self.len.load(Ordering::Relaxed)
+    /// Never fails.
+    fn scan(&self, f: &mut dyn FnMut(&str, &KeyState)) -> Result<(), StoreError> {
+        self.for_each_state(f);
+        Ok(())
     }
 }
 
-impl Reset for MemoryStore {
+impl Forget for MemoryStore {
     /// Locks the key's shard.
-    fn reset(&self, key: &str) -> Result<bool, StoreError> {
+    fn forget(&self, key: &str) -> Result<bool, StoreError> {
         let hash = self.hasher.hash_one(key);
         let mut shard = self.shard_for(hash).lock();
         match shard.find(hash, key) {
@@ -1224,7 +1233,7 @@ mod tests {
         assert_eq!(s.sweep(Timestamp::from_millis(T0 + 61_000)), 1);
         assert_eq!(s.key_count(), 1);
         let mut keys = Vec::new();
-        s.scan(&mut |k, _| keys.push(k.to_string()));
+        s.scan(&mut |k, _| keys.push(k.to_string())).unwrap();
         assert_eq!(keys, ["new"]);
         assert_eq!(acquire(&s, "new", 31_000).unwrap().statuses()[0].used, 1);
     }
@@ -1291,13 +1300,13 @@ mod tests {
     }
 
     #[test]
-    fn reset_unblocks_a_key() {
+    fn forget_unblocks_a_key() {
         let s = MemoryStore::new();
         acquire(&s, "a", 0).unwrap();
         acquire(&s, "a", 0).unwrap();
         assert!(!acquire(&s, "a", 0).unwrap().is_allowed());
-        assert!(s.reset("a").unwrap());
-        assert!(!s.reset("a").unwrap());
+        assert!(s.forget("a").unwrap());
+        assert!(!s.forget("a").unwrap());
         assert!(acquire(&s, "a", 0).unwrap().is_allowed());
     }
 
@@ -1409,7 +1418,8 @@ mod tests {
             if k == key {
                 found = Some(state.clone());
             }
-        });
+        })
+        .unwrap();
         found
     }
 
@@ -1494,7 +1504,7 @@ mod tests {
             acquire: bool,
         },
         Sweep,
-        Reset(u16),
+        Forget(u16),
     }
 
     fn tiers() -> Vec<Vec<Limit>> {
@@ -1530,7 +1540,7 @@ mod tests {
                     acquire
                 }),
             1 => Just(Op::Sweep),
-            1 => prop_oneof![3 => 0u16..4, 1 => 0u16..300].prop_map(Op::Reset),
+            1 => prop_oneof![3 => 0u16..4, 1 => 0u16..300].prop_map(Op::Forget),
         ]
     }
 
@@ -1538,7 +1548,7 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(128))]
 
         /// Whatever form each key is in (packed or whole), moving between tiers,
-        /// sweeps and resets: the store decides and holds exactly what one
+        /// sweeps and forgets: the store decides and holds exactly what one
         /// `KeyState` per key does.
         #[test]
         fn the_store_holds_exactly_what_key_states_hold(ops in prop::collection::vec(op(), 1..400)) {
@@ -1568,14 +1578,14 @@ mod tests {
                         model.retain(|_, s| !s.is_idle(now));
                         prop_assert_eq!(store.sweep(now), before - model.len());
                     }
-                    Op::Reset(key) => {
+                    Op::Forget(key) => {
                         let key = format!("user{key}@example.com");
-                        prop_assert_eq!(store.reset(&key).unwrap(), model.remove(&key).is_some());
+                        prop_assert_eq!(store.forget(&key).unwrap(), model.remove(&key).is_some());
                     }
                 }
             }
             let mut held = HashMap::new();
-            store.scan(&mut |k, s| { held.insert(k.to_string(), s.clone()); });
+            store.scan(&mut |k, s| { held.insert(k.to_string(), s.clone()); }).unwrap();
             prop_assert_eq!(held, model.clone());
             prop_assert_eq!(store.key_count(), model.len());
         }

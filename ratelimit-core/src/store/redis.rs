@@ -40,11 +40,10 @@
 //! user) is a second script, `redis_distinct.lua`, over its own hash per key (see
 //! `redis_distinct.rs`).
 //!
-//! [`Reset`] is one `DEL`. [`Scan`] walks the keyspace with `SCAN` (never `KEYS`) and
-//! reads each batch of hashes in one pipelined round trip; it and `key_count` are
-//! O(keys) and meant for occasional admin use (top senders, statistics), with
-//! [`RedisStore::try_scan`] and [`RedisStore::try_key_count`] reporting Redis errors
-//! that the trait cannot. `Sweep` is not provided: Redis expires idle keys itself.
+//! [`Forget`] is one `DEL`. [`Scan`] walks the keyspace with `SCAN` (never `KEYS`) and
+//! reads each batch of hashes in one pipelined round trip; it and
+//! [`RedisStore::try_key_count`] are O(keys) and meant for occasional admin use (top
+//! senders, statistics). `Sweep` is not provided: Redis expires idle keys itself.
 //!
 //! # Time
 //!
@@ -77,7 +76,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use redis::{Connection, ConnectionLike, ErrorKind, RedisError, ServerErrorKind};
 
-use super::{Reset, Scan, Store, StoreError};
+use super::{Forget, Scan, Store, StoreError};
 use crate::algorithm::{Counter, CounterData, KeyState, Slot};
 use crate::clock::{Timestamp, duration_to_millis};
 use crate::decision::{Cost, Decision, Denial, LimitStatus, Mode};
@@ -574,39 +573,6 @@ impl Store for RedisStore {
 }
 
 impl RedisStore {
-    /// Calls `f` for every key this store holds (every hash under its prefix) with its
-    /// state; returns how many. Walks the keyspace with `SCAN` (never `KEYS`, so the
-    /// server is not blocked) and reads each batch's hashes in one pipelined round
-    /// trip. Hashes past their `idle_at` but still within the TTL grace are included:
-    /// check [`KeyState::is_idle`] (with the Redis server's time under
-    /// [`TimeSource::Server`]). Keys written meanwhile may or may not be seen.
-    pub fn try_scan(&self, f: &mut dyn FnMut(&str, &KeyState)) -> Result<usize, StoreError> {
-        let mut seen = 0;
-        self.scan_names(&mut |store, names| {
-            let mut pipe = redis::pipe();
-            for name in names {
-                pipe.cmd("HGETALL").arg(name);
-            }
-            let hashes: Vec<Vec<(String, String)>> = store.run(|con| pipe.query(con))?;
-            for (name, fields) in names.iter().zip(hashes) {
-                // Expired between SCAN and HGETALL, or not one of ours.
-                let Some(key) = store.key_from_name(name) else {
-                    continue;
-                };
-                if fields.is_empty() {
-                    continue;
-                }
-                let state = state_from_fields(&fields).ok_or_else(|| {
-                    StoreError::Protocol(format!("unreadable rate-limit state in {name}"))
-                })?;
-                f(&key, &state);
-                seen += 1;
-            }
-            Ok(())
-        })?;
-        Ok(seen)
-    }
-
     /// The number of keys this store holds, counted with `SCAN` (it walks the whole
     /// keyspace: for occasional statistics, not the hot path).
     pub fn try_key_count(&self) -> Result<usize, StoreError> {
@@ -705,21 +671,41 @@ fn state_from_fields(fields: &[(String, String)]) -> Option<KeyState> {
 }
 
 impl Scan for RedisStore {
-    /// [`RedisStore::try_scan`]; a Redis failure ends the scan early (this trait
-    /// cannot report it: call `try_scan` to see it).
-    fn scan(&self, f: &mut dyn FnMut(&str, &KeyState)) {
-        let _ = self.try_scan(f);
-    }
-
-    /// [`RedisStore::try_key_count`], or 0 if Redis fails.
-    fn key_count(&self) -> usize {
-        self.try_key_count().unwrap_or(0)
+    /// Calls `f` for every key this store holds (every hash under its prefix) with its
+    /// state. Walks the keyspace with `SCAN` (never `KEYS`, so the server is not
+    /// blocked) and reads each batch's hashes in one pipelined round trip. Hashes past
+    /// their `idle_at` but still within the TTL grace are included: check
+    /// [`KeyState::is_idle`] (with the Redis server's time under
+    /// [`TimeSource::Server`]). Keys written meanwhile may or may not be seen. A Redis
+    /// failure ends the scan with its error, after `f` has seen the keys read so far.
+    fn scan(&self, f: &mut dyn FnMut(&str, &KeyState)) -> Result<(), StoreError> {
+        self.scan_names(&mut |store, names| {
+            let mut pipe = redis::pipe();
+            for name in names {
+                pipe.cmd("HGETALL").arg(name);
+            }
+            let hashes: Vec<Vec<(String, String)>> = store.run(|con| pipe.query(con))?;
+            for (name, fields) in names.iter().zip(hashes) {
+                // Expired between SCAN and HGETALL, or not one of ours.
+                let Some(key) = store.key_from_name(name) else {
+                    continue;
+                };
+                if fields.is_empty() {
+                    continue;
+                }
+                let state = state_from_fields(&fields).ok_or_else(|| {
+                    StoreError::Protocol(format!("unreadable rate-limit state in {name}"))
+                })?;
+                f(&key, &state);
+            }
+            Ok(())
+        })
     }
 }
 
-impl Reset for RedisStore {
+impl Forget for RedisStore {
     /// One `DEL`.
-    fn reset(&self, key: &str) -> Result<bool, StoreError> {
+    fn forget(&self, key: &str) -> Result<bool, StoreError> {
         self.delete(&self.key_name(key))
     }
 }
