@@ -127,7 +127,7 @@ impl KeyState {
     }
 }
 
-impl Counters for KeyState {
+impl KeyCounters for KeyState {
     fn idle_at(&self) -> u64 {
         self.idle_at
     }
@@ -211,9 +211,9 @@ pub(crate) enum CounterRef<'a> {
     Bucket { level: u64, last: u64 },
 }
 
-/// The state of one key as [`decide`] reads and writes it: implemented by
+/// One key's counters as [`decide`] reads and writes them: implemented by
 /// [`KeyState`] (any number of counters) and [`OneCounter`] (one, on the stack).
-pub(crate) trait Counters {
+pub(crate) trait KeyCounters {
     /// When every counter will be empty (ms).
     fn idle_at(&self) -> u64;
     /// Whether no counter is held.
@@ -228,12 +228,12 @@ pub(crate) trait Counters {
     fn record(&mut self, limit: &Limit, cost: u64, at: At) -> u64;
 }
 
-/// [`KeyState::apply`] over any [`Counters`]: the one place where a decision is made.
+/// [`KeyState::apply`] over any [`KeyCounters`]: the one place where a decision is made.
 ///
 /// Always inlined: the `Decision` is then built where the caller's caller wants
 /// it, instead of being copied out (a quarter of a kilobyte) at each return.
 #[inline(always)]
-pub(crate) fn decide<S: Counters>(
+pub(crate) fn decide<S: KeyCounters>(
     state: &mut S,
     limits: &[Limit],
     cost: Cost,
@@ -455,7 +455,7 @@ impl SlotList for OneSlots<'_> {
     }
 }
 
-impl Counters for OneCounter {
+impl KeyCounters for OneCounter {
     fn idle_at(&self) -> u64 {
         self.idle_at
     }

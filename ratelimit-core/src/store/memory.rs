@@ -41,7 +41,7 @@ use parking_lot::Mutex;
 
 use super::huge::{self, HugeArray};
 use super::{Forget, Scan, Store, StoreError, Sweep};
-use crate::algorithm::{CounterRef, Counters, KeyState, OneCounter, Slot, decide};
+use crate::algorithm::{CounterRef, KeyCounters, KeyState, OneCounter, Slot, decide};
 use crate::clock::Timestamp;
 use crate::decision::{Cost, Decision, Denial, LimitStatus, Mode};
 use crate::quota::{Algorithm, CounterId, Limit};
