@@ -228,7 +228,9 @@ pub(crate) trait KeyCounters {
     fn record(&mut self, limit: &Limit, cost: u64, at: At) -> u64;
 }
 
-/// [`KeyState::apply`] over any [`KeyCounters`]: the one place where a decision is made.
+/// [`KeyState::apply`] over any [`KeyCounters`]: the one place where a decision is
+/// made, but for the memory store's packed fast path (`store/memory/packed.rs`),
+/// which repeats it on packed words for speed and is property-tested against it.
 ///
 /// Always inlined: the `Decision` is then built where the caller's caller wants
 /// it, instead of being copied out (a quarter of a kilobyte) at each return.
