@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
-use ratelimit_core::store::Scan;
 use ratelimit_core::{
     Algorithm, Cost, KeyState, Limit, MemoryStore, MemoryStoreConfig, Mode, Store, StoreError,
     Tier, Timestamp, Unit,

@@ -123,7 +123,7 @@ fn concurrent_acquires_with_time_moving_stay_within_any_window() {
 
 #[test]
 fn concurrent_new_keys_never_exceed_the_key_cap() {
-    use ratelimit_core::store::{Scan, StoreError};
+    use ratelimit_core::store::StoreError;
     for _ in 0..20 {
         let store = MemoryStore::with_config(MemoryStoreConfig {
             shards: 16,

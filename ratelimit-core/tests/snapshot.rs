@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ratelimit_core::store::{Scan, SnapshotError};
+use ratelimit_core::store::SnapshotError;
 use ratelimit_core::{Cost, Limit, MemoryStore, Mode, Store, Timestamp};
 
 const T0: u64 = 1_700_000_000_000;

@@ -1,8 +1,17 @@
 //! Where state lives: the [`Store`] trait and its implementations.
 //!
 //! The store is the one seam between the algorithm ([`KeyState::apply`]) and storage.
-//! Optional capabilities are separate traits: [`Sweep`] (forget idle keys), [`Scan`]
-//! (iterate for snapshots and top-N), [`Reset`] (forget one key).
+//! Optional capabilities are separate traits:
+//! - [`Sweep`]: forget every idle key (the memory store; Redis expires keys itself);
+//! - [`Scan`]: list every key with its state, for snapshots and top senders; fallible,
+//!   as listing a remote store can fail midway;
+//! - [`Forget`]: forget one key (unblock a user), as
+//!   [`DistinctStore::forget`](crate::distinct::DistinctStore::forget) does for
+//!   distinct values.
+//!
+//! How many keys a store tracks is not a capability trait: the memory stores know it
+//! for free ([`MemoryStore::key_count`], [`DistinctMemoryStore::key_count`]), while the
+//! Redis store can only count by walking the keyspace (`RedisStore::try_key_count`).
 //!
 //! Stores: [`MemoryStore`] (sharded, in process) and, with the cargo feature `redis`,
 //! [`RedisStore`] (shared by every host using the same Redis).
@@ -99,14 +108,14 @@ pub trait Sweep {
 /// A store whose keys can be listed with their state.
 pub trait Scan {
     /// Calls `f` for every tracked key. The callback must not call back into the store.
-    fn scan(&self, f: &mut dyn FnMut(&str, &KeyState));
-
-    /// The number of tracked keys.
-    fn key_count(&self) -> usize;
+    ///
+    /// A store that fails midway (a remote one) returns the error after having called
+    /// `f` for some of the keys; an in-process store never fails.
+    fn scan(&self, f: &mut dyn FnMut(&str, &KeyState)) -> Result<(), StoreError>;
 }
 
 /// A store that can forget one key (unblock a user).
-pub trait Reset {
+pub trait Forget {
     /// Forgets everything recorded for `key`; returns whether anything was.
-    fn reset(&self, key: &str) -> Result<bool, StoreError>;
+    fn forget(&self, key: &str) -> Result<bool, StoreError>;
 }

@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 
 use smallvec::SmallVec;
 
-use super::{MemoryStore, Scan, StoreError};
+use super::{MemoryStore, StoreError};
 use crate::algorithm::{Counter, CounterData, KeyState, Slot};
 use crate::clock::Timestamp;
 use crate::quota::{CounterId, MAX_PRECISION, MAX_WINDOW_MS};
@@ -179,7 +179,7 @@ impl MemoryStore {
             let mut count = 0usize;
             let mut buf = Vec::with_capacity(1 << 16);
             let mut first_err = None;
-            self.scan(&mut |key, state| {
+            self.for_each_state(&mut |key, state| {
                 if state.is_idle(now) || first_err.is_some() {
                     return;
                 }

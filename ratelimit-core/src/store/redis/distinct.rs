@@ -3,8 +3,8 @@
 //!
 //! Each key's values live in their own hash, `<prefix>nets:{<encoded key>}`: the same
 //! hash tag as the key's counters (same Redis Cluster slot), and outside the
-//! `<prefix>{*` pattern that [`RedisStore::try_scan`] and `try_key_count` walk, so
-//! counter listings are unchanged. Field `f` is the flag's end (ms), and field
+//! `<prefix>{*` pattern that its [`Scan`](crate::store::Scan) and `try_key_count`
+//! walk, so counter listings are unchanged. Field `f` is the flag's end (ms), and field
 //! `v<value>` the value's last-seen time (ms), for at most `max + 1` values. Every
 //! observation sets the hash's TTL to when it goes idle plus
 //! [`ttl_grace`](super::RedisStoreConfig::ttl_grace).

@@ -1,0 +1,168 @@
+//! How a [`RedisStore`] connects and lays out its keys:
+//! [`RedisStoreConfig`], [`TimeSource`], and the password-free form of a URL for logs.
+
+use std::fmt;
+use std::time::Duration;
+
+#[cfg(doc)]
+use super::RedisStore;
+#[cfg(doc)]
+use crate::store::Store;
+
+/// Whose clock decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TimeSource {
+    /// The Redis server's `TIME`: every host sharing the store agrees. The `now`
+    /// passed to [`Store::check`] is ignored.
+    #[default]
+    Server,
+    /// The `now` passed to [`Store::check`] (a manual clock in tests, or one host).
+    Caller,
+}
+
+/// How a [`RedisStore`] connects and lays out its keys.
+///
+/// `Debug` never shows the password in the URL.
+///
+/// # Examples
+///
+/// ```
+/// use ratelimit_core::store::RedisStoreConfig;
+/// let c = RedisStoreConfig::new("redis://:s3cret@10.0.0.5:6379/2");
+/// assert_eq!(c.redacted_url(), "redis://:***@10.0.0.5:6379/2");
+/// assert!(!format!("{c:?}").contains("s3cret"));
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisStoreConfig {
+    /// `redis://[[user]:password@]host[:port][/db]` or `redis+unix:///path[?db=N&pass=P]`.
+    pub url: String,
+    /// Prepended to every key's hash name, so several deployments (or tests) can
+    /// share one Redis. Default `rl:`.
+    pub key_prefix: String,
+    /// The most a new connection may take, handshake included. Default 1 s.
+    pub connect_timeout: Duration,
+    /// The most one command may take (socket read and write timeouts). Default 1 s.
+    pub command_timeout: Duration,
+    /// Whose clock decides. Default [`TimeSource::Server`].
+    pub time_source: TimeSource,
+    /// How long a hash is kept past its `idle_at` before Redis expires it. Decisions
+    /// never depend on it (the script checks `idle_at` itself); it only has to cover
+    /// how far a caller's clock may lag the server's. Default 60 s.
+    pub ttl_grace: Duration,
+    /// The most idle connections kept for reuse (more are opened under load and
+    /// closed after use). Default 16.
+    pub max_idle_connections: usize,
+}
+
+impl RedisStoreConfig {
+    /// The defaults, with this URL.
+    pub fn new(url: impl Into<String>) -> Self {
+        RedisStoreConfig {
+            url: url.into(),
+            key_prefix: "rl:".into(),
+            connect_timeout: Duration::from_secs(1),
+            command_timeout: Duration::from_secs(1),
+            time_source: TimeSource::Server,
+            ttl_grace: Duration::from_secs(60),
+            max_idle_connections: 16,
+        }
+    }
+
+    /// The URL with any password (and a bare user-info part, which some clients
+    /// read as a password) replaced by `***`: safe to log.
+    pub fn redacted_url(&self) -> String {
+        redact_url(&self.url)
+    }
+}
+
+impl fmt::Debug for RedisStoreConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStoreConfig")
+            .field("url", &self.redacted_url())
+            .field("key_prefix", &self.key_prefix)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("command_timeout", &self.command_timeout)
+            .field("time_source", &self.time_source)
+            .field("ttl_grace", &self.ttl_grace)
+            .field("max_idle_connections", &self.max_idle_connections)
+            .finish()
+    }
+}
+
+fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let rest_start = scheme_end + 3;
+    let rest = &url[rest_start..];
+    let auth_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let mut out = String::with_capacity(url.len());
+    out.push_str(&url[..rest_start]);
+    match rest[..auth_end].rfind('@') {
+        Some(at) => {
+            let userinfo = &rest[..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => {
+                    out.push_str(user);
+                    out.push_str(":***");
+                }
+                None => out.push_str("***"),
+            }
+            out.push_str(&rest[at..auth_end]);
+        }
+        None => out.push_str(&rest[..auth_end]),
+    }
+    // Query parameters (`redis+unix:///s?pass=...`): hide password values.
+    let tail = &rest[auth_end..];
+    match tail.split_once('?') {
+        Some((path, query)) => {
+            out.push_str(path);
+            out.push('?');
+            let params: Vec<String> = query
+                .split('&')
+                .map(|p| match p.split_once('=') {
+                    Some((k, _))
+                        if k.eq_ignore_ascii_case("pass") || k.eq_ignore_ascii_case("password") =>
+                    {
+                        format!("{k}=***")
+                    }
+                    _ => p.to_string(),
+                })
+                .collect();
+            out.push_str(&params.join("&"));
+        }
+        None => out.push_str(tail),
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::RedisStore;
+
+    #[test]
+    fn passwords_never_show() {
+        let cases = [
+            ("redis://127.0.0.1:6379/", "redis://127.0.0.1:6379/"),
+            ("redis://:pw@host:1/0", "redis://:***@host:1/0"),
+            ("redis://user:pw@host", "redis://user:***@host"),
+            ("redis://pw@host/", "redis://***@host/"),
+            ("redis://u:p@ss@host/", "redis://u:***@host/"),
+            (
+                "redis+unix:///run/redis.sock?db=1&pass=pw",
+                "redis+unix:///run/redis.sock?db=1&pass=***",
+            ),
+            ("not a url", "not a url"),
+        ];
+        for (url, want) in cases {
+            let c = RedisStoreConfig::new(url);
+            assert_eq!(c.redacted_url(), want, "{url}");
+            let debug = format!("{c:?}");
+            assert!(debug.contains(want), "{debug}");
+        }
+        let store =
+            RedisStore::new(RedisStoreConfig::new("redis://:hunter2@127.0.0.1:1/")).unwrap();
+        assert!(!format!("{store:?}").contains("hunter2"));
+    }
+}

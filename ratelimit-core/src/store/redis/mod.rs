@@ -1,0 +1,279 @@
+//! The shared Redis store (cargo feature `redis`): how a fleet of MTAs shares one set
+//! of counters.
+//!
+//! # One round trip per decision
+//!
+//! Every [`Store::check`] is one `EVALSHA` of `redis_check.lua`, a script that mirrors
+//! [`KeyState::apply`](crate::KeyState::apply) step for step (same sub-window numbering,
+//! same all-or-nothing rule, shared counters charged once, same `retry_after`, `used`
+//! and `remaining`, same tolerance of a clock stepping back). Redis runs a script
+//! atomically, so the decision and the recording are one step for every caller on
+//! every host: the [`Store`] contract holds across the fleet. The script is loaded
+//! once with `SCRIPT LOAD` and called by its SHA; after a Redis restart (which empties
+//! the script cache) the `NOSCRIPT` answer makes the store load it again and retry.
+//!
+//! # Data layout
+//!
+//! One hash per key, named `<prefix>{<encoded key>}` (`rl:{alice@example.com}`):
+//! - field `i`: `idle_at`, when every counter will have decayed (ms, decimal);
+//! - one field per counter, named by its [`CounterId`](crate::CounterId) in decimal: a
+//!   sliding window as `idx:count,idx:count` (the non-empty sub-windows, oldest first,
+//!   `idx` = sub-window number mod 2^32, as in `KeyState`); a token bucket as
+//!   `level:last` (level in unit·ms, which can exceed 2^53, so it is kept as a decimal
+//!   string and the script does exact multi-limb arithmetic on it).
+//!
+//! The key is percent-encoded (`%`, `{`, `}`, spaces and control characters become
+//! `%XX`), so distinct keys never share a hash and the braces always delimit a hash
+//! tag. A decision touches exactly one Redis key, declared in `KEYS`, so it works on
+//! Redis Cluster; the hash tag keeps any future per-user key on the same slot.
+//!
+//! A recorded event sets the hash's TTL to `idle_at - now` plus a grace
+//! ([`RedisStoreConfig::ttl_grace`]), so idle users cost nothing. The script compares
+//! `now` with the stored `idle_at` itself, exactly as `KeyState::is_idle` does, so the
+//! TTL is only garbage collection: a hash that outlives `idle_at` reads as empty, and
+//! the grace keeps a hash from expiring early when the caller's clock lags the
+//! server's. A refused event or a peek writes nothing, not even the TTL.
+//!
+//! # Capabilities
+//!
+//! [`DistinctStore`](crate::distinct::DistinctStore) (distinct client networks per
+//! user) is a second script, `redis_distinct.lua`, over its own hash per key (see
+//! `distinct.rs`).
+//!
+//! [`Forget`] is one `DEL`. [`Scan`](super::Scan) walks the keyspace with `SCAN`
+//! (never `KEYS`) and reads each batch of hashes in one pipelined round trip; it and
+//! [`RedisStore::try_key_count`] are O(keys) and meant for occasional admin use (top
+//! senders, statistics). `Sweep` is not provided: Redis expires idle keys itself.
+//!
+//! # Time
+//!
+//! [`TimeSource::Server`] (the default): the script reads the Redis server's `TIME`, so
+//! every host decides on the same clock and the `now` passed to `check` is ignored.
+//! This needs script effects replication, the default from Redis 5 (the script asks
+//! for it on 3.2–4). [`TimeSource::Caller`]: the script uses the `now` passed to
+//! `check` (tests with a manual clock; a single host). Caller timestamps must be
+//! below 2^52 ms (year 144,000), where the script's double arithmetic is exact.
+//!
+//! # Connections
+//!
+//! A [`redis::Client`] and a small pool of idle synchronous connections behind a mutex
+//! (held only to push or pop). Each check takes a connection, or opens one within
+//! [`RedisStoreConfig::connect_timeout`] (the handshake, `AUTH` and `SELECT`, included);
+//! every command has [`RedisStoreConfig::command_timeout`] as its socket read and write
+//! timeout. A connection that failed with an I/O error or a timeout is dropped, never
+//! reused (a late reply could otherwise answer the next command), so the next check
+//! reconnects: the store recovers by itself when Redis restarts. If a connection taken
+//! from the pool turns out to be dead (closed by the peer before anything was read),
+//! the other idle ones are dropped too and the check is retried once on a fresh
+//! connection; a timeout is never retried, and the caller's failure policy applies.
+//! Sync is deliberate: the policy server calls the store from `spawn_blocking` with
+//! its own deadline, and the sync client needs no runtime; `ConnectionManager` is
+//! async-only, and a pool crate would add a dependency for these few lines.
+//!
+//! # Modules
+//!
+//! - `mod.rs`: [`RedisStore`], key naming, and the [`Store`] and [`Forget`]
+//!   implementations;
+//! - `config.rs`: [`RedisStoreConfig`], [`TimeSource`], URLs without passwords;
+//! - `connection.rs`: the connection pool, timeouts, retry, error mapping;
+//! - `script.rs`: the decision script, its arguments and its reply;
+//! - `scan.rs`: [`Scan`](super::Scan) and key counting;
+//! - `distinct.rs`: [`DistinctStore`](crate::distinct::DistinctStore), the second script.
+
+use std::fmt;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use redis::Connection;
+
+use super::{Forget, Store, StoreError};
+use crate::clock::{Timestamp, duration_to_millis};
+use crate::decision::{Cost, Decision, Mode};
+use crate::quota::Limit;
+
+mod config;
+mod connection;
+mod distinct;
+mod scan;
+mod script;
+
+pub use config::{RedisStoreConfig, TimeSource};
+
+/// Caller timestamps at or past this are refused: the script's arithmetic on them
+/// (plain doubles) is exact only well below 2^53.
+const MAX_CALLER_MS: u64 = 1 << 52;
+
+/// A [`Store`] in Redis, shared by every host that uses the same server and prefix.
+///
+/// See the [module docs](self) for the script, the data layout, time and connections.
+///
+/// # Examples
+///
+/// ```no_run
+/// use ratelimit_core::store::{RedisStore, RedisStoreConfig};
+/// use ratelimit_core::{Cost, Limiter, SystemClock, Tier, TierMap};
+///
+/// let store = RedisStore::new(RedisStoreConfig::new("redis://127.0.0.1:6379/")).unwrap();
+/// store.ping().expect("Redis is reachable");
+/// let tiers = TierMap::new(Tier::new("default", ["100/1h".parse().unwrap()]).unwrap());
+/// let limiter = Limiter::new(store, tiers, SystemClock);
+/// let d = limiter.acquire("alice@example.com", Cost::message(1, 0)).unwrap();
+/// ```
+pub struct RedisStore {
+    client: redis::Client,
+    config: RedisStoreConfig,
+    /// Idle connections; the lock is held only to push or pop one.
+    pool: Mutex<Vec<Connection>>,
+    /// The script's SHA once loaded (the same on every server for the same script).
+    sha: Mutex<Option<String>>,
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("config", &self.config)
+            .field("idle_connections", &self.pool.lock().len())
+            .finish()
+    }
+}
+
+impl RedisStore {
+    /// A store for this configuration. Checks the URL but does not connect: the first
+    /// check (or [`RedisStore::ping`]) does, so a server can start while Redis is down
+    /// and apply its failure policy until Redis is back.
+    pub fn new(mut config: RedisStoreConfig) -> Result<RedisStore, StoreError> {
+        let client = redis::Client::open(config.url.as_str()).map_err(|e| {
+            StoreError::Unavailable(format!(
+                "invalid Redis URL {}: {}",
+                config.redacted_url(),
+                e
+            ))
+        })?;
+        // A zero socket timeout is an error for the OS; treat it as the smallest one.
+        let min = Duration::from_millis(1);
+        config.connect_timeout = config.connect_timeout.max(min);
+        config.command_timeout = config.command_timeout.max(min);
+        Ok(RedisStore {
+            client,
+            config,
+            pool: Mutex::new(Vec::new()),
+            sha: Mutex::new(None),
+        })
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &RedisStoreConfig {
+        &self.config
+    }
+
+    /// Checks that Redis answers (and that the credentials are accepted).
+    pub fn ping(&self) -> Result<(), StoreError> {
+        self.run(|con| redis::cmd("PING").query::<String>(con))
+            .map(|_| ())
+    }
+
+    /// The name of the Redis hash that holds `key`'s counters (for operators and tests).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ratelimit_core::store::{RedisStore, RedisStoreConfig};
+    /// let store = RedisStore::new(RedisStoreConfig::new("redis://127.0.0.1/")).unwrap();
+    /// assert_eq!(store.key_name("alice@example.com"), "rl:{alice@example.com}");
+    /// assert_eq!(store.key_name("odd {user} 100%"), "rl:{odd%20%7Buser%7D%20100%25}");
+    /// ```
+    pub fn key_name(&self, key: &str) -> String {
+        let mut s = String::with_capacity(self.config.key_prefix.len() + key.len() + 2);
+        s.push_str(&self.config.key_prefix);
+        s.push('{');
+        for c in key.chars() {
+            if matches!(c, '%' | '{' | '}') || c <= ' ' || c == '\x7f' {
+                s.push_str(&format!("%{:02X}", u32::from(c)));
+            } else {
+                s.push(c);
+            }
+        }
+        s.push('}');
+        s
+    }
+}
+
+impl Store for RedisStore {
+    /// One `EVALSHA` round trip; atomic on the Redis server against every other
+    /// caller of every host.
+    fn check(
+        &self,
+        key: &str,
+        limits: &[Limit],
+        cost: Cost,
+        now: Timestamp,
+        mode: Mode,
+    ) -> Result<Decision, StoreError> {
+        if limits.is_empty() {
+            return Ok(Decision::UNLIMITED);
+        }
+        let now = match self.config.time_source {
+            TimeSource::Server => None,
+            TimeSource::Caller if now.as_millis() < MAX_CALLER_MS => Some(now),
+            TimeSource::Caller => {
+                return Err(StoreError::Protocol(format!(
+                    "timestamp {} ms is past what the Redis script computes exactly (2^52 ms)",
+                    now.as_millis()
+                )));
+            }
+        };
+        let args = script::script_args(
+            limits,
+            cost,
+            now,
+            duration_to_millis(self.config.ttl_grace),
+            mode,
+        );
+        let name = self.key_name(key);
+        let reply = self.run(|con| self.eval(con, &name, &args))?;
+        script::decision_from_reply(&reply, limits)
+    }
+}
+
+impl Forget for RedisStore {
+    /// One `DEL`.
+    fn forget(&self, key: &str) -> Result<bool, StoreError> {
+        self.delete(&self.key_name(key))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_url_is_refused_without_echoing_the_password() {
+        let err = RedisStore::new(RedisStoreConfig::new("http://:hunter2@host/")).unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn nothing_listening_is_unavailable_not_a_hang() {
+        // Port 1 (tcpmux) is closed on any sane test machine: connection refused.
+        let mut config = RedisStoreConfig::new("redis://127.0.0.1:1/");
+        config.connect_timeout = Duration::from_millis(500);
+        let store = RedisStore::new(config).unwrap();
+        let limits = ["1/1m".parse::<Limit>().unwrap()];
+        let err = store
+            .check(
+                "a",
+                &limits,
+                Cost::units(1),
+                Timestamp::from_millis(1),
+                Mode::Acquire,
+            )
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+        assert!(
+            err.to_string()
+                .contains("cannot connect to Redis at redis://127.0.0.1:1/"),
+            "{err}"
+        );
+    }
+}
