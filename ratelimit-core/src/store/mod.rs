@@ -115,7 +115,20 @@ pub trait Scan {
 }
 
 /// A store that can forget one key (unblock a user).
+///
+/// The method has the name and meaning of
+/// [`DistinctStore::forget`](crate::distinct::DistinctStore::forget). A store that
+/// is both (`RedisStore`: its counters and its distinct values are separate hashes)
+/// needs the call qualified when both traits are in scope, `Forget::forget(&store,
+/// key)`; both traits are implemented for `Arc<S>`, so an unqualified call through
+/// an `Arc` is a compile error rather than a silent pick of the other one.
 pub trait Forget {
     /// Forgets everything recorded for `key`; returns whether anything was.
     fn forget(&self, key: &str) -> Result<bool, StoreError>;
+}
+
+impl<S: Forget + ?Sized> Forget for std::sync::Arc<S> {
+    fn forget(&self, key: &str) -> Result<bool, StoreError> {
+        (**self).forget(key)
+    }
 }

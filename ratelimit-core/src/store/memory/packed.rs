@@ -79,6 +79,7 @@ impl Ids {
 
     /// `state` packed as (head, a, b), if it has the packable shape (see the module
     /// docs).
+    #[inline]
     pub(super) fn pack(&mut self, state: &KeyState) -> Option<(u64, u64, u64)> {
         let [counter] = state.counters.as_slice() else {
             return None;
@@ -87,6 +88,7 @@ impl Ids {
     }
 
     /// [`Ids::pack`] for a [`OneCounter`].
+    #[inline]
     pub(super) fn pack_one(&mut self, one: &OneCounter) -> Option<(u64, u64, u64)> {
         self.pack_parts(one.id, one.idle_at, one.get(one.id)?)
     }
@@ -114,6 +116,7 @@ impl Ids {
     }
 
     /// The state of a packed entry (its tag below [`GENERAL`]).
+    #[inline]
     pub(super) fn unpack(&self, e: &Entry) -> OneCounter {
         let tag = usize::from(e.tag());
         let id = self.ids[tag];

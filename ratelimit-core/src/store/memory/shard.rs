@@ -33,10 +33,12 @@ impl Shard {
         }
     }
 
+    #[inline]
     pub(super) fn len(&self) -> usize {
         self.table.len
     }
 
+    #[inline]
     pub(super) fn find(&self, hash: u64, key: &str) -> Option<u32> {
         self.table.find(hash, key)
     }
@@ -58,6 +60,7 @@ impl Shard {
 
     /// Puts `state` in the entry at `pos`, packed if it fits, else in the side
     /// table (reusing the entry's place there if it had one).
+    #[inline]
     pub(super) fn set_state(&mut self, pos: u32, state: KeyState) {
         let packed = self.ids.pack(&state);
         let e = self.table.get_mut(pos);
@@ -88,6 +91,7 @@ impl Shard {
     }
 
     /// [`Shard::set_state`] for a [`OneCounter`].
+    #[inline]
     pub(super) fn set_one(&mut self, pos: u32, one: &OneCounter) {
         match self.ids.pack_one(one) {
             Some((head, a, b)) => {
@@ -180,6 +184,7 @@ impl Shard {
     }
 
     /// Adds a new key (not present), with no state yet: set it next.
+    #[inline]
     pub(super) fn insert(&mut self, hash: u64, key: &str, hasher: &ahash::RandomState) -> u32 {
         self.table.insert(hash, key, |k| hasher.hash_one(k))
     }

@@ -55,17 +55,20 @@ impl Entry {
     };
 
     /// The form tag: `head`'s top byte.
+    #[inline]
     pub(super) fn tag(&self) -> u8 {
         (self.head >> 56) as u8
     }
 
     /// Whether the slot holds a key: any tag but [`VACANT`] and [`TOMB`].
+    #[inline]
     pub(super) fn is_live(&self) -> bool {
         let tag = self.tag();
         tag != VACANT && tag != TOMB
     }
 
     /// Stores a state (`head` without fingerprint bits), keeping the fingerprint.
+    #[inline]
     pub(super) fn set(&mut self, head: u64, a: u64, b: u64) {
         debug_assert_eq!(head & FP_MASK, 0);
         (self.head, self.a, self.b) = (head | (self.head & FP_MASK), a, b);
@@ -112,16 +115,19 @@ pub(super) struct Table {
 
 impl Table {
     /// Slots in all buckets (tombstones and vacant ones included).
+    #[inline]
     pub(super) fn slots(&self) -> usize {
         self.buckets.len() * WAYS
     }
 
     /// The entry at `pos`.
+    #[inline]
     pub(super) fn get(&self, pos: u32) -> &Entry {
         &self.buckets[pos as usize / WAYS].0[pos as usize % WAYS]
     }
 
     /// The entry at `pos`, to change.
+    #[inline]
     pub(super) fn get_mut(&mut self, pos: u32) -> &mut Entry {
         &mut self.buckets[pos as usize / WAYS].0[pos as usize % WAYS]
     }
@@ -172,6 +178,7 @@ impl Table {
 
     /// Adds `key` (not present) with no state yet (the caller sets it next);
     /// grows the table first if needed. Returns its position.
+    #[inline]
     pub(super) fn insert(&mut self, hash: u64, key: &str, hash_of: impl Fn(&str) -> u64) -> u32 {
         if (self.used + 1) * 100 > self.slots() * MAX_LOAD_PCT {
             self.rebuild(self.len + 1, &hash_of);
@@ -197,6 +204,7 @@ impl Table {
     }
 
     /// Takes the key at `pos` out, leaving a tombstone; returns its entry.
+    #[inline]
     pub(super) fn remove(&mut self, pos: u32) -> Entry {
         self.len -= 1;
         std::mem::replace(self.get_mut(pos), Entry::TOMB)
