@@ -189,3 +189,24 @@ impl Decision {
             .unwrap_or(u64::MAX)
     }
 }
+
+/// A store failed to decide. (A refusal is not an error: it is a [`Decision`].)
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store tracks as many keys as it may; a new key cannot be added. Existing
+    /// keys are never evicted to make room (that would hand their quota back).
+    #[error("the store is full: it tracks its maximum of {max_keys} keys")]
+    Full {
+        /// The configured cap.
+        max_keys: usize,
+    },
+    /// The backend could not be reached or failed.
+    #[error("the store backend is unavailable: {0}")]
+    Unavailable(String),
+    /// The backend did not answer in time.
+    #[error("the store backend did not answer within {0:?}")]
+    Timeout(std::time::Duration),
+    /// The backend answered something this code does not understand.
+    #[error("the store backend answered unexpectedly: {0}")]
+    Protocol(String),
+}

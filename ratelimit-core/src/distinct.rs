@@ -51,8 +51,8 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::clock::{Timestamp, duration_to_millis};
+use crate::decision::StoreError;
 use crate::quota::{MAX_WINDOW_MS, fmt_window};
-use crate::store::StoreError;
 
 /// "More than `max` distinct values per `window`", checked when built.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -3,8 +3,9 @@
 use std::sync::Arc;
 
 use crate::clock::{Clock, SystemClock};
+use crate::decision::StoreError;
 use crate::decision::{Cost, Decision, Mode};
-use crate::store::{MemoryStore, Store, StoreError};
+use crate::store::{MemoryStore, Store};
 use crate::tier::{Tier, TierMap};
 
 /// Decides for keys by their tier: the convenient way to embed the library.

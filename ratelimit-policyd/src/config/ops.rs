@@ -1,22 +1,18 @@
 //! The operations sections of the configuration: `[alerts]`, `[metrics]`, `[admin]`,
-//! `[record]`. Parsed into raw structs by `config.rs` (which owns the file), validated
-//! here into typed values; errors come back as (span, field, message) and
-//! `config.rs` turns them into `file:line: field: message`.
+//! `[record]`, validated into typed values like every other section.
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use ratelimit_core::quota::parse_duration_ms;
-use serde::Deserialize;
 use toml::Spanned;
 
-/// Where the admin socket is unless configured.
-pub const DEFAULT_ADMIN_SOCKET: &str = "/run/ratelimit-policyd/admin.sock";
-/// Where `admin tier` persists its moves unless configured.
-pub const DEFAULT_TIER_OVERRIDES: &str = "/var/lib/ratelimit-policyd/tier-overrides";
+pub use super::defaults::{
+    ADMIN_SOCKET as DEFAULT_ADMIN_SOCKET, TIER_OVERRIDES as DEFAULT_TIER_OVERRIDES,
+};
+pub use super::raw::{RawAdmin, RawAlerts, RawMetrics, RawRecord};
+use super::{ConfigError, Ctx, defaults};
 
 /// A secret (webhook token): never printed, not even by `{:?}`.
 #[derive(Clone, PartialEq, Eq)]
@@ -130,8 +126,8 @@ impl Default for AlertsConfig {
             command: None,
             webhook_url: None,
             webhook_token: None,
-            timeout: Duration::from_secs(10),
-            queue: 64,
+            timeout: defaults::ALERTS_TIMEOUT,
+            queue: defaults::ALERTS_QUEUE,
         }
     }
 }
@@ -149,8 +145,8 @@ pub struct AdminConfig {
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
-            socket: Some(PathBuf::from(DEFAULT_ADMIN_SOCKET)),
-            tier_overrides: PathBuf::from(DEFAULT_TIER_OVERRIDES),
+            socket: Some(PathBuf::from(defaults::ADMIN_SOCKET)),
+            tier_overrides: PathBuf::from(defaults::TIER_OVERRIDES),
         }
     }
 }
@@ -168,91 +164,47 @@ pub struct OpsConfig {
     pub record: Option<PathBuf>,
 }
 
-/// `[alerts]` as written.
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct RawAlerts {
-    command: Option<Spanned<String>>,
-    webhook_url: Option<Spanned<String>>,
-    webhook_token: Option<Spanned<String>>,
-    timeout: Option<Spanned<String>>,
-    queue: Option<Spanned<usize>>,
-}
-
-/// `[metrics]` as written.
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct RawMetrics {
-    listen: Option<Spanned<String>>,
-}
-
-/// `[admin]` as written.
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct RawAdmin {
-    socket: Option<Spanned<String>>,
-    enabled: Option<bool>,
-    tier_overrides: Option<Spanned<String>>,
-}
-
-/// `[record]` as written.
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct RawRecord {
-    path: Option<Spanned<String>>,
-}
-
-/// A validation error: where (byte span), which field, what.
-pub type OpsError = (Option<Range<usize>>, String, String);
-
-fn err<T>(span: Option<Range<usize>>, field: &str, msg: impl Into<String>) -> Result<T, OpsError> {
-    Err((span, field.to_string(), msg.into()))
-}
-
-fn path(v: &Spanned<String>, field: &str, base: Option<&Path>) -> Result<PathBuf, OpsError> {
+/// A path: not empty, relative to the configuration's directory.
+fn path(cx: &Ctx<'_>, v: &Spanned<String>, field: &str) -> Result<PathBuf, ConfigError> {
     if v.get_ref().trim().is_empty() {
-        return err(Some(v.span()), field, "must not be empty");
+        return cx.err(Some(v.span()), field, "must not be empty");
     }
-    let p = PathBuf::from(v.get_ref());
-    Ok(match base {
-        Some(b) if p.is_relative() => b.join(p),
-        _ => p,
-    })
+    Ok(cx.resolve(v.get_ref()))
 }
 
-/// Validates the four sections. `base` resolves relative paths (the config's directory).
-pub fn build(
+/// Validates the four sections.
+pub(super) fn build(
+    cx: &Ctx<'_>,
     alerts: &RawAlerts,
     metrics: &RawMetrics,
     admin: &RawAdmin,
     record: &RawRecord,
-    base: Option<&Path>,
-) -> Result<OpsConfig, OpsError> {
+) -> Result<OpsConfig, ConfigError> {
     let mut ops = OpsConfig::default();
 
     let a = &mut ops.alerts;
     if let Some(c) = &alerts.command {
         if c.get_ref().trim().is_empty() {
-            return err(Some(c.span()), "alerts.command", "must not be empty");
+            return cx.err(Some(c.span()), "alerts.command", "must not be empty");
         }
         a.command = Some(c.get_ref().clone());
     }
     if let Some(u) = &alerts.webhook_url {
         a.webhook_url = Some(
             HttpUrl::parse(u.get_ref())
-                .or_else(|e| err(Some(u.span()), "alerts.webhook_url", e))?,
+                .or_else(|e| cx.err(Some(u.span()), "alerts.webhook_url", e))?,
         );
     }
     if let Some(t) = &alerts.webhook_token {
         if a.webhook_url.is_none() {
-            return err(
+            return cx.err(
                 Some(t.span()),
                 "alerts.webhook_token",
                 "set webhook_url too (the token is sent only to it)",
             );
         }
         if t.get_ref().bytes().any(|b| b.is_ascii_control()) {
-            return err(
+            return cx.err(
                 Some(t.span()),
                 "alerts.webhook_token",
                 "must not contain control characters",
@@ -260,23 +212,17 @@ pub fn build(
         }
         a.webhook_token = Some(Secret(t.get_ref().clone()));
     }
-    if let Some(t) = &alerts.timeout {
-        a.timeout = match parse_duration_ms(t.get_ref()) {
-            Ok(ms) if ms > 0 => Duration::from_millis(ms),
-            Ok(_) => return err(Some(t.span()), "alerts.timeout", "must be longer than zero"),
-            Err(e) => return err(Some(t.span()), "alerts.timeout", e),
-        };
-    }
+    a.timeout = cx.duration(&alerts.timeout, "alerts.timeout", defaults::ALERTS_TIMEOUT)?;
     if let Some(q) = &alerts.queue {
         if *q.get_ref() == 0 {
-            return err(Some(q.span()), "alerts.queue", "must be at least 1");
+            return cx.err(Some(q.span()), "alerts.queue", "must be at least 1");
         }
         a.queue = *q.get_ref();
     }
 
     if let Some(l) = &metrics.listen {
         ops.metrics = Some(l.get_ref().parse::<SocketAddr>().or_else(|_| {
-            err(
+            cx.err(
                 Some(l.span()),
                 "metrics.listen",
                 format!(
@@ -288,17 +234,17 @@ pub fn build(
     }
 
     if let Some(s) = &admin.socket {
-        ops.admin.socket = Some(path(s, "admin.socket", base)?);
+        ops.admin.socket = Some(path(cx, s, "admin.socket")?);
     }
     if admin.enabled == Some(false) {
         ops.admin.socket = None;
     }
     if let Some(t) = &admin.tier_overrides {
-        ops.admin.tier_overrides = path(t, "admin.tier_overrides", base)?;
+        ops.admin.tier_overrides = path(cx, t, "admin.tier_overrides")?;
     }
 
     if let Some(p) = &record.path {
-        ops.record = Some(path(p, "record.path", base)?);
+        ops.record = Some(path(cx, p, "record.path")?);
     }
     Ok(ops)
 }

@@ -89,7 +89,16 @@ impl fmt::Debug for RedisStoreConfig {
     }
 }
 
-fn redact_url(url: &str) -> String {
+/// `url` with any password replaced by `***`, for logs: the user info ends at the
+/// *last* `@` of the authority, as URL parsers read it, so a password containing `@`
+/// is hidden whole, and `pass=` query parameters (`redis+unix:///path?pass=...`) are
+/// hidden too.
+///
+/// ```
+/// use ratelimit_core::store::redis::redact_url;
+/// assert_eq!(redact_url("redis://:s3cr@t@cache:6379/0"), "redis://:***@cache:6379/0");
+/// ```
+pub fn redact_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
         return url.to_string();
     };

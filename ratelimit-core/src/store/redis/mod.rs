@@ -97,7 +97,7 @@ mod distinct;
 mod scan;
 mod script;
 
-pub use config::{RedisStoreConfig, TimeSource};
+pub use config::{RedisStoreConfig, TimeSource, redact_url};
 
 /// Caller timestamps at or past this are refused: the script's arithmetic on them
 /// (plain doubles) is exact only well below 2^53.

@@ -1,0 +1,134 @@
+//! `check-config`: what a configuration sets up, in a few lines, without secrets.
+
+use super::{Backend, Config};
+
+/// A URL with any password replaced by `***` (for logs and `check-config`).
+///
+/// The same redaction as the Redis store's own (`RedisStoreConfig::redacted_url`): the
+/// user info ends at the *last* `@` of the authority, as URL parsers read it, so a
+/// password containing `@` is hidden whole, and `pass=` query parameters
+/// (`redis+unix:///path?pass=...`) are hidden too.
+pub fn redact_url(url: &str) -> String {
+    ratelimit_core::store::RedisStoreConfig::new(url).redacted_url()
+}
+
+/// A human summary of what a configuration sets up (no secrets).
+pub fn describe(cfg: &Config) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    let _ = writeln!(
+        s,
+        "listen: {}",
+        list(
+            &cfg.server
+                .listen
+                .iter()
+                .map(|l| l.to_string())
+                .collect::<Vec<_>>()
+        )
+    );
+    let _ = writeln!(
+        s,
+        "allow: {}",
+        list(
+            &cfg.server
+                .allow
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+        )
+    );
+    let _ = writeln!(
+        s,
+        "max_connections: {}, idle_timeout: {:?}, decision_timeout: {:?}, on_store_error: {:?}",
+        cfg.server.max_connections,
+        cfg.server.idle_timeout,
+        cfg.server.decision_timeout,
+        cfg.server.on_store_error
+    );
+    match &cfg.store.backend {
+        Backend::Memory { max_keys } => {
+            let _ = writeln!(s, "store: memory, max_keys {max_keys}");
+        }
+        Backend::Redis {
+            url,
+            key_prefix,
+            server_time,
+            ..
+        } => {
+            let _ = writeln!(
+                s,
+                "store: redis {} (prefix \"{key_prefix}\", {} time)",
+                redact_url(url),
+                if *server_time { "server" } else { "local" }
+            );
+        }
+    }
+    if let Some(snap) = &cfg.store.snapshot {
+        let _ = writeln!(
+            s,
+            "snapshot: {} every {:?}{}",
+            snap.path.display(),
+            snap.interval,
+            if snap.start_empty_if_bad {
+                " (start empty if unreadable)"
+            } else {
+                ""
+            }
+        );
+    }
+    let _ = writeln!(s, "without sasl: {:?}", cfg.keying.without_sasl);
+    let mut tiers: Vec<_> = cfg.tiers.map.tiers().collect();
+    tiers.sort_by(|a, b| a.name().cmp(b.name()));
+    for t in tiers {
+        let limits: Vec<String> = t.limits().iter().map(|l| l.to_string()).collect();
+        let action = cfg
+            .tiers
+            .policies
+            .get(t.name())
+            .map(|p| format!("{:?}", p.action))
+            .unwrap_or_else(|| "Defer".into());
+        let default = if t.name() == cfg.tiers.map.default_tier().name() {
+            " (default)"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            s,
+            "tier {}{default}: {} -> {action}",
+            t.name(),
+            if limits.is_empty() {
+                "unlimited".to_string()
+            } else {
+                limits.join(", ")
+            }
+        );
+    }
+    let mut watched: Vec<_> = cfg.networks.by_tier.iter().collect();
+    watched.sort_by(|a, b| a.0.cmp(b.0));
+    for (tier, n) in watched {
+        let _ = writeln!(s, "tier {tier}: networks {} -> {:?}", n.limit, n.action);
+    }
+    let mut assigned: Vec<_> = cfg.tiers.map.assignments().collect();
+    assigned.sort();
+    let _ = writeln!(s, "assignments: {}", assigned.len());
+    let _ = writeln!(
+        s,
+        "exempt: {} users, {} domains, {} client networks",
+        cfg.exempt.users.len(),
+        cfg.exempt.domains.len(),
+        cfg.exempt.clients.len()
+    );
+    if !cfg.exempt.roaming_users.is_empty() {
+        let _ = writeln!(s, "roaming users: {}", cfg.exempt.roaming_users.len());
+    }
+    s.push_str(&super::ops::describe(&cfg.ops));
+    s
+}

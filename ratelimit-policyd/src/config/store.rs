@@ -1,0 +1,104 @@
+//! `[store]`: where counters live, snapshots of the memory store, sweeps.
+
+use std::path::PathBuf;
+
+use super::raw::RawStore;
+use super::{Backend, ConfigError, Ctx, SnapshotConfig, StoreConfig, defaults};
+
+impl Default for StoreConfig {
+    /// Every `[store]` key at its default ([`defaults`]): the memory store, no snapshots.
+    fn default() -> Self {
+        StoreConfig {
+            backend: Backend::Memory {
+                max_keys: defaults::MAX_KEYS,
+            },
+            snapshot: None,
+            sweep_interval: defaults::SWEEP_INTERVAL,
+        }
+    }
+}
+
+/// Validates `[store]`.
+pub(super) fn build(cx: &Ctx<'_>, raw: &RawStore) -> Result<StoreConfig, ConfigError> {
+    let backend = raw
+        .backend
+        .as_ref()
+        .map_or(defaults::BACKEND, |b| b.get_ref().as_str());
+    let backend = match backend {
+        "memory" => Backend::Memory {
+            max_keys: match &raw.max_keys {
+                Some(m) if *m.get_ref() == 0 => {
+                    return cx.err(Some(m.span()), "store.max_keys", "must be at least 1");
+                }
+                Some(m) => *m.get_ref(),
+                None => defaults::MAX_KEYS,
+            },
+        },
+        "redis" => Backend::Redis {
+            url: raw
+                .redis_url
+                .clone()
+                .unwrap_or_else(|| defaults::REDIS_URL.into()),
+            key_prefix: raw
+                .redis_key_prefix
+                .clone()
+                .unwrap_or_else(|| defaults::REDIS_KEY_PREFIX.into()),
+            connect_timeout: cx.duration(
+                &raw.redis_connect_timeout,
+                "store.redis_connect_timeout",
+                defaults::REDIS_CONNECT_TIMEOUT,
+            )?,
+            command_timeout: cx.duration(
+                &raw.redis_command_timeout,
+                "store.redis_command_timeout",
+                defaults::REDIS_COMMAND_TIMEOUT,
+            )?,
+            server_time: cx.keyword(
+                &raw.redis_time,
+                "store.redis_time",
+                defaults::REDIS_SERVER_TIME,
+                &[("server", true), ("local", false)],
+                "expected \"server\" or \"local\"",
+            )?,
+        },
+        other => {
+            let span = raw.backend.as_ref().map(|b| b.span());
+            return cx.err(
+                span,
+                "store.backend",
+                format!("\"{other}\": expected \"memory\" or \"redis\""),
+            );
+        }
+    };
+    let snapshot = match &raw.snapshot_path {
+        None => None,
+        Some(path) => {
+            let start_empty_if_bad = cx.keyword(
+                &raw.on_bad_snapshot,
+                "store.on_bad_snapshot",
+                defaults::START_EMPTY_IF_BAD,
+                &[("refuse", false), ("start-empty", true)],
+                "expected \"refuse\" or \"start-empty\"",
+            )?;
+            Some(SnapshotConfig {
+                path: PathBuf::from(path),
+                interval: cx.duration(
+                    &raw.snapshot_interval,
+                    "store.snapshot_interval",
+                    defaults::SNAPSHOT_INTERVAL,
+                )?,
+                start_empty_if_bad,
+            })
+        }
+    };
+    let sweep_interval = cx.duration(
+        &raw.sweep_interval,
+        "store.sweep_interval",
+        defaults::SWEEP_INTERVAL,
+    )?;
+    Ok(StoreConfig {
+        backend,
+        snapshot,
+        sweep_interval,
+    })
+}
