@@ -8,7 +8,7 @@ use std::hint::black_box;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use ratelimit_benches::request::{MessageStream, Mix, StreamConfig};
 use ratelimit_policyd::protocol::{
-    Action, Attribute, Limits, PolicyRequest, Stage, Status, encode_response, frame_request,
+    Action, Attribute, PolicyRequest, RequestBounds, Stage, Status, encode_response, frame_request,
     parse_request,
 };
 
@@ -35,13 +35,13 @@ fn naive_parse(buf: &[u8]) -> HashMap<String, String> {
 
 fn parse(c: &mut Criterion) {
     let req = postfix_request();
-    let limits = Limits::DEFAULT;
+    let bounds = RequestBounds::DEFAULT;
     let mut g = c.benchmark_group("parse");
     g.throughput(Throughput::Bytes(req.len() as u64));
     g.bench_function("ratelimit parse_request + PolicyRequest", |b| {
         b.iter(|| {
             let mut slots = [Attribute::EMPTY; 64];
-            let Ok(Status::Complete(p)) = parse_request(black_box(&req), &limits, &mut slots)
+            let Ok(Status::Complete(p)) = parse_request(black_box(&req), &bounds, &mut slots)
             else {
                 panic!("not parsed");
             };
@@ -52,7 +52,7 @@ fn parse(c: &mut Criterion) {
     });
     g.bench_function("ratelimit frame_request (framing only)", |b| {
         b.iter(|| {
-            let Ok(Status::Complete(p)) = frame_request(black_box(&req), &limits) else {
+            let Ok(Status::Complete(p)) = frame_request(black_box(&req), &bounds) else {
                 panic!("not framed");
             };
             assert_eq!(p.consumed, req.len());

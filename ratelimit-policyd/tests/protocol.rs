@@ -4,8 +4,8 @@ use std::borrow::Cow;
 
 use proptest::prelude::*;
 use ratelimit_policyd::protocol::{
-    Action, Attribute, DEFAULT_CODE_TEXT, Limits, MAX_TEXT, ParseError, Parsed, PolicyRequest,
-    ReplyCode, ResponseError, Stage, Status, encode_response, frame_request, parse_request,
+    Action, Attribute, DEFAULT_CODE_TEXT, MAX_TEXT, ParseError, Parsed, PolicyRequest, ReplyCode,
+    RequestBounds, ResponseError, Stage, Status, encode_response, frame_request, parse_request,
     parse_response,
 };
 
@@ -81,7 +81,7 @@ fn slots() -> [Attribute<'static>; 64] {
 }
 
 fn parse(buf: &[u8]) -> Result<Status<Parsed>, ParseError> {
-    parse_request(buf, &Limits::default(), &mut slots())
+    parse_request(buf, &RequestBounds::default(), &mut slots())
 }
 
 fn crlf(lf: &[u8]) -> Vec<u8> {
@@ -108,7 +108,7 @@ fn complete(consumed: usize, attributes: usize) -> Result<Status<Parsed>, ParseE
 #[test]
 fn a_real_postfix_request_parses_completely_with_all_29_attributes() {
     let mut slots = slots();
-    let parsed = parse_request(POSTFIX_37_EOM, &Limits::default(), &mut slots)
+    let parsed = parse_request(POSTFIX_37_EOM, &RequestBounds::default(), &mut slots)
         .unwrap()
         .complete()
         .unwrap();
@@ -139,7 +139,7 @@ fn every_proper_prefix_of_a_real_request_is_partial() {
 fn frame_request_agrees_with_parse_request() {
     for end in 0..=POSTFIX_37_EOM.len() {
         let buf = &POSTFIX_37_EOM[..end];
-        assert_eq!(frame_request(buf, &Limits::default()), parse(buf));
+        assert_eq!(frame_request(buf, &RequestBounds::default()), parse(buf));
     }
 }
 
@@ -153,7 +153,7 @@ fn two_pipelined_requests_are_parsed_one_after_the_other() {
 
     let mut slots = slots();
     let rest = &buf[first.consumed..];
-    let second = parse_request(rest, &Limits::default(), &mut slots)
+    let second = parse_request(rest, &RequestBounds::default(), &mut slots)
         .unwrap()
         .complete()
         .unwrap();
@@ -166,8 +166,8 @@ fn two_pipelined_requests_are_parsed_one_after_the_other() {
 fn crlf_and_lf_line_endings_give_the_same_attributes() {
     let crlf_request = crlf(POSTFIX_37_EOM);
     let (mut lf_slots, mut crlf_slots) = (slots(), slots());
-    let lf = parse_request(POSTFIX_37_EOM, &Limits::default(), &mut lf_slots);
-    let cr = parse_request(&crlf_request, &Limits::default(), &mut crlf_slots);
+    let lf = parse_request(POSTFIX_37_EOM, &RequestBounds::default(), &mut lf_slots);
+    let cr = parse_request(&crlf_request, &RequestBounds::default(), &mut crlf_slots);
     assert_eq!(lf, complete(POSTFIX_37_EOM.len(), 29));
     assert_eq!(cr, complete(crlf_request.len(), 29));
     assert_eq!(lf_slots, crlf_slots);
@@ -182,7 +182,7 @@ fn mixed_line_endings_are_accepted() {
 #[test]
 fn only_one_trailing_cr_is_stripped_and_inner_crs_are_kept() {
     let mut slots = slots();
-    let parsed = parse_request(b"a=x\ry\r\r\n\n", &Limits::default(), &mut slots);
+    let parsed = parse_request(b"a=x\ry\r\r\n\n", &RequestBounds::default(), &mut slots);
     assert_eq!(parsed, complete(9, 1));
     assert_eq!(slots[0].value, b"x\ry\r");
 }
@@ -200,7 +200,7 @@ fn the_value_is_everything_after_the_first_equals_sign() {
     let mut slots = slots();
     let parsed = parse_request(
         b"ccert_subject=CN=a=b\nempty=\n\n",
-        &Limits::default(),
+        &RequestBounds::default(),
         &mut slots,
     );
     assert_eq!(parsed, complete(29, 2));
@@ -252,30 +252,30 @@ fn error_messages_say_what_and_where() {
 
 #[test]
 fn an_oversize_line_is_refused_while_still_partial() {
-    let limits = Limits {
+    let bounds = RequestBounds {
         max_line: 10,
-        ..Limits::default()
+        ..RequestBounds::default()
     };
     let mut slots = slots();
     // 10 bytes of content is fine, complete or not.
     assert_eq!(
-        parse_request(b"a=12345678", &limits, &mut slots),
+        parse_request(b"a=12345678", &bounds, &mut slots),
         Ok(Status::Partial)
     );
     assert_eq!(
-        parse_request(b"a=12345678\n\n", &limits, &mut slots),
+        parse_request(b"a=12345678\n\n", &bounds, &mut slots),
         complete(12, 1)
     );
     // The 11th byte without a newline settles it.
     let too_long = Err(ParseError::LineTooLong { line: 1, limit: 10 });
-    assert_eq!(parse_request(b"a=123456789", &limits, &mut slots), too_long);
+    assert_eq!(parse_request(b"a=123456789", &bounds, &mut slots), too_long);
     assert_eq!(
-        parse_request(b"a=123456789\n\n", &limits, &mut slots),
+        parse_request(b"a=123456789\n\n", &bounds, &mut slots),
         too_long
     );
     // A CR counts toward the line.
     assert_eq!(
-        parse_request(b"a=12345678\r\n\n", &limits, &mut slots),
+        parse_request(b"a=12345678\r\n\n", &bounds, &mut slots),
         too_long
     );
 }
@@ -287,34 +287,34 @@ fn a_ten_megabyte_line_is_refused_after_looking_at_one_line_limit() {
         parse(&huge),
         Err(ParseError::LineTooLong {
             line: 1,
-            limit: Limits::default().max_line
+            limit: RequestBounds::default().max_line
         })
     );
     // The first byte past the limit is enough.
-    let max_line = Limits::default().max_line;
+    let max_line = RequestBounds::default().max_line;
     assert_eq!(parse(&huge[..max_line]), Ok(Status::Partial));
     assert!(parse(&huge[..=max_line]).is_err());
 }
 
 #[test]
 fn too_many_attributes_are_refused() {
-    let limits = Limits {
+    let bounds = RequestBounds {
         max_attributes: 3,
-        ..Limits::default()
+        ..RequestBounds::default()
     };
     let mut slots = slots();
     assert_eq!(
-        parse_request(b"a=1\nb=2\nc=3\n\n", &limits, &mut slots),
+        parse_request(b"a=1\nb=2\nc=3\n\n", &bounds, &mut slots),
         complete(13, 3)
     );
     let too_many = Err(ParseError::TooManyAttributes { limit: 3 });
     assert_eq!(
-        parse_request(b"a=1\nb=2\nc=3\nd=4\n\n", &limits, &mut slots),
+        parse_request(b"a=1\nb=2\nc=3\nd=4\n\n", &bounds, &mut slots),
         too_many
     );
     // Known as soon as the fourth line ends.
     assert_eq!(
-        parse_request(b"a=1\nb=2\nc=3\nd=4\n", &limits, &mut slots),
+        parse_request(b"a=1\nb=2\nc=3\nd=4\n", &bounds, &mut slots),
         too_many
     );
 
@@ -331,42 +331,42 @@ fn too_many_attributes_are_refused() {
 fn running_out_of_slots_is_an_ordinary_error() {
     let mut slots = [Attribute::EMPTY; 28];
     assert_eq!(
-        parse_request(POSTFIX_37_EOM, &Limits::default(), &mut slots),
+        parse_request(POSTFIX_37_EOM, &RequestBounds::default(), &mut slots),
         Err(ParseError::OutOfSlots { slots: 28 })
     );
     assert_eq!(
-        parse_request(b"\n", &Limits::default(), &mut []),
+        parse_request(b"\n", &RequestBounds::default(), &mut []),
         complete(1, 0)
     );
 }
 
 #[test]
 fn a_too_large_request_is_refused_even_while_partial() {
-    let limits = Limits {
+    let bounds = RequestBounds {
         max_request: 12,
-        ..Limits::default()
+        ..RequestBounds::default()
     };
     let mut slots = slots();
     assert_eq!(
-        parse_request(b"a=1\nb=2\nc=3\n\n", &limits, &mut slots),
+        parse_request(b"a=1\nb=2\nc=3\n\n", &bounds, &mut slots),
         Err(ParseError::RequestTooLarge { limit: 12 })
     );
     assert_eq!(
-        parse_request(b"a=1\nb=2\ncc=\n\n", &limits, &mut slots),
+        parse_request(b"a=1\nb=2\ncc=\n\n", &bounds, &mut slots),
         Err(ParseError::RequestTooLarge { limit: 12 })
     );
     // Exactly at the limit is fine.
     assert_eq!(
-        parse_request(b"a=1\nb=2\nc=\n\n", &limits, &mut slots),
+        parse_request(b"a=1\nb=2\nc=\n\n", &bounds, &mut slots),
         complete(12, 3)
     );
     // Twelve bytes without the end of the request can only grow past the limit.
     assert_eq!(
-        parse_request(b"a=1\nb=2\nc=3\n", &limits, &mut slots),
+        parse_request(b"a=1\nb=2\nc=3\n", &bounds, &mut slots),
         Err(ParseError::RequestTooLarge { limit: 12 })
     );
     assert_eq!(
-        parse_request(b"a=1\nb=2\nc=3", &limits, &mut slots),
+        parse_request(b"a=1\nb=2\nc=3", &bounds, &mut slots),
         Ok(Status::Partial)
     );
 
@@ -393,7 +393,7 @@ fn limit_errors_are_told_apart_from_malformed_input() {
 
 fn with_request<R>(buf: &[u8], check: impl FnOnce(PolicyRequest<'_>) -> R) -> R {
     let mut slots = slots();
-    let parsed = parse_request(buf, &Limits::default(), &mut slots)
+    let parsed = parse_request(buf, &RequestBounds::default(), &mut slots)
         .unwrap()
         .complete()
         .unwrap();
@@ -444,7 +444,7 @@ fn empty_values_read_as_absent() {
 fn invalid_utf8_is_accepted_and_only_the_str_accessor_declines() {
     let buf = b"sasl_username=caf\xe9\nsender=ok@example.org\n\n";
     let mut slots = slots();
-    let parsed = parse_request(buf, &Limits::default(), &mut slots)
+    let parsed = parse_request(buf, &RequestBounds::default(), &mut slots)
         .unwrap()
         .complete()
         .unwrap();
@@ -768,7 +768,7 @@ proptest! {
     fn any_valid_request_parses_to_its_lines(lines in request_lines(), end_crlf: bool) {
         let buf = render(&lines, end_crlf);
         let mut slots = slots();
-        let parsed = parse_request(&buf, &Limits::default(), &mut slots);
+        let parsed = parse_request(&buf, &RequestBounds::default(), &mut slots);
         prop_assert_eq!(parsed, complete(buf.len(), lines.len()));
         for (slot, (name, value, _)) in slots.iter().zip(&lines) {
             prop_assert_eq!(slot.name, &name[..]);
@@ -788,7 +788,7 @@ proptest! {
         buf.extend_from_slice(&trailer);
 
         let mut whole_slots = slots();
-        let whole = parse_request(&buf, &Limits::default(), &mut whole_slots);
+        let whole = parse_request(&buf, &RequestBounds::default(), &mut whole_slots);
         prop_assert_eq!(whole, complete(request.len(), lines.len()));
 
         let mut ends: Vec<usize> = cuts.iter().map(|i| i.index(buf.len() + 1)).collect();
@@ -796,7 +796,7 @@ proptest! {
         ends.push(buf.len());
         for end in ends {
             let mut chunk_slots = slots();
-            let got = parse_request(&buf[..end], &Limits::default(), &mut chunk_slots);
+            let got = parse_request(&buf[..end], &RequestBounds::default(), &mut chunk_slots);
             if end < request.len() {
                 prop_assert_eq!(got, Ok(Status::Partial), "prefix of {} bytes", end);
             } else {
@@ -817,11 +817,11 @@ proptest! {
         max_request in 0usize..120,
         end in any::<prop::sample::Index>(),
     ) {
-        let limits = Limits { max_line, max_attributes, max_request };
+        let bounds = RequestBounds { max_line, max_attributes, max_request };
         let mut whole_slots = [Attribute::EMPTY; 4];
-        let whole = parse_request(&input, &limits, &mut whole_slots);
+        let whole = parse_request(&input, &bounds, &mut whole_slots);
         let mut prefix_slots = [Attribute::EMPTY; 4];
-        let prefix = parse_request(&input[..end.index(input.len() + 1)], &limits, &mut prefix_slots);
+        let prefix = parse_request(&input[..end.index(input.len() + 1)], &bounds, &mut prefix_slots);
         prop_assert!(prefix == Ok(Status::Partial) || prefix == whole, "{:?} vs {:?}", prefix, whole);
         if let Ok(Status::Complete(parsed)) = whole {
             prop_assert!(parsed.consumed <= max_request && parsed.attributes <= max_attributes);
