@@ -2,14 +2,10 @@
 
 use super::{Backend, Config};
 
-/// A URL with any password replaced by `***` (for logs and `check-config`).
-///
-/// The same redaction as the Redis store's own (`RedisStoreConfig::redacted_url`): the
-/// user info ends at the *last* `@` of the authority, as URL parsers read it, so a
-/// password containing `@` is hidden whole, and `pass=` query parameters
-/// (`redis+unix:///path?pass=...`) are hidden too.
+/// A URL with any password replaced by `***` (for logs and `check-config`), as the
+/// Redis client's own logs redact it.
 pub fn redact_url(url: &str) -> String {
-    ratelimit_core::store::RedisStoreConfig::new(url).redacted_url()
+    ratelimit_core::store::redis::redact_url(url)
 }
 
 /// A human summary of what a configuration sets up (no secrets).

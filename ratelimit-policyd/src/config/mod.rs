@@ -174,8 +174,8 @@ pub struct NetworksPolicy {
     /// What to do while the user is flagged (default hold; `Warn` only logs).
     pub action: ActionKind,
     /// The text (`{user}`, `{tier}`, `{max}`, `{window}`, `{networks}`, `{limit}`,
-    /// `{retry}`, `{retry_at}`).
-    pub message: String,
+    /// `{retry}`, `{retry_at}`), compiled so that a refusal only fills it in.
+    pub message: Template,
 }
 
 /// Where counters live.

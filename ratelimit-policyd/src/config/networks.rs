@@ -11,6 +11,7 @@ use toml::Spanned;
 
 use super::raw::{RawNetworks, RawTier};
 use super::{ActionKind, ConfigError, Ctx, NetworksConfig, NetworksPolicy, defaults};
+use crate::template::Template;
 
 /// The signal of every tier in `map`: the tier's own keys, else `[networks]` `max`,
 /// `window`, `action` and `message`; none for a tier with `networks_exempt = true`
@@ -114,7 +115,7 @@ pub(super) fn build(
             NetworksPolicy {
                 limit,
                 action,
-                message,
+                message: Template::networks(message),
             },
         );
     }
