@@ -10,10 +10,10 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use ratelimit_benches::request::{MessageStream, Mix, StreamConfig};
 use ratelimit_core::{ManualClock, Timestamp};
 use ratelimit_policyd::config;
-use ratelimit_policyd::daemon::build_engine;
-use ratelimit_policyd::policy::{ConnState, Engine};
+use ratelimit_policyd::daemon::Daemon;
+use ratelimit_policyd::policy::{ConnState, Policy};
 use ratelimit_policyd::protocol::{
-    Action, Attribute, Limits, PolicyRequest, Status, parse_request,
+    Action, Attribute, PolicyRequest, RequestBounds, Status, parse_request,
 };
 
 const USERS: u64 = 10_000;
@@ -28,11 +28,12 @@ fn ready<F: std::future::Future>(f: F) -> F::Output {
     }
 }
 
-fn engine() -> (Arc<Engine>, ManualClock) {
+fn policy() -> (Arc<Policy>, ManualClock) {
     // High limits: every decision is an admit, as for most real traffic.
     let cfg = config::parse("[tiers.default]\nlimits = [\"1000000/1h\", { limit = \"5000000/1d\", unit = \"recipients\" }]\n", "bench", None).unwrap();
     let clock = ManualClock::new(Timestamp::from_millis(1_700_000_000_000));
-    (build_engine(cfg, Arc::new(clock.clone())).unwrap(), clock)
+    let daemon = Daemon::new(cfg, Arc::new(clock.clone())).unwrap();
+    (daemon.policy, clock)
 }
 
 fn requests(mix: Mix) -> Vec<Vec<u8>> {
@@ -51,8 +52,8 @@ fn requests(mix: Mix) -> Vec<Vec<u8>> {
 }
 
 fn bench_stage(c: &mut Criterion, name: &str, reqs: &[Vec<u8>], patch: Option<&[u8]>) {
-    let (engine, clock) = engine();
-    let limits = Limits::DEFAULT;
+    let (policy, clock) = policy();
+    let limits = RequestBounds::DEFAULT;
     let reqs: Vec<Vec<u8>> = match patch {
         // Rewrite protocol_state to another stage of the same length class.
         Some(stage) => reqs
@@ -83,8 +84,8 @@ fn bench_stage(c: &mut Criterion, name: &str, reqs: &[Vec<u8>], patch: Option<&[
                 panic!()
             };
             let r = PolicyRequest::from_attributes(&slots[..p.attributes]).unwrap();
-            let a = ready(engine.decide(black_box(&r), &mut conn));
-            assert_eq!(a, Action::Dunno);
+            let verdict = ready(policy.decide(black_box(&r), &mut conn, policy.now()));
+            assert_eq!(verdict.action, Action::Dunno);
         })
     });
     g.finish();

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use ratelimit_benches::request::{MessageStream, Mix, StreamConfig};
 use ratelimit_core::SystemClock;
-use ratelimit_policyd::{config, daemon, server};
+use ratelimit_policyd::{config, daemon};
 
 const USERS: u64 = 10_000;
 
@@ -76,13 +76,17 @@ fn server(c: &mut Criterion) {
         None,
     )
     .unwrap();
-    let engine = daemon::build_engine(cfg, Arc::new(SystemClock)).unwrap();
-    let listeners = rt.block_on(daemon::bind(&engine.config())).unwrap();
+    let daemon = daemon::Daemon::new(cfg, Arc::new(SystemClock)).unwrap();
+    let listeners = rt.block_on(daemon::bind(&daemon.policy.config())).unwrap();
     let ours = listeners[0].local_addr().unwrap();
     let (_stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    rt.spawn(server::run(listeners, engine, async move {
-        let _ = stop_rx.await;
-    }));
+    rt.spawn(async move {
+        daemon
+            .run(listeners, async move {
+                let _ = stop_rx.await;
+            })
+            .await
+    });
 
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -1,15 +1,27 @@
-//! Starting the daemon: configuration, counters (and snapshot restore), listeners,
-//! signals. `main.rs` parses the command line and calls [`start`] and [`serve`].
+//! The daemon: configuration, the store backend (and its snapshot), the policy and
+//! its observers, listeners, signals, reload, and the periodic sweep and snapshot.
+//!
+//! [`Daemon::new`] builds everything but the listeners; [`Daemon::run`] serves them
+//! until a shutdown future completes (tests and embedders call it with their own);
+//! [`serve`] is what `main` calls: load, build, bind, run until SIGTERM or SIGINT,
+//! reload on SIGHUP.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
-use ratelimit_core::store::{RedisStore, RedisStoreConfig, SnapshotError, TimeSource};
-use ratelimit_core::{Clock, MemoryStore, MemoryStoreConfig, SystemClock};
+use arc_swap::ArcSwap;
+use ratelimit_core::store::SnapshotError;
+use ratelimit_core::{Clock, SystemClock};
+use tokio::sync::watch;
 
-use crate::config::{self, Backend, Config, ConfigError, ListenAddr};
-use crate::policy::{Counters, Engine};
-use crate::server::{self, Listener};
+use crate::admin::{self, ReloadFn};
+use crate::backend::{Backend, OpenError};
+use crate::config::{self, Config, ConfigError, ListenAddr};
+use crate::ops::{self, Ops, View};
+use crate::policy::{Observer, Policy};
+use crate::server::{self, Listener, ServerStats};
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -21,7 +33,7 @@ pub enum StartError {
     #[error(
         "{0}\n(to start with empty counters instead, set on_bad_snapshot = \"start-empty\" in [store], or move the file away)"
     )]
-    Snapshot(#[from] SnapshotError),
+    Snapshot(SnapshotError),
     /// A listening socket could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -35,6 +47,15 @@ pub enum StartError {
     Store(String),
 }
 
+impl From<OpenError> for StartError {
+    fn from(e: OpenError) -> StartError {
+        match e {
+            OpenError::Snapshot(s) => StartError::Snapshot(s),
+            OpenError::Store(s) => StartError::Store(s.to_string()),
+        }
+    }
+}
+
 /// Loads the configuration: the file if given, else the built-in default; `listen`
 /// (from the command line) replaces the configured addresses when not empty; the
 /// tier moves made with `admin tier` are applied on top.
@@ -46,76 +67,8 @@ pub fn load_config(path: Option<&Path>, listen: &[ListenAddr]) -> Result<Config,
     if !listen.is_empty() {
         cfg.server.listen = listen.to_vec();
     }
-    crate::admin::overrides::apply(&mut cfg)?;
+    admin::overrides::apply(&mut cfg)?;
     Ok(cfg)
-}
-
-/// Builds the engine for `cfg`: the store, restored from its snapshot when configured.
-pub fn build_engine(cfg: Config, clock: Arc<dyn Clock>) -> Result<Arc<Engine>, StartError> {
-    let counters = match &cfg.store.backend {
-        Backend::Memory { max_keys } => {
-            let store = MemoryStore::with_config(MemoryStoreConfig {
-                max_keys: *max_keys,
-                ..MemoryStoreConfig::default()
-            });
-            if let Some(snap) = &cfg.store.snapshot {
-                restore(&store, &snap.path, snap.start_empty_if_bad, clock.now())?;
-            }
-            Counters::Memory(Arc::new(store))
-        }
-        Backend::Redis {
-            url,
-            key_prefix,
-            connect_timeout,
-            command_timeout,
-            server_time,
-        } => {
-            let mut rc = RedisStoreConfig::new(url.clone());
-            rc.key_prefix = key_prefix.clone();
-            rc.connect_timeout = *connect_timeout;
-            rc.command_timeout = *command_timeout;
-            rc.time_source = if *server_time {
-                TimeSource::Server
-            } else {
-                TimeSource::Caller
-            };
-            let store = RedisStore::new(rc).map_err(|e| StartError::Store(e.to_string()))?;
-            // Not fatal: Redis may come up after us; decisions fail per on_store_error until it does.
-            match store.ping() {
-                Ok(()) => {
-                    tracing::info!(redis = %store.config().redacted_url(), "connected to Redis")
-                }
-                Err(e) => {
-                    tracing::warn!(redis = %store.config().redacted_url(), error = %e, "Redis is not answering yet; answering per on_store_error until it does")
-                }
-            }
-            Counters::Remote(Arc::new(store))
-        }
-    };
-    Ok(Arc::new(Engine::new(cfg, counters, clock)))
-}
-
-fn restore(
-    store: &MemoryStore,
-    path: &Path,
-    start_empty_if_bad: bool,
-    now: ratelimit_core::Timestamp,
-) -> Result<(), StartError> {
-    if !path.exists() {
-        tracing::info!(path = %path.display(), "no snapshot yet: starting with empty counters");
-        return Ok(());
-    }
-    match store.load_snapshot(path, now) {
-        Ok(stats) => {
-            tracing::info!(path = %path.display(), keys = stats.keys, restored = stats.restored, "counters restored from snapshot");
-            Ok(())
-        }
-        Err(e) if start_empty_if_bad => {
-            tracing::error!(error = %e, "SNAPSHOT UNREADABLE: starting with EMPTY counters (on_bad_snapshot = \"start-empty\"); every user's quota is reset");
-            Ok(())
-        }
-        Err(e) => Err(e.into()),
-    }
 }
 
 /// Binds every configured listener.
@@ -134,7 +87,164 @@ pub async fn bind(cfg: &Config) -> Result<Vec<Listener>, StartError> {
     Ok(out)
 }
 
-/// The main.cf lines that wire Postfix to this server.
+/// Everything the daemon runs, built and wired, before it listens.
+#[derive(Clone)]
+pub struct Daemon {
+    /// The policy.
+    pub policy: Arc<Policy>,
+    /// The server's counts.
+    pub server: Arc<ServerStats>,
+    /// The policy's observer: incident lines, alerts, records.
+    pub ops: Arc<Ops>,
+    reload: Option<ReloadFn>,
+}
+
+impl Daemon {
+    /// Builds the daemon for `cfg` at the times `clock` gives: the store backend
+    /// (restored from its snapshot when configured), the policy and its observers.
+    /// `admin reload` re-reads the file the configuration came from, if any.
+    pub fn new(cfg: Config, clock: Arc<dyn Clock>) -> Result<Daemon, StartError> {
+        let backend = Backend::open(&cfg.store, clock.now())?;
+        Ok(Daemon::with_backend(cfg, backend, clock, None))
+    }
+
+    /// Builds the daemon for `cfg` over `backend` (any stores: see [`Backend::new`]);
+    /// `also` sees every verdict after the daemon's own observer.
+    pub fn with_backend(
+        cfg: Config,
+        backend: Backend,
+        clock: Arc<dyn Clock>,
+        also: Option<Arc<dyn Observer>>,
+    ) -> Daemon {
+        let source = PathBuf::from(&cfg.source);
+        let shared = Arc::new(ArcSwap::from_pointee(cfg));
+        let ops = Arc::new(Ops::new(Arc::clone(&shared)));
+        let observer: Arc<dyn Observer> = match also {
+            Some(also) => Arc::new(Both(Arc::clone(&ops), also)),
+            None => Arc::clone(&ops) as _,
+        };
+        let policy = Arc::new(Policy::new(shared, backend, clock, observer));
+        let mut daemon = Daemon {
+            policy,
+            server: Arc::new(ServerStats::default()),
+            ops,
+            reload: None,
+        };
+        if source.is_file() {
+            daemon.reload_from(Some(source), Vec::new());
+        }
+        daemon
+    }
+
+    /// Makes `admin reload` (and [`Daemon::reload`]) re-read `path` (the built-in
+    /// default when `None`) with `listen` overriding its addresses.
+    pub fn reload_from(&mut self, path: Option<PathBuf>, listen: Vec<ListenAddr>) {
+        let policy = Arc::downgrade(&self.policy);
+        self.reload = Some(Arc::new(move || {
+            let policy = policy.upgrade().ok_or("the server is stopping")?;
+            try_reload(&policy, path.as_deref(), &listen).map_err(|e| e.to_string())
+        }));
+    }
+
+    /// Reloads as `admin reload` does; `false` (logged) when the new configuration is
+    /// invalid and the old one stays.
+    pub fn reload(&self) -> bool {
+        self.reload.as_ref().is_some_and(|r| r().is_ok())
+    }
+
+    /// What the operations endpoints and admin commands see.
+    pub fn view(&self) -> View {
+        View {
+            policy: Arc::clone(&self.policy),
+            server: Arc::clone(&self.server),
+            ops: Arc::clone(&self.ops),
+        }
+    }
+
+    /// Serves `listeners` until `shutdown` completes: starts the operational
+    /// endpoints (alerts, records, metrics, the admin socket) and the periodic sweep
+    /// and snapshot, serves, then lets connections finish their requests, stops the
+    /// workers and writes a last snapshot if snapshots are configured.
+    pub async fn run(
+        &self,
+        listeners: Vec<Listener>,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut tasks = tokio::task::JoinSet::new();
+        let view = self.view();
+        ops::start(&view, &mut tasks, stop_rx.clone()).await;
+        self.start_admin(&view, &mut tasks, stop_rx.clone());
+        tasks.spawn(maintenance(Arc::clone(&self.policy), stop_rx));
+        ops::set_ready(&self.ops);
+        let served = server::serve(
+            listeners,
+            Arc::clone(&self.policy),
+            Arc::clone(&self.server),
+            shutdown,
+        )
+        .await;
+        let _ = stop_tx.send(true);
+        while tasks.join_next().await.is_some() {}
+        write_snapshot(&self.policy);
+        tracing::info!("stopped");
+        served
+    }
+
+    fn start_admin(
+        &self,
+        view: &View,
+        tasks: &mut tokio::task::JoinSet<()>,
+        stop: watch::Receiver<bool>,
+    ) {
+        let Some(path) = self.policy.config().ops.admin.socket.clone() else {
+            return;
+        };
+        match admin::bind(&path) {
+            Ok(l) => {
+                tracing::info!(socket = %path.display(), "admin socket");
+                let ctx = admin::Context {
+                    view: view.clone(),
+                    reload: self.reload.clone(),
+                };
+                tasks.spawn(admin::serve(l, path, ctx, stop));
+            }
+            Err(e) => {
+                tracing::warn!(socket = %path.display(), error = %e, "cannot create the admin socket; admin commands are unavailable (set [admin] socket, or enabled = false)")
+            }
+        }
+    }
+}
+
+/// Two observers, one after the other.
+struct Both(Arc<Ops>, Arc<dyn Observer>);
+
+impl Observer for Both {
+    fn decided(
+        &self,
+        conn: u64,
+        at: ratelimit_core::Timestamp,
+        req: &crate::protocol::PolicyRequest<'_>,
+        verdict: &crate::policy::Verdict<'_>,
+    ) {
+        self.0.decided(conn, at, req, verdict);
+        self.1.decided(conn, at, req, verdict);
+    }
+}
+
+/// The main.cf lines that wire Postfix to a policy server at `target`
+/// (`inet:127.0.0.1:10031`, `unix:/path`).
+pub fn main_cf_lines(target: &str) -> String {
+    format!(
+        "smtpd_relay_restrictions = permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination\n\
+         smtpd_recipient_restrictions = check_policy_service {target}, permit_sasl_authenticated, permit_mynetworks, reject_unauth_destination\n\
+         smtpd_data_restrictions = check_policy_service {target}\n\
+         smtpd_end_of_data_restrictions = check_policy_service {target}\n\
+         smtpd_policy_service_default_action = DUNNO\n"
+    )
+}
+
+/// What the daemon logs at start: how to wire Postfix to the first TCP listener.
 pub fn postfix_wiring(listen: &[String]) -> String {
     let target = listen
         .iter()
@@ -142,14 +252,17 @@ pub fn postfix_wiring(listen: &[String]) -> String {
         .map(|a| format!("inet:{a}"))
         .or_else(|| listen.first().cloned())
         .unwrap_or_else(|| "inet:127.0.0.1:10031".into());
-    format!(
-        "wire Postfix to this server in main.cf (or per service in master.cf):\n  \
-         smtpd_relay_restrictions = permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination\n  \
-         smtpd_recipient_restrictions = check_policy_service {target}, permit_sasl_authenticated, permit_mynetworks, reject_unauth_destination\n  \
-         smtpd_data_restrictions = check_policy_service {target}\n  \
-         smtpd_end_of_data_restrictions = check_policy_service {target}\n  \
-         smtpd_policy_service_default_action = DUNNO   # when this server is down: DUNNO lets mail through, the default 451 4.3.5 defers it"
-    )
+    let mut out =
+        String::from("wire Postfix to this server in main.cf (or per service in master.cf):\n");
+    for line in main_cf_lines(&target).lines() {
+        out.push_str("  ");
+        out.push_str(line);
+        out.push('\n');
+    }
+    out.push_str(
+        "  (smtpd_policy_service_default_action = DUNNO: while this server is down mail goes through; Postfix's default, 451 4.3.5, defers it)",
+    );
+    out
 }
 
 /// Starts everything and serves until SIGTERM or SIGINT; SIGHUP reloads the
@@ -159,35 +272,32 @@ pub async fn serve(
     listen: Vec<ListenAddr>,
 ) -> Result<(), StartError> {
     let cfg = load_config(config_path.as_deref(), &listen)?;
-    let engine = build_engine(cfg, Arc::new(SystemClock))?;
-    let cfg = engine.config();
+    let mut daemon = Daemon::new(cfg, Arc::new(SystemClock))?;
+    daemon.reload_from(config_path, listen);
+    let cfg = daemon.policy.config();
     let listeners = bind(&cfg).await?;
     let addrs: Vec<String> = listeners.iter().map(|l| l.describe()).collect();
     tracing::info!(
         config = %cfg.source,
-        store = match &cfg.store.backend { Backend::Memory { .. } => "memory", Backend::Redis { .. } => "redis" },
+        store = daemon.policy.backend().name(),
         tiers = cfg.tiers.map.tiers().count(),
         "ratelimit-policyd {} started",
         env!("CARGO_PKG_VERSION")
     );
     tracing::info!("{}", postfix_wiring(&addrs));
-    let (hook_path, hook_listen) = (config_path.clone(), listen.clone());
-    engine.ops.set_reload_hook(Arc::new(move |e: &Engine| {
-        try_reload(e, hook_path.as_deref(), &hook_listen).map_err(|err| err.to_string())
-    }));
-    let reload_engine = Arc::clone(&engine);
-    let reload_path = config_path.clone();
-    let reload_listen = listen.clone();
+    let on_hup = daemon.clone();
     tokio::spawn(async move {
         let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         else {
             return;
         };
         while hup.recv().await.is_some() {
-            reload(&reload_engine, reload_path.as_deref(), &reload_listen);
+            let d = on_hup.clone();
+            let _ = tokio::task::spawn_blocking(move || d.reload()).await;
         }
     });
-    server::run(listeners, engine, shutdown_signal())
+    daemon
+        .run(listeners, shutdown_signal())
         .await
         .map_err(|e| StartError::Bind {
             addr: addrs.join(", "),
@@ -195,22 +305,17 @@ pub async fn serve(
         })
 }
 
-/// Re-reads the configuration and swaps it in; on error keeps the old one and logs why.
-/// Listeners, the store backend and the connection cap need a restart to change.
-pub fn reload(engine: &Engine, path: Option<&Path>, listen: &[ListenAddr]) -> bool {
-    try_reload(engine, path, listen).is_ok()
-}
-
-/// [`reload`], returning what was loaded or why not (for `admin reload`).
+/// Re-reads the configuration and swaps it in; on error keeps the old one and logs
+/// why. Listeners, the store backend and the connection cap need a restart to change.
 pub fn try_reload(
-    engine: &Engine,
+    policy: &Policy,
     path: Option<&Path>,
     listen: &[ListenAddr],
 ) -> Result<String, ConfigError> {
-    let _overrides = crate::admin::overrides::lock();
+    let _overrides = admin::overrides::lock();
     match load_config(path, listen) {
         Ok(new) => {
-            let old = engine.config();
+            let old = policy.config();
             if new.server.listen != old.server.listen
                 || new.store.backend != old.store.backend
                 || new.server.max_connections != old.server.max_connections
@@ -225,12 +330,57 @@ pub fn try_reload(
                 new.source,
                 new.tiers.map.tiers().count()
             );
-            engine.set_config(new);
+            policy.set_config(new);
             Ok(summary)
         }
         Err(e) => {
             tracing::error!(error = %e, "reload failed; keeping the previous configuration");
             Err(e)
+        }
+    }
+}
+
+/// The periodic sweep of idle keys and the periodic snapshot.
+async fn maintenance(policy: Arc<Policy>, stop: watch::Receiver<bool>) {
+    let cfg = policy.config();
+    let mut sweep = tokio::time::interval(cfg.store.sweep_interval);
+    let snap_every = cfg
+        .store
+        .snapshot
+        .as_ref()
+        .map_or(Duration::from_secs(3600), |s| s.interval);
+    let mut snap = tokio::time::interval(snap_every);
+    sweep.tick().await;
+    snap.tick().await;
+    loop {
+        tokio::select! {
+            _ = sweep.tick() => {
+                let p = Arc::clone(&policy);
+                let removed = tokio::task::spawn_blocking(move || p.sweep()).await.unwrap_or(0);
+                tracing::debug!(removed, "swept idle keys");
+            }
+            _ = snap.tick() => {
+                let p = Arc::clone(&policy);
+                let _ = tokio::task::spawn_blocking(move || write_snapshot(&p)).await;
+            }
+            _ = server::stopped(stop.clone()) => return,
+        }
+    }
+}
+
+/// Writes the store's snapshot, if configured and the store keeps one; logs the
+/// outcome.
+pub fn write_snapshot(policy: &Policy) -> Option<ratelimit_core::store::snapshot::SnapshotStats> {
+    let cfg = policy.config();
+    let snap = cfg.store.snapshot.as_ref()?;
+    match policy.backend().save_snapshot(&snap.path, policy.now())? {
+        Ok(stats) => {
+            tracing::debug!(path = %snap.path.display(), keys = stats.keys, bytes = stats.bytes, "snapshot written");
+            Some(stats)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "snapshot failed");
+            None
         }
     }
 }

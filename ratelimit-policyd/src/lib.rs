@@ -5,20 +5,26 @@
 //! the user's tier, and answers a temporary refusal once a user is over, so a phished
 //! account cannot flood the ISP's outbound IPs onto blocklists, and no mail is lost.
 //!
-//! # Modules
-//! - [`protocol`]: the request parser and reply encoder; [`connection`]: framing.
-//! - [`config`]: TOML configuration, validated once.
-//! - [`policy`]: request → key → tier → decision → action; [`template`]: reply texts.
-//! - [`server`]: listeners, connections, shutdown; [`run`](server::run) is what `main` calls.
-//! - [`daemon`]: start-up (config, snapshot restore, signals).
-//! - [`ops`]: incident alerts, Prometheus metrics, request recording.
-//! - [`admin`]: the admin socket and the `admin` CLI commands.
+//! # Modules, top to bottom
+//!
+//! Each layer imports only the ones below it (`ARCHITECTURE.md` has the map and the
+//! path of one request):
+//! - [`daemon`]: start-up, signals, reload, the periodic sweep and snapshot;
+//!   [`Daemon::run`](daemon::Daemon::run) serves listeners until a shutdown future.
+//! - [`admin`] (the admin socket and CLI) and [`ops`] (incident lines, alerts,
+//!   metrics, records): they observe the policy and the server.
+//! - [`server`]: listeners, the connection cap, the allowlist, the connection loop.
 //! - [`replay`]: recorded requests through a configuration, offline.
-//! - [`logthrottle`]: one log line per interval for events a client can repeat at will.
+//! - [`policy`]: request → key → tier → signals → [`Verdict`](policy::Verdict).
+//! - [`backend`]: the store seam, the one module that names the stores.
+//! - [`config`]: TOML configuration, validated once per section.
+//! - Leaves: [`protocol`] (the request parser and reply encoder), [`key`] (the user-key
+//!   normalizer), [`template`] (reply texts and time formats), [`logthrottle`],
+//!   [`striped`] (per-thread counters).
 
 pub mod admin;
+pub mod backend;
 pub mod config;
-pub mod connection;
 pub mod daemon;
 pub mod key;
 pub mod logthrottle;
@@ -27,5 +33,5 @@ pub mod policy;
 pub mod protocol;
 pub mod replay;
 pub mod server;
+pub mod striped;
 pub mod template;
-pub mod threaded;

@@ -55,7 +55,12 @@ impl LogThrottle {
     /// `Some(n)` when this event should be logged, `n` being the events left out since
     /// the last one logged; `None` when it should not (it is counted).
     pub fn allow(&self) -> Option<u64> {
-        let now = elapsed_ms();
+        self.allow_at(elapsed_ms())
+    }
+
+    /// [`LogThrottle::allow`] at `now_ms` on a clock of the caller's (the policy's
+    /// clock, so a test's manual clock decides too); times must not go backwards.
+    pub fn allow_at(&self, now: u64) -> Option<u64> {
         let next = self.next_ms.load(Ordering::Relaxed);
         if now >= next
             && self
@@ -89,6 +94,16 @@ mod tests {
         std::thread::sleep(Duration::from_millis(60));
         assert_eq!(t.allow(), Some(1000));
         assert_eq!(t.allow(), None);
+    }
+
+    #[test]
+    fn on_the_callers_clock_one_line_per_interval() {
+        let t = LogThrottle::new(LOG_EVERY);
+        assert_eq!(t.allow_at(1_000), Some(0));
+        assert_eq!(t.allow_at(2_000), None);
+        assert_eq!(t.allow_at(10_999), None);
+        assert_eq!(t.allow_at(11_000), Some(2));
+        assert_eq!(t.allow_at(11_001), None);
     }
 
     #[test]

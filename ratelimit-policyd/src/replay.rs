@@ -3,9 +3,10 @@
 //! when, and by which limit — so limits can be chosen from last week's traffic before
 //! they are enforced.
 //!
-//! The engine is the server's own ([`Engine::decide`]), with in-memory counters
+//! The policy is the server's own ([`Policy::decide`]), over in-memory stores
 //! (whatever the configured backend) and a [`ManualClock`] set to each record's
-//! timestamp; each recorded connection keeps its own state, as live.
+//! timestamp; each recorded connection keeps its own state, as live. What is
+//! reported is read from each [`Verdict`](crate::policy::Verdict).
 //!
 //! # Examples
 //!
@@ -25,12 +26,13 @@ use std::fmt::Write;
 use std::io::BufRead;
 use std::sync::Arc;
 
-use parking_lot::Mutex;
-use ratelimit_core::{Clock, ManualClock, MemoryStore, MemoryStoreConfig, Timestamp};
+use arc_swap::ArcSwap;
+use ratelimit_core::{Clock, ManualClock, Timestamp};
 
-use crate::config::{Backend, Config};
+use crate::backend::Backend;
+use crate::config::{Backend as BackendConfig, Config};
 use crate::ops::record::{Record, action_label};
-use crate::policy::{ConnState, Counters, Engine, Incident, Stat};
+use crate::policy::{ConnState, Incident, NoObserver, Policy};
 use crate::protocol::{Attribute, PolicyRequest};
 
 /// One replayed request.
@@ -97,28 +99,16 @@ pub fn run(cfg: Config, input: impl BufRead) -> std::io::Result<Report> {
 /// Replays the JSON lines of `input` through `cfg`.
 pub async fn replay(cfg: Config, input: impl BufRead) -> std::io::Result<Report> {
     let max_keys = match &cfg.store.backend {
-        Backend::Memory { max_keys } => *max_keys,
-        Backend::Redis { .. } => MemoryStoreConfig::default().max_keys,
+        BackendConfig::Memory { max_keys } => *max_keys,
+        BackendConfig::Redis { .. } => crate::config::defaults::MAX_KEYS,
     };
-    let store = MemoryStore::with_config(MemoryStoreConfig {
-        max_keys,
-        ..MemoryStoreConfig::default()
-    });
     let clock = ManualClock::new(Timestamp::EPOCH);
-    let engine = Engine::new(
-        cfg,
-        Counters::Memory(Arc::new(store)),
+    let policy = Policy::new(
+        Arc::new(ArcSwap::from_pointee(cfg)),
+        Backend::memory(max_keys),
         Arc::new(clock.clone()),
+        Arc::new(NoObserver),
     );
-    let incidents = Arc::new(Mutex::new(Vec::new()));
-    let sink = Arc::clone(&incidents);
-    let sink_clock = clock.clone();
-    engine.set_incident_sink(Arc::new(move |i: &Incident| {
-        sink.lock().push(TimedIncident {
-            at: sink_clock.now().as_millis(),
-            incident: i.clone(),
-        });
-    }));
     let mut conns: BTreeMap<u64, ConnState> = BTreeMap::new();
     let mut report = Report::default();
     for (i, line) in input.lines().enumerate() {
@@ -151,26 +141,32 @@ pub async fn replay(cfg: Config, input: impl BufRead) -> std::io::Result<Report>
         // Records from several connections may be slightly out of order: time only
         // moves forward.
         clock.set(Timestamp::from_millis(rec.ts.max(clock.now().as_millis())));
-        let dry_before = engine.stats.get(Stat::DryRun);
-        let state = conns.entry(rec.conn).or_default();
-        let answer = engine.decide(&req, state).await;
-        let dry_run = engine.stats.get(Stat::DryRun) > dry_before;
+        let state = conns
+            .entry(rec.conn)
+            .or_insert_with(|| ConnState::new(rec.conn));
+        let now = clock.now();
+        let verdict = policy.decide(&req, state, now).await;
+        report
+            .incidents
+            .extend(verdict.incidents.iter().map(|i| TimedIncident {
+                at: now.as_millis(),
+                incident: i.clone(),
+            }));
         report.requests.push(Replayed {
             ts: rec.ts,
             user: rec.attrs.get("sasl_username").cloned(),
             stage: req.protocol_state.to_string(),
-            refused: answer.is_refusal() || dry_run,
-            action: action_label(&answer),
+            refused: verdict.is_refusal(),
+            action: action_label(&verdict.action),
             live_action: rec.action,
         });
     }
-    report.incidents = std::mem::take(&mut *incidents.lock());
     Ok(report)
 }
 
 /// The report as text: incidents (who, when, which limit), then refusals per user.
 pub fn render(report: &Report, config: &str) -> String {
-    use crate::ops::rfc3339;
+    use crate::template::rfc3339;
     let mut s = String::new();
     let n = report.requests.len();
     let (first, last) = (

@@ -1,15 +1,17 @@
-//! Reply text templates (`message` in a tier), compiled once when the configuration
-//! is loaded and written straight into a reused buffer for each refusal.
+//! Reply texts: every refusal's text (a tier's `message`, the networks signal's
+//! `networks_message`) is a template compiled once when the configuration is loaded
+//! and written straight into a reused buffer for each refusal.
 //!
-//! A template is text with placeholders: `{user}`, `{tier}`, `{limit}`, `{retry}`,
-//! `{retry_at}`. Anything else between braces is left as written.
+//! A tier's template has the placeholders `{user}`, `{tier}`, `{limit}`, `{retry}`,
+//! `{retry_at}`; the networks signal's ([`Template::networks`]) also `{max}`,
+//! `{window}` and `{networks}`. Anything else between braces is left as written.
 //!
-//! Filling used to be five chained `str::replace` calls, and that stays the meaning:
-//! a template whose braces are all placeholders, filled with a user, a tier name and
-//! a limit without braces (every real one), gives the same text in one pass without
-//! allocating. Otherwise (a stray brace, a value that itself spells a placeholder)
-//! [`Template::write`] falls back to the chained replacements, so the text is the
-//! same in every case.
+//! The meaning of filling is chained `str::replace` calls, one per placeholder
+//! ([`Template::replace_chained`]). A template whose braces all belong to
+//! placeholders, filled with values without braces (every real one), gives the same
+//! text in one pass without allocating; otherwise (a stray brace, a value that
+//! itself spells a placeholder) [`Template::write`] falls back to the chained
+//! replacements, so the text is the same in every case.
 //!
 //! # Examples
 //!
@@ -27,6 +29,7 @@
 //!         limit: "100/1h",
 //!         retry_after: Some(Duration::from_secs(90)),
 //!         clears_at: None,
+//!         networks: None,
 //!     },
 //! );
 //! assert_eq!(out, "a@b hit 100/1h; retry in 1m30s");
@@ -46,6 +49,9 @@ enum Piece {
     Limit,
     Retry,
     RetryAt,
+    Max,
+    Window,
+    Networks,
 }
 
 /// The placeholders, longest first where one is a prefix of another.
@@ -57,11 +63,20 @@ const PLACEHOLDERS: [(&str, Piece); 5] = [
     ("{retry}", Piece::Retry),
 ];
 
+/// The networks signal's placeholders, beside [`PLACEHOLDERS`].
+const NETWORKS_PLACEHOLDERS: [(&str, Piece); 3] = [
+    ("{max}", Piece::Max),
+    ("{window}", Piece::Window),
+    ("{networks}", Piece::Networks),
+];
+
 /// A reply text template, compiled.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Template {
     source: String,
     pieces: Vec<Piece>,
+    /// Has the networks signal's placeholders.
+    networks: bool,
     /// Every brace of the source belongs to a placeholder: filling in one pass gives
     /// what the chained replacements give (when the values have no braces either).
     one_pass: bool,
@@ -80,19 +95,49 @@ pub struct Fill<'a> {
     pub retry_after: Option<Duration>,
     /// `{retry_at}`: when the limit clears (ms since the epoch), as `14:05:30 UTC`.
     pub clears_at: Option<u64>,
+    /// The networks signal's values (for [`Template::networks`] templates).
+    pub networks: Option<NetworksFill>,
+}
+
+/// `{max}`, `{window}` and `{networks}`.
+#[derive(Debug, Clone, Copy)]
+pub struct NetworksFill {
+    /// `{max}`: the most networks allowed per window.
+    pub max: u32,
+    /// `{window}`: the window (`1h`).
+    pub window: Duration,
+    /// `{networks}`: the networks seen.
+    pub seen: u32,
 }
 
 impl Template {
-    /// Compiles `source`.
+    /// Compiles a tier's `source`.
     pub fn new(source: impl Into<String>) -> Template {
-        let source = source.into();
+        Template::compile(source.into(), false)
+    }
+
+    /// Compiles the networks signal's `source`.
+    pub fn networks(source: impl Into<String>) -> Template {
+        Template::compile(source.into(), true)
+    }
+
+    fn compile(source: String, networks: bool) -> Template {
         let mut pieces = Vec::new();
         let mut one_pass = true;
         let (mut text_start, mut at) = (0, 0);
         while let Some(i) = memchr::memchr2(b'{', b'}', &source.as_bytes()[at..]) {
             let brace = at + i;
             let rest = &source[brace..];
-            match PLACEHOLDERS.iter().find(|(name, _)| rest.starts_with(name)) {
+            let extra: &[(&str, Piece)] = if networks {
+                &NETWORKS_PLACEHOLDERS
+            } else {
+                &[]
+            };
+            match PLACEHOLDERS
+                .iter()
+                .chain(extra)
+                .find(|(name, _)| rest.starts_with(name))
+            {
                 Some((name, piece)) => {
                     if text_start < brace {
                         pieces.push(Piece::Text(text_start..brace));
@@ -113,6 +158,7 @@ impl Template {
         Template {
             source,
             pieces,
+            networks,
             one_pass,
         }
     }
@@ -139,12 +185,33 @@ impl Template {
                 Piece::Limit => out.write_str(fill.limit),
                 Piece::Retry => write!(out, "{}", Retry(fill.retry_after)),
                 Piece::RetryAt => write!(out, "{}", RetryAt(fill.clears_at)),
+                Piece::Max => write!(out, "{}", fill.networks.map_or(0, |n| n.max)),
+                Piece::Window => match fill.networks {
+                    Some(n) => write!(out, "{}", Approx(n.window)),
+                    None => Ok(()),
+                },
+                Piece::Networks => write!(out, "{}", fill.networks.map_or(0, |n| n.seen)),
             };
         }
     }
 
-    /// The filled template, as five chained replacements (the reference meaning).
+    /// The filled template, as chained replacements (the reference meaning): the
+    /// networks signal's placeholders and its `{limit}` first, then the others.
     pub fn replace_chained(&self, fill: &Fill<'_>) -> String {
+        if self.networks {
+            let n = fill.networks.unwrap_or(NetworksFill {
+                max: 0,
+                window: Duration::ZERO,
+                seen: 0,
+            });
+            let first = self
+                .source
+                .replace("{max}", &n.max.to_string())
+                .replace("{window}", &Approx(n.window).to_string())
+                .replace("{networks}", &n.seen.to_string())
+                .replace("{limit}", fill.limit);
+            return Template::new(first).replace_chained(&Fill { limit: "", ..*fill });
+        }
         self.source
             .replace("{user}", fill.user)
             .replace("{tier}", fill.tier)
@@ -201,6 +268,29 @@ impl fmt::Display for TimeOfDay {
     }
 }
 
+/// `2024-05-01T10:00:00Z` (UTC) for milliseconds since the epoch.
+pub fn rfc3339(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (proleptic Gregorian).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
 /// `{retry}`.
 struct Retry(Option<Duration>);
 
@@ -236,6 +326,11 @@ mod tests {
             limit: "100/1h",
             retry_after: Some(Duration::from_secs(90)),
             clears_at: Some(1_700_000_000_000),
+            networks: Some(NetworksFill {
+                max: 5,
+                window: Duration::from_secs(3600),
+                seen: 6,
+            }),
         }
     }
 
@@ -290,8 +385,18 @@ mod tests {
             fill("tier}", "{"),
             fill("x{retry}", "y"),
         ];
-        for source in templates {
-            let t = Template::new(source);
+        let networks_templates = [
+            crate::config::DEFAULT_NETWORKS_MESSAGE,
+            crate::config::DEFAULT_NETWORKS_REFUSAL,
+            "{user} {max} {window} {networks} {limit} {retry} {retry_at} {tier}",
+            "{maxx} {{networks}}",
+        ];
+        let compiled = templates
+            .iter()
+            .map(|s| Template::new(*s))
+            .chain(networks_templates.iter().map(|s| Template::networks(*s)));
+        for t in compiled {
+            let source = t.as_str().to_string();
             for f in &fills {
                 assert_eq!(
                     written(&t, f),
@@ -305,6 +410,23 @@ mod tests {
     }
 
     #[test]
+    fn the_networks_signal_fills_its_own_placeholders() {
+        let t = Template::networks(
+            "{user}: {networks} networks, more than {max} in {window} ({limit})",
+        );
+        let f = Fill {
+            limit: "networks5/1h",
+            ..fill("a@b", "default")
+        };
+        assert_eq!(
+            written(&t, &f),
+            "a@b: 6 networks, more than 5 in 1h (networks5/1h)"
+        );
+        // A tier's template leaves them as written.
+        assert_eq!(written(&Template::new("{max} {user}"), &f), "{max} a@b");
+    }
+
+    #[test]
     fn durations_read_naturally() {
         let d = |secs| Approx(Duration::from_secs(secs)).to_string();
         assert_eq!(Approx(Duration::from_millis(1)).to_string(), "1s");
@@ -314,5 +436,13 @@ mod tests {
         assert_eq!(d(3900), "1h5m");
         assert_eq!(d(7200), "2h");
         assert_eq!(TimeOfDay(1_700_000_000_000).to_string(), "22:13:20 UTC");
+    }
+
+    #[test]
+    fn dates_are_utc_rfc3339() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(4_102_444_799_999), "2099-12-31T23:59:59Z");
     }
 }

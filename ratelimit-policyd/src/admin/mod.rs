@@ -13,7 +13,6 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -21,9 +20,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
-use crate::policy::Engine;
-
 pub mod client;
+mod context;
 pub mod overrides;
 pub mod reload;
 pub mod reset;
@@ -31,6 +29,8 @@ pub mod show;
 pub mod stats;
 pub mod tier;
 pub mod top;
+
+pub use context::{Context, ReloadFn};
 
 /// One admin request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,14 +89,14 @@ fn json<T: Serialize>(r: Result<T, String>) -> Reply {
 }
 
 /// Runs one command.
-pub async fn execute(cmd: Command, engine: &Arc<Engine>) -> Reply {
+pub async fn execute(cmd: Command, ctx: &Context) -> Reply {
     match cmd {
-        Command::Show(c) => json(c.apply(engine).await),
-        Command::Reset(c) => json(c.apply(engine).await),
-        Command::Tier(c) => json(c.apply(engine).await),
-        Command::Top(c) => json(c.apply(engine).await),
-        Command::Stats(c) => json(c.apply(engine)),
-        Command::Reload(c) => json(c.apply(engine).await),
+        Command::Show(c) => json(c.apply(ctx).await),
+        Command::Reset(c) => json(c.apply(ctx).await),
+        Command::Tier(c) => json(c.apply(ctx).await),
+        Command::Top(c) => json(c.apply(ctx).await),
+        Command::Stats(c) => json(c.apply(ctx)),
+        Command::Reload(c) => json(c.apply(ctx).await),
     }
 }
 
@@ -116,7 +116,7 @@ pub fn render(cmd: &Command, result: serde_json::Value) -> Result<String, String
 }
 
 /// Runs one request line.
-pub async fn handle_line(line: &[u8], engine: &Arc<Engine>) -> Reply {
+pub async fn handle_line(line: &[u8], ctx: &Context) -> Reply {
     let line = line.trim_ascii();
     if line.is_empty() {
         return Reply::err(
@@ -124,18 +124,11 @@ pub async fn handle_line(line: &[u8], engine: &Arc<Engine>) -> Reply {
         );
     }
     match serde_json::from_slice::<Command>(line) {
-        Ok(cmd) => execute(cmd, engine).await,
+        Ok(cmd) => execute(cmd, ctx).await,
         Err(e) => Reply::err(format!(
             "bad request: {e} (commands: show, reset, tier, top, stats, reload)"
         )),
     }
-}
-
-/// Runs blocking store work (Redis, scans) off the async threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| format!("admin task failed: {e}"))
 }
 
 /// Longest request line.
@@ -178,7 +171,7 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
 pub async fn serve(
     listener: UnixListener,
     path: PathBuf,
-    engine: Arc<Engine>,
+    ctx: Context,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -188,7 +181,7 @@ pub async fn serve(
         };
         match accepted {
             Ok((stream, _)) => {
-                tokio::spawn(connection(stream, Arc::clone(&engine)));
+                tokio::spawn(connection(stream, ctx.clone()));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "admin accept failed");
@@ -199,7 +192,7 @@ pub async fn serve(
     let _ = std::fs::remove_file(&path);
 }
 
-async fn connection(stream: UnixStream, engine: Arc<Engine>) {
+async fn connection(stream: UnixStream, ctx: Context) {
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
     let mut line = Vec::new();
@@ -216,7 +209,7 @@ async fn connection(stream: UnixStream, engine: Arc<Engine>) {
         let reply = if too_long {
             Reply::err(format!("request longer than {MAX_LINE} bytes"))
         } else {
-            handle_line(&line, &engine).await
+            handle_line(&line, &ctx).await
         };
         let mut out = serde_json::to_vec(&reply)
             .unwrap_or_else(|_| br#"{"ok":false,"error":"reply could not be encoded"}"#.to_vec());

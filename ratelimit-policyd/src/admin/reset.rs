@@ -1,10 +1,8 @@
 //! `reset USER`: forget the user's counters and open incidents (unblock).
 
-use std::sync::Arc;
-
 use serde::{Deserialize, Serialize};
 
-use crate::policy::Engine;
+use super::context::Context;
 
 /// `{"cmd":"reset","user":"alice@example.com"}`
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,14 +22,14 @@ pub struct ResetReply {
 
 impl Reset {
     /// Resets the user.
-    pub async fn apply(self, engine: &Arc<Engine>) -> Result<ResetReply, String> {
+    pub async fn apply(self, ctx: &Context) -> Result<ResetReply, String> {
         let key = crate::key::from_text(&self.user);
         if key.is_empty() {
             return Err("reset needs a user".into());
         }
-        let e = Arc::clone(engine);
+        let policy = std::sync::Arc::clone(&ctx.view.policy);
         let k = key.clone();
-        let had = super::blocking(move || e.reset(&k))
+        let had = super::context::blocking(move || policy.forget(&k))
             .await?
             .map_err(|e| e.to_string())?;
         tracing::info!(user = %key, had_counters = had, "admin: counters reset");

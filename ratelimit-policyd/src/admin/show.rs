@@ -5,10 +5,15 @@ use std::fmt::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ratelimit_core::{Cost, Decision, Mode, Store};
+use ratelimit_core::{Cost, Mode};
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{Counters, Engine, fmt_duration};
+use super::context::Context;
+use crate::policy::keying::is_exempt_user;
+use crate::template::{Approx, rfc3339};
+
+/// How long `show` waits for a store on the network.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `{"cmd":"show","user":"alice@example.com"}`
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,31 +58,28 @@ pub struct ShowReply {
 
 impl Show {
     /// Peeks the user's counters (nothing is recorded).
-    pub async fn apply(self, engine: &Arc<Engine>) -> Result<ShowReply, String> {
+    pub async fn apply(self, ctx: &Context) -> Result<ShowReply, String> {
+        let policy = &ctx.view.policy;
         let key = crate::key::from_text(&self.user);
         if key.is_empty() {
             return Err("show needs a user".into());
         }
-        let cfg = engine.config();
+        let cfg = policy.config();
         let tier = Arc::clone(cfg.tiers.map.tier_of(&key));
-        let exempt = cfg.exempt.users.contains(&key)
-            || key
-                .rsplit_once('@')
-                .is_some_and(|(_, d)| cfg.exempt.domains.contains(d));
-        let now = engine.now();
-        let decision: Decision = match engine.counters().clone() {
-            Counters::Memory(m) => m
-                .check(&key, tier.limits(), Cost::message(1, 0), now, Mode::Peek)
-                .map_err(|e| e.to_string())?,
-            Counters::Remote(r) => {
-                let (k, t) = (key.clone(), Arc::clone(&tier));
-                super::blocking(move || {
-                    r.check(&k, t.limits(), Cost::message(1, 0), now, Mode::Peek)
-                })
-                .await?
-                .map_err(|e| e.to_string())?
-            }
-        };
+        let exempt = is_exempt_user(&cfg, &key);
+        let now = policy.now();
+        let decision = policy
+            .backend()
+            .check(
+                &key,
+                &tier,
+                Cost::message(1, 0),
+                now,
+                Mode::Peek,
+                ADMIN_TIMEOUT,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
         let denial = decision.denial();
         let limits = tier
             .limits()
@@ -101,10 +103,9 @@ impl Show {
             limits,
             blocked: denial.is_some(),
             retry_after_secs: retry.map(|r| r.as_millis().div_ceil(1000) as u64),
-            retry_at: retry.map(|r| crate::ops::rfc3339(now.saturating_add(r).as_millis())),
-            clients: engine
-                .ops
-                .clients
+            retry_at: retry.map(|r| rfc3339(now.saturating_add(r).as_millis())),
+            clients: policy
+                .clients()
                 .get(&key)
                 .iter()
                 .map(|c| c.to_string())
@@ -144,7 +145,7 @@ pub fn render(r: &ShowReply) -> String {
         (false, _, _) => "ok (the next message would be accepted)".to_string(),
         (true, Some(secs), Some(at)) => format!(
             "BLOCKED: retry in {} (at {at})",
-            fmt_duration(Duration::from_secs(secs))
+            Approx(Duration::from_secs(secs))
         ),
         (true, _, _) => "BLOCKED".to_string(),
     };

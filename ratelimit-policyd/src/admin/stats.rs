@@ -2,13 +2,12 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ops::Outcome;
-use crate::policy::{Engine, Stat};
+use super::context::Context;
+use crate::policy::{Counted, Outcome};
 
 /// `{"cmd":"stats"}`
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -47,16 +46,18 @@ pub struct StatsReply {
 
 impl Stats {
     /// Reads the counters.
-    pub fn apply(self, engine: &Arc<Engine>) -> Result<StatsReply, String> {
-        let s = &engine.stats;
-        let o = &engine.ops;
+    pub fn apply(self, ctx: &Context) -> Result<StatsReply, String> {
+        let policy = &ctx.view.policy;
+        let s = policy.tally();
+        let o = &ctx.view.ops;
+        let server = &ctx.view.server;
         let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         let requests = ["rcpt", "data", "end_of_message", "other"]
             .iter()
             .zip(s.requests())
             .map(|(k, v)| (k.to_string(), v))
             .collect();
-        let decisions = o
+        let decisions = s
             .decisions()
             .into_iter()
             .map(|(tier, counts)| {
@@ -69,28 +70,29 @@ impl Stats {
             })
             .collect();
         Ok(StatsReply {
-            uptime_secs: o.uptime().as_secs(),
+            uptime_secs: server.uptime().as_secs(),
             requests,
             decisions,
-            skipped: s.get(Stat::Skipped),
-            charged: s.get(Stat::Charged),
-            store_errors: s.get(Stat::StoreErrors),
-            tracked_keys: engine.tracked_keys(),
-            connections_open: ld(&o.connections_open),
-            connections_total: ld(&o.connections_total),
-            connections_refused: ld(&o.connections_refused),
+            skipped: s.get(Counted::Skipped),
+            charged: s.get(Counted::Charged),
+            store_errors: s.get(Counted::StoreErrors),
+            tracked_keys: policy.backend().tracked_keys(),
+            connections_open: ld(&server.connections_open),
+            connections_total: ld(&server.connections_total),
+            connections_refused: ld(&server.connections_refused),
             incidents: ld(&o.incidents),
             alerts: [
-                ("sent", ld(&o.alerts_sent)),
-                ("failed", ld(&o.alerts_failed)),
-                ("dropped", ld(&o.alerts_dropped)),
+                ("sent", ld(&o.alerts.sent)),
+                ("failed", ld(&o.alerts.failed)),
+                ("dropped", ld(&o.alerts.dropped)),
             ]
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
             .collect(),
-            snapshot_age_secs: engine
+            snapshot_age_secs: policy
+                .backend()
                 .last_snapshot()
-                .map(|at| engine.now().saturating_duration_since(at).as_secs()),
+                .map(|at| policy.now().saturating_duration_since(at).as_secs()),
         })
     }
 }

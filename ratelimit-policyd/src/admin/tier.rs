@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::policy::Engine;
+use super::context::Context;
+use crate::policy::Policy;
 
 /// `{"cmd":"tier","user":"alice@example.com","tier":"bulk"}`
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,21 +32,21 @@ pub struct TierReply {
 
 impl SetTier {
     /// Persists, then applies to the running configuration.
-    pub async fn apply(self, engine: &Arc<Engine>) -> Result<TierReply, String> {
+    pub async fn apply(self, ctx: &Context) -> Result<TierReply, String> {
         let key = crate::key::from_text(&self.user);
         if key.is_empty() || key == "@" {
             return Err("tier needs a user (or @domain) and a tier".into());
         }
-        let engine = Arc::clone(engine);
+        let policy = Arc::clone(&ctx.view.policy);
         let tier = self.tier.trim().to_string();
-        super::blocking(move || set(&engine, &key, &tier)).await?
+        super::context::blocking(move || set(&policy, &key, &tier)).await?
     }
 }
 
-fn set(engine: &Engine, key: &str, tier: &str) -> Result<TierReply, String> {
+fn set(policy: &Policy, key: &str, tier: &str) -> Result<TierReply, String> {
     // Held across write and swap, and by reload, so neither loses the other's change.
     let _guard = super::overrides::lock();
-    let cfg = engine.config();
+    let cfg = policy.config();
     if cfg.tiers.map.get(tier).is_none() {
         let mut names: Vec<&str> = cfg.tiers.map.tiers().map(|t| t.name()).collect();
         names.sort_unstable();
@@ -64,7 +65,7 @@ fn set(engine: &Engine, key: &str, tier: &str) -> Result<TierReply, String> {
     })?;
     let mut new = (*cfg).clone();
     new.tiers.map.assign(key, tier).map_err(|e| e.to_string())?;
-    engine.set_config(new);
+    policy.set_config(new);
     tracing::info!(user = %key, tier, previous = %previous, "admin: tier changed");
     Ok(TierReply {
         user: key.to_string(),

@@ -1,11 +1,9 @@
 //! `top [N]`: the heaviest senders now, by use of their tier's first limit.
 
-use std::fmt::Write;
-use std::sync::Arc;
-
 use serde::{Deserialize, Serialize};
+use std::fmt::Write;
 
-use crate::policy::{Engine, top_senders};
+use super::context::Context;
 
 /// Default number of senders.
 pub const DEFAULT_N: usize = 10;
@@ -42,10 +40,12 @@ pub struct TopReply {
 
 impl Top {
     /// Scans the counters (one shard lock at a time; Redis: SCAN).
-    pub async fn apply(self, engine: &Arc<Engine>) -> Result<TopReply, String> {
+    pub async fn apply(self, ctx: &Context) -> Result<TopReply, String> {
         let n = self.n.unwrap_or(DEFAULT_N).clamp(1, MAX_N);
-        let e = Arc::clone(engine);
-        let top = super::blocking(move || top_senders(&e, n)).await?;
+        let policy = std::sync::Arc::clone(&ctx.view.policy);
+        let top = super::context::blocking(move || policy.top_senders(n))
+            .await?
+            .map_err(|e| e.to_string())?;
         Ok(TopReply {
             senders: top
                 .into_iter()

@@ -1,12 +1,11 @@
 //! Alerts on the first refusal of a user for a limit (an incident): run a command
 //! and/or POST a JSON webhook.
 //!
-//! Off the request path: the engine's incident sink only `try_send`s into a bounded
-//! channel (full: the alert is dropped and counted in
-//! `ratelimit_alerts_dropped_total`); one worker task delivers them in order, each
-//! command and POST bounded by `[alerts] timeout`. The incident logic already opens at
-//! most one incident per user per limit until it clears, so there is at most one alert
-//! per user per limit per window.
+//! Off the request path: [`Queue::offer`] only `try_send`s into a bounded channel
+//! (full: the alert is dropped and counted in `ratelimit_alerts_total{result="dropped"}`);
+//! one worker task delivers them in order, each command and POST bounded by
+//! `[alerts] timeout`. The policy opens at most one incident per user per limit until
+//! it clears, so there is at most one alert per user per limit per window.
 //!
 //! The command runs as `sh -c COMMAND` with the details in the environment — never
 //! interpolated into the command line, so a user name cannot inject shell syntax:
@@ -28,15 +27,16 @@
 
 use std::process::Stdio;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arc_swap::ArcSwapOption;
 
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinSet;
 
 use crate::config::ops::{AlertsConfig, HttpUrl, Secret, redact};
-use crate::policy::{Engine, Incident};
+use crate::policy::{Incident, SharedConfig};
 
 /// The webhook body (and the source of the command's environment).
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -72,7 +72,7 @@ impl AlertBody {
             used: incident.used,
             client: incident.client_address.clone(),
             clients: incident.clients.clone(),
-            clears_at: incident.clears_at.map(super::rfc3339),
+            clears_at: incident.clears_at.map(crate::template::rfc3339),
             dry_run: incident.dry_run,
         }
     }
@@ -96,29 +96,61 @@ impl AlertBody {
     }
 }
 
-/// Installs the incident sink and spawns the worker. The configuration is read per
-/// alert, so a reload can turn alerts on, off or elsewhere; the queue size is fixed
-/// at start.
-pub fn install(engine: &Arc<Engine>, tasks: &mut JoinSet<()>, stop: watch::Receiver<bool>) {
-    let (tx, rx) = mpsc::channel::<AlertBody>(engine.config().ops.alerts.queue);
-    let weak = Arc::downgrade(engine);
-    engine.set_incident_sink(Arc::new(move |incident: &Incident| {
-        let Some(engine) = weak.upgrade() else {
+/// Alerts: the queue the request path offers incidents to, and what became of them.
+pub struct Alerts {
+    /// Delivered (a command that exited 0, a webhook answered 2xx).
+    pub sent: AtomicU64,
+    /// Failed or timed out.
+    pub failed: AtomicU64,
+    /// Dropped because the queue was full.
+    pub dropped: AtomicU64,
+    config: SharedConfig,
+    tx: ArcSwapOption<mpsc::Sender<AlertBody>>,
+}
+
+impl Alerts {
+    /// Alerts as `config` sets them (read per alert, so a reload can turn alerts on,
+    /// off or elsewhere); nothing is queued until [`Alerts::start`].
+    pub fn new(config: SharedConfig) -> Alerts {
+        Alerts {
+            sent: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            config,
+            tx: ArcSwapOption::empty(),
+        }
+    }
+
+    /// Queues the alert for `incident` if alerts are configured and started; a full
+    /// queue drops it (counted and logged).
+    pub fn offer(&self, incident: &Incident) {
+        if !self.config.load().ops.alerts.enabled() {
+            return;
+        }
+        let tx = self.tx.load();
+        let Some(tx) = tx.as_ref() else {
             return;
         };
-        if !engine.config().ops.alerts.enabled() {
-            return;
-        }
         if tx.try_send(AlertBody::of(incident)).is_err() {
-            engine.ops.alerts_dropped.fetch_add(1, Ordering::Relaxed);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(user = %incident.key, "alert dropped: the alert queue is full");
         }
-    }));
-    tasks.spawn(worker(Arc::clone(engine), rx, stop));
+    }
+
+    /// Opens the queue (its size is fixed here) and returns the worker that delivers
+    /// it, until `stop`.
+    pub fn start(
+        self: &Arc<Self>,
+        stop: watch::Receiver<bool>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let (tx, rx) = mpsc::channel::<AlertBody>(self.config.load().ops.alerts.queue);
+        self.tx.store(Some(Arc::new(tx)));
+        worker(Arc::clone(self), rx, stop)
+    }
 }
 
 async fn worker(
-    engine: Arc<Engine>,
+    alerts: Arc<Alerts>,
     mut rx: mpsc::Receiver<AlertBody>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -127,7 +159,7 @@ async fn worker(
             a = rx.recv() => match a { Some(a) => a, None => return },
             _ = stop.wait_for(|s| *s) => return,
         };
-        let cfg = engine.config();
+        let cfg = alerts.config.load_full();
         let deliver = async {
             tokio::join!(
                 run_command(&cfg.ops.alerts, &alert),
@@ -141,9 +173,9 @@ async fn worker(
         };
         for outcome in [cmd, hook].into_iter().flatten() {
             let counter = if outcome {
-                &engine.ops.alerts_sent
+                &alerts.sent
             } else {
-                &engine.ops.alerts_failed
+                &alerts.failed
             };
             counter.fetch_add(1, Ordering::Relaxed);
         }

@@ -2,7 +2,8 @@
 //!
 //! Written in the text exposition format by hand rather than with
 //! `prometheus-client` or `metrics`: every value already lives in a counter of the
-//! engine ([`Stats`](crate::policy::Stats), [`OpsState`](super::OpsState)), so a
+//! policy ([`Tally`](crate::policy::Tally)), the server
+//! ([`ServerStats`](crate::server::ServerStats)) or [`Ops`](super::Ops), so a
 //! registry would only mirror them; there are about twenty series, one histogram and
 //! one bounded label set (tiers, from the configuration); and the whole endpoint is
 //! smaller than the glue a crate would need, with no new dependency to build.
@@ -26,7 +27,6 @@
 //! | `ratelimit_uptime_seconds` | gauge | |
 
 use std::fmt::Write;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -34,8 +34,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use super::{LATENCY_BUCKETS_US, Outcome};
-use crate::policy::{Engine, Stat};
+use super::View;
+use crate::policy::{Counted, Outcome};
+use crate::server::stats::LATENCY_BUCKETS_US;
 
 /// The exposition format version served.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -57,10 +58,11 @@ fn header(out: &mut String, name: &str, kind: &str, help: &str) {
 }
 
 /// The metrics page.
-pub fn render(engine: &Engine) -> String {
+pub fn render(view: &View) -> String {
     let mut o = String::with_capacity(4096);
-    let s = &engine.stats;
-    let ops = &engine.ops;
+    let s = view.policy.tally();
+    let ops = &view.ops;
+    let server = &view.server;
 
     header(
         &mut o,
@@ -81,8 +83,9 @@ pub fn render(engine: &Engine) -> String {
         "counter",
         "Counted requests, by answer and tier.",
     );
-    let decisions = ops.decisions();
-    let mut tiers: Vec<String> = engine
+    let decisions = s.decisions();
+    let mut tiers: Vec<String> = view
+        .policy
         .config()
         .tiers
         .map
@@ -119,7 +122,7 @@ pub fn render(engine: &Engine) -> String {
         "counter",
         "Requests not counted: no key, exempt, unlimited tier, or a stage that is not checked.",
     );
-    let _ = writeln!(o, "ratelimit_skipped_total {}", s.get(Stat::Skipped));
+    let _ = writeln!(o, "ratelimit_skipped_total {}", s.get(Counted::Skipped));
     header(
         &mut o,
         "ratelimit_messages_charged_total",
@@ -129,16 +132,16 @@ pub fn render(engine: &Engine) -> String {
     let _ = writeln!(
         o,
         "ratelimit_messages_charged_total {}",
-        s.get(Stat::Charged)
+        s.get(Counted::Charged)
     );
 
     header(
         &mut o,
         "ratelimit_request_duration_seconds",
         "histogram",
-        "Time from a complete request to its answer written.",
+        "Time from a complete request to its answer ready to be written.",
     );
-    let (buckets, sum_us, count) = ops.latency.snapshot();
+    let (buckets, sum_us, count) = server.latency.snapshot();
     for (le, n) in LATENCY_BUCKETS_US.iter().zip(&buckets) {
         let _ = writeln!(
             o,
@@ -158,7 +161,7 @@ pub fn render(engine: &Engine) -> String {
     );
     let _ = writeln!(o, "ratelimit_request_duration_seconds_count {count}");
 
-    if let Some(keys) = engine.tracked_keys() {
+    if let Some(keys) = view.policy.backend().tracked_keys() {
         header(
             &mut o,
             "ratelimit_tracked_keys",
@@ -176,16 +179,16 @@ pub fn render(engine: &Engine) -> String {
     let _ = writeln!(
         o,
         "ratelimit_store_errors_total {}",
-        s.get(Stat::StoreErrors)
+        s.get(Counted::StoreErrors)
     );
-    if let Some(at) = engine.last_snapshot() {
+    if let Some(at) = view.policy.backend().last_snapshot() {
         header(
             &mut o,
             "ratelimit_snapshot_age_seconds",
             "gauge",
             "Seconds since the last snapshot was written.",
         );
-        let age = engine.now().saturating_duration_since(at);
+        let age = view.policy.now().saturating_duration_since(at);
         let _ = writeln!(o, "ratelimit_snapshot_age_seconds {}", age.as_secs_f64());
     }
 
@@ -198,7 +201,7 @@ pub fn render(engine: &Engine) -> String {
     let _ = writeln!(
         o,
         "ratelimit_connections_open {}",
-        load(&ops.connections_open)
+        load(&server.connections_open)
     );
     header(
         &mut o,
@@ -209,7 +212,7 @@ pub fn render(engine: &Engine) -> String {
     let _ = writeln!(
         o,
         "ratelimit_connections_total {}",
-        load(&ops.connections_total)
+        load(&server.connections_total)
     );
     header(
         &mut o,
@@ -220,7 +223,7 @@ pub fn render(engine: &Engine) -> String {
     let _ = writeln!(
         o,
         "ratelimit_connections_refused_total{{reason=\"allowlist\"}} {}",
-        load(&ops.connections_refused)
+        load(&server.connections_refused)
     );
 
     header(
@@ -237,9 +240,9 @@ pub fn render(engine: &Engine) -> String {
         "Alert deliveries (command, webhook), by result.",
     );
     for (result, n) in [
-        ("sent", &ops.alerts_sent),
-        ("failed", &ops.alerts_failed),
-        ("dropped", &ops.alerts_dropped),
+        ("sent", &ops.alerts.sent),
+        ("failed", &ops.alerts.failed),
+        ("dropped", &ops.alerts.dropped),
     ] {
         let _ = writeln!(
             o,
@@ -256,7 +259,7 @@ pub fn render(engine: &Engine) -> String {
     let _ = writeln!(
         o,
         "ratelimit_records_dropped_total {}",
-        load(&ops.records_dropped)
+        load(&ops.recorder.dropped)
     );
     header(
         &mut o,
@@ -264,7 +267,11 @@ pub fn render(engine: &Engine) -> String {
         "gauge",
         "Seconds since start.",
     );
-    let _ = writeln!(o, "ratelimit_uptime_seconds {}", ops.uptime().as_secs_f64());
+    let _ = writeln!(
+        o,
+        "ratelimit_uptime_seconds {}",
+        server.uptime().as_secs_f64()
+    );
     o
 }
 
@@ -274,7 +281,7 @@ const MAX_HEAD: usize = 8192;
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves `GET /metrics` until `stop`.
-pub async fn serve(listener: TcpListener, engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
+pub async fn serve(listener: TcpListener, view: View, mut stop: watch::Receiver<bool>) {
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -282,9 +289,9 @@ pub async fn serve(listener: TcpListener, engine: Arc<Engine>, mut stop: watch::
         };
         match accepted {
             Ok((stream, _)) => {
-                let engine = Arc::clone(&engine);
+                let view = view.clone();
                 tokio::spawn(async move {
-                    let _ = tokio::time::timeout(READ_TIMEOUT, answer(stream, &engine)).await;
+                    let _ = tokio::time::timeout(READ_TIMEOUT, answer(stream, &view)).await;
                 });
             }
             Err(e) => {
@@ -295,7 +302,7 @@ pub async fn serve(listener: TcpListener, engine: Arc<Engine>, mut stop: watch::
     }
 }
 
-async fn answer(mut stream: TcpStream, engine: &Engine) -> std::io::Result<()> {
+async fn answer(mut stream: TcpStream, view: &View) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") && !buf.windows(2).any(|w| w == b"\n\n") {
@@ -314,7 +321,7 @@ async fn answer(mut stream: TcpStream, engine: &Engine) -> std::io::Result<()> {
     let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
     let path = target.split('?').next().unwrap_or("");
     match (method, path) {
-        ("GET", "/metrics") => respond(&mut stream, "200 OK", CONTENT_TYPE, &render(engine)).await,
+        ("GET", "/metrics") => respond(&mut stream, "200 OK", CONTENT_TYPE, &render(view)).await,
         ("HEAD", "/metrics") => respond(&mut stream, "200 OK", CONTENT_TYPE, "").await,
         ("GET", "/") => {
             respond(

@@ -8,14 +8,18 @@
 //! {"ts":1700000000000,"conn":3,"attrs":{"protocol_state":"END-OF-MESSAGE","sasl_username":"alice","client_address":"192.0.2.7","instance":"a1.b2","recipient_count":"2","size":"1200"},"action":"DEFER_IF_PERMIT"}
 //! ```
 //!
-//! `ts` is the engine's clock in ms since the epoch; `conn` tells connections apart
+//! `ts` is the policy's clock in ms since the epoch; `conn` tells connections apart
 //! (a message is charged once per `instance` per connection); `attrs` holds only the
 //! attributes the policy reads (no recipients, subjects or bodies); `action` is the
 //! answer the live server gave.
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use arc_swap::ArcSwapOption;
+use ratelimit_core::Timestamp;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
@@ -41,7 +45,7 @@ pub const RECORDED: [&str; 9] = [
 /// One decided request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
-    /// When it was decided, ms since the epoch (the engine's clock).
+    /// When it was decided, ms since the epoch (the policy's clock).
     pub ts: u64,
     /// Which connection it came on.
     pub conn: u64,
@@ -85,7 +89,7 @@ pub fn action_label(a: &Action<'_>) -> String {
 }
 
 /// Opens (appends to, creating it mode 0600) the record file.
-pub async fn open(path: &Path) -> std::io::Result<tokio::fs::File> {
+async fn open(path: &Path) -> std::io::Result<tokio::fs::File> {
     tokio::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -94,8 +98,49 @@ pub async fn open(path: &Path) -> std::io::Result<tokio::fs::File> {
         .await
 }
 
+/// The request path's side of recording: a bounded queue to the writer.
+#[derive(Default)]
+pub struct Recorder {
+    /// Records dropped because the writer fell behind.
+    pub dropped: AtomicU64,
+    tx: ArcSwapOption<mpsc::Sender<Record>>,
+    /// Whether `tx` was ever set: one plain load per request when it was not.
+    on: AtomicBool,
+}
+
+impl Recorder {
+    /// Records a decided request, if recording is on (never waits: drops and counts
+    /// when the writer is behind).
+    pub fn record(&self, conn: u64, at: Timestamp, req: &PolicyRequest<'_>, answer: &Action<'_>) {
+        if !self.on.load(Ordering::Acquire) {
+            return;
+        }
+        let guard = self.tx.load();
+        let Some(tx) = guard.as_ref() else {
+            return;
+        };
+        if tx.try_send(Record::of(conn, at, req, answer)).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Starts recording into `path` (appended to, created mode 0600): returns the
+    /// writer to spawn, which runs until `stop`.
+    pub async fn start(
+        &self,
+        path: &Path,
+        stop: watch::Receiver<bool>,
+    ) -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+        let file = open(path).await?;
+        let (tx, rx) = mpsc::channel(QUEUE);
+        self.tx.store(Some(Arc::new(tx)));
+        self.on.store(true, Ordering::Release);
+        Ok(writer(file, rx, stop))
+    }
+}
+
 /// Writes records until `stop`, then drains what is queued and flushes.
-pub async fn writer(
+async fn writer(
     file: tokio::fs::File,
     mut rx: mpsc::Receiver<Record>,
     mut stop: watch::Receiver<bool>,

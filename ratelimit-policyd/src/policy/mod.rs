@@ -298,8 +298,17 @@ impl Policy {
                 self.tally.add(Counted::Skipped);
                 return verdict;
             }
-            self.volume(cfg, &key, tier, now, mode, req, &mut conn.text, &mut verdict)
-                .await;
+            self.volume(
+                cfg,
+                &key,
+                tier,
+                now,
+                mode,
+                req,
+                &mut conn.text,
+                &mut verdict,
+            )
+            .await;
         }
         if let Some(outcome) = verdict.outcome {
             match &conn.decisions {
@@ -364,7 +373,13 @@ impl Policy {
     }
 
     /// Logs a store failure at WARN at most once per interval (DEBUG otherwise).
-    fn store_failed(&self, key: &str, error: &ratelimit_core::StoreError, now: Timestamp, what: &str) {
+    fn store_failed(
+        &self,
+        key: &str,
+        error: &ratelimit_core::StoreError,
+        now: Timestamp,
+        what: &str,
+    ) {
         match self.store_errors.allow_at(now.as_millis()) {
             Some(suppressed) => {
                 tracing::warn!(user = %key, error = %error, suppressed, "{what}")

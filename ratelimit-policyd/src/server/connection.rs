@@ -40,8 +40,7 @@ use super::stats::ServerStats;
 use crate::logthrottle::{LOG_EVERY, LogThrottle};
 use crate::policy::{ConnState, Policy, Verdict};
 use crate::protocol::{
-    ParseError,
-    Attribute, PolicyRequest, RequestBounds, Status, encode_response, parse_request,
+    Attribute, ParseError, PolicyRequest, RequestBounds, Status, encode_response, parse_request,
 };
 
 /// Bad requests: one log line per interval (`suppressed` says how many were left

@@ -109,13 +109,7 @@ async fn accept_loop(
             Ok(Accepted::Tcp(stream, peer)) => {
                 backoff = Duration::from_millis(5);
                 let ip = canonical_ip(peer.ip());
-                if !policy
-                    .config()
-                    .server
-                    .allow
-                    .iter()
-                    .any(|n| n.contains(&ip))
-                {
+                if !policy.config().server.allow.iter().any(|n| n.contains(&ip)) {
                     stats
                         .connections_refused
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

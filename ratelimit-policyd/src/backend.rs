@@ -1,0 +1,409 @@
+//! The store backend: the one module of the server that knows which stores exist.
+//!
+//! Everything else — the policy, the admin commands, replay, the periodic sweep and
+//! snapshot — talks to a [`Backend`], which holds two stores behind traits:
+//! - a [`VolumeStore`]: the counters of the tiers' limits ([`Store`] plus the admin
+//!   capabilities the server needs: list, forget, sweep, snapshot);
+//! - a [`NetworkStore`]: the client networks seen per user (the compromise signal).
+//!
+//! [`Backend::open`] builds them from `[store]` (the in-process memory stores, or
+//! Redis for both); [`Backend::new`] takes any stores, so a store written by an
+//! embedder runs the server's policy unchanged.
+//!
+//! Stores that decide in process ([`Calls::Inline`]) are called on the request's own
+//! thread. Stores that wait on the network ([`Calls::Blocking`]) are called on the
+//! runtime's blocking pool, each call bounded by the caller's timeout, so a hung
+//! backend costs a request at most `decision_timeout`.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use ratelimit_core::distinct::{DistinctLimit, DistinctStore, Observation};
+use ratelimit_core::store::snapshot::SnapshotStats;
+use ratelimit_core::store::{
+    DistinctMemoryStore, Forget, RedisStore, RedisStoreConfig, Scan, SnapshotError, Sweep,
+    TimeSource,
+};
+use ratelimit_core::{
+    Cost, Decision, KeyState, MemoryStore, MemoryStoreConfig, Mode, Store, StoreError, Tier,
+    Timestamp,
+};
+
+use crate::config::{Backend as BackendConfig, StoreConfig};
+
+/// Where the counters of the tiers' limits live, as the server needs them.
+///
+/// [`Store::check`] decides; the rest serves the admin commands and maintenance.
+/// Every method may be called from any thread; none is called on the request path
+/// but `check`.
+pub trait VolumeStore: Store + 'static {
+    /// Calls `f` for every tracked key with its state (`admin top`).
+    fn scan(&self, f: &mut dyn FnMut(&str, &KeyState)) -> Result<(), StoreError>;
+
+    /// Forgets everything recorded for `key`; returns whether anything was.
+    fn forget(&self, key: &str) -> Result<bool, StoreError>;
+
+    /// Removes keys whose state has fully decayed; returns how many. Stores that
+    /// expire keys by themselves (Redis TTLs) have nothing to do.
+    fn sweep(&self, _now: Timestamp) -> usize {
+        0
+    }
+
+    /// How many keys are tracked, when that is cheap to know.
+    fn tracked_keys(&self) -> Option<usize> {
+        None
+    }
+
+    /// Writes a snapshot to `path`, for stores that keep one (`None`: this store
+    /// does not).
+    fn save_snapshot(
+        &self,
+        _path: &Path,
+        _now: Timestamp,
+    ) -> Option<Result<SnapshotStats, SnapshotError>> {
+        None
+    }
+}
+
+/// Where the client networks seen per user live.
+pub trait NetworkStore: DistinctStore + 'static {
+    /// Removes users whose networks have all aged out; returns how many.
+    fn sweep(&self, _now: Timestamp) -> usize {
+        0
+    }
+
+    /// For stores in process: users tracked, and `key`'s networks and heap bytes.
+    fn usage(&self, _key: &str) -> Option<NetworkUsage> {
+        None
+    }
+}
+
+/// What a [`NetworkStore`] in process holds (for tests and `admin show`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetworkUsage {
+    /// Users whose networks are tracked.
+    pub users: usize,
+    /// Networks kept for the user asked about.
+    pub networks: usize,
+    /// Heap bytes of the user's state.
+    pub heap_bytes: usize,
+}
+
+/// How a backend's stores are called.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Calls {
+    /// On the caller's thread: the stores never wait (in process).
+    Inline,
+    /// On the blocking pool, bounded by the caller's timeout (network stores).
+    Blocking,
+}
+
+/// Why a backend could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The memory store's snapshot could not be restored.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// The store could not be set up.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// The counters and client networks the policy decides with.
+#[derive(Clone)]
+pub struct Backend {
+    volume: Arc<dyn VolumeStore>,
+    networks: Arc<dyn NetworkStore>,
+    calls: Calls,
+    name: &'static str,
+    /// When the last snapshot was written (ms since the epoch; 0: never).
+    last_snapshot_ms: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backend")
+            .field("store", &self.name)
+            .field("calls", &self.calls)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Backend {
+    /// A backend over any stores; `name` is what logs call it.
+    pub fn new(
+        volume: Arc<dyn VolumeStore>,
+        networks: Arc<dyn NetworkStore>,
+        calls: Calls,
+        name: &'static str,
+    ) -> Backend {
+        Backend {
+            volume,
+            networks,
+            calls,
+            name,
+            last_snapshot_ms: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// In-process stores tracking at most `max_keys` keys each.
+    pub fn memory(max_keys: usize) -> Backend {
+        let volume = MemoryStore::with_config(MemoryStoreConfig {
+            max_keys,
+            ..MemoryStoreConfig::default()
+        });
+        Backend::new(
+            Arc::new(volume),
+            Arc::new(DistinctMemoryStore::new(max_keys)),
+            Calls::Inline,
+            "memory",
+        )
+    }
+
+    /// The backend `[store]` configures. The memory store is restored from its
+    /// snapshot when one is configured (an unreadable one is an error unless
+    /// `on_bad_snapshot = "start-empty"`). Redis is not required to answer yet:
+    /// decisions fail per `on_store_error` until it does.
+    pub fn open(cfg: &StoreConfig, now: Timestamp) -> Result<Backend, OpenError> {
+        match &cfg.backend {
+            BackendConfig::Memory { max_keys } => {
+                let volume = MemoryStore::with_config(MemoryStoreConfig {
+                    max_keys: *max_keys,
+                    ..MemoryStoreConfig::default()
+                });
+                if let Some(snap) = &cfg.snapshot {
+                    restore(&volume, &snap.path, snap.start_empty_if_bad, now)?;
+                }
+                Ok(Backend::new(
+                    Arc::new(volume),
+                    Arc::new(DistinctMemoryStore::new(*max_keys)),
+                    Calls::Inline,
+                    "memory",
+                ))
+            }
+            BackendConfig::Redis {
+                url,
+                key_prefix,
+                connect_timeout,
+                command_timeout,
+                server_time,
+            } => {
+                let mut rc = RedisStoreConfig::new(url.clone());
+                rc.key_prefix = key_prefix.clone();
+                rc.connect_timeout = *connect_timeout;
+                rc.command_timeout = *command_timeout;
+                rc.time_source = if *server_time {
+                    TimeSource::Server
+                } else {
+                    TimeSource::Caller
+                };
+                let store = Arc::new(RedisStore::new(rc)?);
+                let redis = store.config().redacted_url();
+                match store.ping() {
+                    Ok(()) => tracing::info!(redis = %redis, "connected to Redis"),
+                    Err(e) => {
+                        tracing::warn!(redis = %redis, error = %e, "Redis is not answering yet; answering per on_store_error until it does")
+                    }
+                }
+                Ok(Backend::new(
+                    Arc::clone(&store) as Arc<dyn VolumeStore>,
+                    store,
+                    Calls::Blocking,
+                    "redis",
+                ))
+            }
+        }
+    }
+
+    /// What logs call this backend (`memory`, `redis`, or an embedder's name).
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Whether the stores decide on the caller's thread without waiting.
+    pub fn decides_inline(&self) -> bool {
+        self.calls == Calls::Inline
+    }
+
+    /// Checks `cost` for `key` against `tier`'s limits (see [`Store::check`]).
+    pub async fn check(
+        &self,
+        key: &str,
+        tier: &Arc<Tier>,
+        cost: Cost,
+        now: Timestamp,
+        mode: Mode,
+        timeout: Duration,
+    ) -> Result<Decision, StoreError> {
+        match self.calls {
+            Calls::Inline => self.volume.check(key, tier.limits(), cost, now, mode),
+            Calls::Blocking => {
+                let store = Arc::clone(&self.volume);
+                let (key, tier) = (key.to_string(), Arc::clone(tier));
+                bounded(timeout, move || {
+                    store.check(&key, tier.limits(), cost, now, mode)
+                })
+                .await
+            }
+        }
+    }
+
+    /// Notes that `key` sent from `network` (see [`DistinctStore::observe`]).
+    pub async fn observe(
+        &self,
+        key: &str,
+        network: &str,
+        limit: &DistinctLimit,
+        now: Timestamp,
+        timeout: Duration,
+    ) -> Result<Observation, StoreError> {
+        match self.calls {
+            Calls::Inline => self.networks.observe(key, network, limit, now),
+            Calls::Blocking => {
+                let store = Arc::clone(&self.networks);
+                let (key, network, limit) = (key.to_string(), network.to_string(), *limit);
+                bounded(timeout, move || store.observe(&key, &network, &limit, now)).await
+            }
+        }
+    }
+
+    /// Forgets `key`'s counters and networks; whether anything was recorded.
+    /// Blocking: call it off the async threads.
+    pub fn forget(&self, key: &str) -> Result<bool, StoreError> {
+        let networks = self.networks.forget(key)?;
+        let counters = self.volume.forget(key)?;
+        Ok(counters || networks)
+    }
+
+    /// Every tracked key with its state. Blocking: call it off the async threads.
+    pub fn scan(&self, f: &mut dyn FnMut(&str, &KeyState)) -> Result<(), StoreError> {
+        self.volume.scan(f)
+    }
+
+    /// Removes idle keys from both stores; returns how many counters' keys went.
+    pub fn sweep(&self, now: Timestamp) -> usize {
+        let networks = self.networks.sweep(now);
+        if networks > 0 {
+            tracing::debug!(users = networks, "swept idle client-network state");
+        }
+        self.volume.sweep(now)
+    }
+
+    /// How many keys the counters track, when known.
+    pub fn tracked_keys(&self) -> Option<usize> {
+        self.volume.tracked_keys()
+    }
+
+    /// The network store's usage for `key`, when it is in process.
+    pub fn network_usage(&self, key: &str) -> Option<NetworkUsage> {
+        self.networks.usage(key)
+    }
+
+    /// Writes the counters' snapshot to `path`; `None` when the store keeps none.
+    pub fn save_snapshot(
+        &self,
+        path: &Path,
+        now: Timestamp,
+    ) -> Option<Result<SnapshotStats, SnapshotError>> {
+        let saved = self.volume.save_snapshot(path, now)?;
+        if saved.is_ok() {
+            self.last_snapshot_ms
+                .store(now.as_millis().max(1), Ordering::Relaxed);
+        }
+        Some(saved)
+    }
+
+    /// When the last snapshot was written, if one was.
+    pub fn last_snapshot(&self) -> Option<Timestamp> {
+        match self.last_snapshot_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(Timestamp::from_millis(ms)),
+        }
+    }
+}
+
+fn restore(
+    store: &MemoryStore,
+    path: &Path,
+    start_empty_if_bad: bool,
+    now: Timestamp,
+) -> Result<(), SnapshotError> {
+    if !path.exists() {
+        tracing::info!(path = %path.display(), "no snapshot yet: starting with empty counters");
+        return Ok(());
+    }
+    match store.load_snapshot(path, now) {
+        Ok(stats) => {
+            tracing::info!(path = %path.display(), keys = stats.keys, restored = stats.restored, "counters restored from snapshot");
+            Ok(())
+        }
+        Err(e) if start_empty_if_bad => {
+            tracing::error!(error = %e, "SNAPSHOT UNREADABLE: starting with EMPTY counters (on_bad_snapshot = \"start-empty\"); every user's quota is reset");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Runs a store call on the blocking pool, bounded by `timeout`: a store that hangs,
+/// or a call that panics, is a [`StoreError`] like any other.
+async fn bounded<T: Send + 'static>(
+    timeout: Duration,
+    call: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(timeout, tokio::task::spawn_blocking(call)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(join)) => Err(StoreError::Unavailable(format!(
+            "store task failed: {join}"
+        ))),
+        Err(_) => Err(StoreError::Timeout(timeout)),
+    }
+}
+
+impl VolumeStore for MemoryStore {
+    fn scan(&self, f: &mut dyn FnMut(&str, &KeyState)) -> Result<(), StoreError> {
+        Scan::scan(self, f)
+    }
+    fn forget(&self, key: &str) -> Result<bool, StoreError> {
+        Forget::forget(self, key)
+    }
+    fn sweep(&self, now: Timestamp) -> usize {
+        Sweep::sweep(self, now)
+    }
+    fn tracked_keys(&self) -> Option<usize> {
+        Some(self.key_count())
+    }
+    fn save_snapshot(
+        &self,
+        path: &Path,
+        now: Timestamp,
+    ) -> Option<Result<SnapshotStats, SnapshotError>> {
+        Some(MemoryStore::save_snapshot(self, path, now))
+    }
+}
+
+impl VolumeStore for RedisStore {
+    fn scan(&self, f: &mut dyn FnMut(&str, &KeyState)) -> Result<(), StoreError> {
+        Scan::scan(self, f)
+    }
+    fn forget(&self, key: &str) -> Result<bool, StoreError> {
+        Forget::forget(self, key)
+    }
+}
+
+impl NetworkStore for DistinctMemoryStore {
+    fn sweep(&self, now: Timestamp) -> usize {
+        Sweep::sweep(self, now)
+    }
+    fn usage(&self, key: &str) -> Option<NetworkUsage> {
+        Some(NetworkUsage {
+            users: self.key_count(),
+            networks: self.entry_count(key),
+            heap_bytes: self.key_heap_bytes(key),
+        })
+    }
+}
+
+impl NetworkStore for RedisStore {}
