@@ -1,14 +1,13 @@
 //! The admin socket and CLI, end to end: every command through the real
 //! `ratelimit-policyd admin ...` binary against a real server.
 
-mod ops_support;
-use ops_support as common;
+mod support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use common::start;
+use support::server::Server;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 const DEFER: &str = "DEFER_IF_PERMIT";
@@ -46,7 +45,7 @@ fn socket(dir: &Path) -> PathBuf {
 #[tokio::test]
 async fn the_admin_socket_is_private() {
     let dir = tempfile::tempdir().unwrap();
-    let srv = start(dir.path(), &config()).await;
+    let srv = Server::start_in(dir.path(), &config()).await;
     let mode = std::fs::metadata(socket(dir.path()))
         .unwrap()
         .permissions()
@@ -63,7 +62,7 @@ async fn the_admin_socket_is_private() {
 async fn every_admin_command_works_through_the_cli() {
     let dir = tempfile::tempdir().unwrap();
     let sock = socket(dir.path());
-    let srv = start(dir.path(), &config()).await;
+    let srv = Server::start_in(dir.path(), &config()).await;
     let mut c = srv.client().await;
     assert_eq!(c.eom("Alice@Example.com", "m1", "192.0.2.1").await, "DUNNO");
     assert_eq!(c.eom("alice@example.com", "m2", "192.0.2.2").await, "DUNNO");
@@ -156,7 +155,7 @@ async fn every_admin_command_works_through_the_cli() {
     std::fs::write(&srv.config_path, text).unwrap();
     let out = ok(&sock, &["reload"]).await;
     assert!(out.starts_with("reloaded "), "{out}");
-    assert!(srv.engine.config().tiers.map.get("trial").is_some());
+    assert!(srv.daemon.policy.config().tiers.map.get("trial").is_some());
     assert!(
         ok(&sock, &["show", "alice@example.com"])
             .await
@@ -171,7 +170,7 @@ async fn every_admin_command_works_through_the_cli() {
         "{err}"
     );
     assert!(
-        srv.engine.config().tiers.map.get("trial").is_some(),
+        srv.daemon.policy.config().tiers.map.get("trial").is_some(),
         "the old config is kept"
     );
 
@@ -182,7 +181,7 @@ async fn every_admin_command_works_through_the_cli() {
 #[tokio::test]
 async fn unknown_commands_get_an_error_reply_and_the_connection_stays_open() {
     let dir = tempfile::tempdir().unwrap();
-    let srv = start(dir.path(), &config()).await;
+    let srv = Server::start_in(dir.path(), &config()).await;
     let s = tokio::net::UnixStream::connect(socket(dir.path()))
         .await
         .unwrap();
@@ -227,12 +226,12 @@ async fn unknown_commands_get_an_error_reply_and_the_connection_stays_open() {
 async fn a_tier_move_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let sock = socket(dir.path());
-    let srv = start(dir.path(), &config()).await;
+    let srv = Server::start_in(dir.path(), &config()).await;
     ok(&sock, &["tier", "carol@example.com", "bulk"]).await;
     ok(&sock, &["tier", "@partner.example", "bulk"]).await;
     srv.stop().await;
 
-    let srv = start(dir.path(), &config()).await;
+    let srv = Server::start_in(dir.path(), &config()).await;
     let out = ok(&sock, &["show", "carol@example.com"]).await;
     assert!(out.contains("tier:    bulk"), "{out}");
     let out = ok(&sock, &["show", "anyone@partner.example"]).await;
@@ -249,7 +248,7 @@ async fn a_tier_move_survives_a_restart() {
     drop(c);
     srv.stop().await;
     let text = config().replace("[tiers.bulk]\nlimits = [\"100/1h\"]\n", "");
-    let srv = start(dir.path(), &text).await;
+    let srv = Server::start_in(dir.path(), &text).await;
     let out = ok(&sock, &["show", "carol@example.com"]).await;
     assert!(out.contains("tier:    default"), "{out}");
     srv.stop().await;
@@ -258,7 +257,7 @@ async fn a_tier_move_survives_a_restart() {
 #[tokio::test]
 async fn the_cli_finds_the_socket_from_the_config_and_reports_a_dead_one() {
     let dir = tempfile::tempdir().unwrap();
-    let srv = start(dir.path(), &config()).await;
+    let srv = Server::start_in(dir.path(), &config()).await;
     let cfg = srv.config_path.clone();
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ratelimit-policyd"));
     cmd.arg("--config").arg(&cfg).args(["admin", "stats"]);

@@ -1,31 +1,24 @@
 //! The compromise signal end to end over the policy protocol: a real server
-//! (`server::run` on 127.0.0.1:0) with a manual clock, spoken to in raw bytes.
+//! (`support::server` on 127.0.0.1:0) with a manual clock, spoken to in raw bytes.
 //!
 //! The same scenarios run on the memory store and, in ignored tests that need a
 //! Redis server (`scripts/with-redis`), on the Redis store.
 
+mod support;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::Mutex;
-use ratelimit_core::{ManualClock, Timestamp};
-use ratelimit_policyd::config::{self, ListenAddr};
-use ratelimit_policyd::daemon::build_engine;
-use ratelimit_policyd::policy::{Engine, Incident};
-use ratelimit_policyd::server::{self, Listener};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
-use tokio::sync::oneshot;
+use ratelimit_policyd::config;
+use ratelimit_policyd::policy::Incident;
+use support::server::{Client, Incidents, Req, Server, T0};
 
-const START: u64 = 1_700_006_400_000;
-
-/// A running server; stops when dropped.
-struct Server {
-    client: BufReader<TcpStream>,
-    clock: ManualClock,
-    engine: Arc<Engine>,
-    incidents: Arc<Mutex<Vec<Incident>>>,
-    _stop: oneshot::Sender<()>,
+/// A server with [`BASE_CONFIG`], one connection to it, the incidents it opened, and
+/// the instance of the message being sent.
+struct Session {
+    srv: Server,
+    c: Client,
+    incidents: Incidents,
     instance: u64,
 }
 
@@ -73,84 +66,40 @@ networks_message = "{user}: {networks} networks (over {max} in {window}), retry 
 "deferred@example.com" = "deferring"
 "#;
 
-/// A server whose incidents are collected in-process (replacing the alert hook).
-async fn start(extra: &str) -> Server {
-    let s = start_with_hook(extra).await;
-    let sink = Arc::clone(&s.incidents);
-    s.engine
-        .set_incident_sink(Arc::new(move |i: &Incident| sink.lock().push(i.clone())));
-    s
-}
-
-/// A server with the configured alert hook (`[alerts]` in `extra`).
-async fn start_with_hook(extra: &str) -> Server {
+/// A server with `extra` after [`BASE_CONFIG`] (an `[alerts]` hook, a `[store]`).
+async fn start(extra: &str) -> Session {
     let text = format!("{BASE_CONFIG}{extra}");
-    let cfg = config::parse(&text, "test.toml", None).unwrap_or_else(|e| panic!("{e}"));
-    let clock = ManualClock::new(Timestamp::from_millis(START));
-    let engine = build_engine(cfg, Arc::new(clock.clone())).unwrap();
-    let incidents = Arc::new(Mutex::new(Vec::new()));
-    let listener = Listener::bind(&ListenAddr::Tcp("127.0.0.1:0".parse().unwrap()))
-        .await
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(server::run(
-        vec![listener],
-        Arc::clone(&engine),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-    let client = BufReader::new(TcpStream::connect(addr).await.unwrap());
-    let mut s = Server {
-        client,
-        clock,
-        engine,
+    let incidents = Incidents::default();
+    let srv = Server::with(&text)
+        .observer(Arc::new(incidents.clone()))
+        .start()
+        .await;
+    let c = srv.client().await;
+    Session {
+        srv,
+        c,
         incidents,
-        _stop: stop,
         instance: 0,
-    };
-    // Once a request is answered, `run` has installed its alert hook (it does so
-    // before its first await), so `start` can replace it.
-    assert_eq!(s.ask("CONNECT", "nobody", "127.0.0.1").await, "DUNNO");
-    s
+    }
 }
 
-fn request(stage: &str, user: &str, client: &str, instance: u64) -> String {
-    format!(
-        "request=smtpd_access_policy\nprotocol_state={stage}\nprotocol_name=ESMTP\n\
-         client_address={client}\nclient_name=unknown\nsender={user}\n\
-         recipient=someone@example.net\nrecipient_count={}\ninstance=1a2b.{instance:x}\n\
-         size=1000\nsasl_method=PLAIN\nsasl_username={user}\n\n",
-        if stage == "RCPT" { 0 } else { 1 }
-    )
+/// One request as Postfix sends it for message `instance` of `user` from `client`.
+fn request(stage: &str, user: &str, client: &str, instance: u64) -> Vec<u8> {
+    let instance = format!("1a2b.{instance:x}");
+    let mut req = Req::new(stage, user, &instance).from(client);
+    req.sender = user;
+    req.bytes()
 }
 
-impl Server {
-    /// Sends one request; returns the reply line without `action=` (e.g. `DUNNO`).
+impl Session {
+    /// Sends one request; returns the reply's action (e.g. `DUNNO`).
     async fn ask(&mut self, stage: &str, user: &str, client: &str) -> String {
         let req = request(stage, user, client, self.instance);
-        self.client
-            .get_mut()
-            .write_all(req.as_bytes())
-            .await
-            .unwrap();
-        self.reply().await
+        self.c.raw(&req).await.expect("connection closed")
     }
 
     async fn reply(&mut self) -> String {
-        let mut got = Vec::new();
-        while !got.ends_with(b"\n\n") {
-            let mut byte = [0u8; 1];
-            let n = self.client.read(&mut byte).await.unwrap();
-            assert_eq!(n, 1, "connection closed after {got:?}");
-            got.push(byte[0]);
-        }
-        let text = String::from_utf8(got).unwrap();
-        text.strip_prefix("action=")
-            .and_then(|t| t.strip_suffix("\n\n"))
-            .unwrap_or_else(|| panic!("not a reply: {text:?}"))
-            .to_string()
+        self.c.reply().await.expect("connection closed")
     }
 
     /// One message: RCPT, DATA, END-OF-MESSAGE from `client`; the three answers.
@@ -164,7 +113,7 @@ impl Server {
     }
 
     fn incidents(&self) -> Vec<Incident> {
-        self.incidents.lock().clone()
+        self.incidents.all()
     }
 }
 
@@ -174,7 +123,7 @@ fn dunno() -> [String; 3] {
 
 // ---------------------------------------------------------------- scenarios
 
-async fn two_networks_are_unaffected(mut s: Server) {
+async fn two_networks_are_unaffected(mut s: Session) {
     for i in 0..5 {
         assert_eq!(s.message("alice@example.com", "192.0.2.10").await, dunno());
         assert_eq!(
@@ -186,11 +135,11 @@ async fn two_networks_are_unaffected(mut s: Server) {
     assert!(s.incidents().is_empty());
 }
 
-async fn the_first_request_past_the_threshold_is_held(mut s: Server) {
+async fn the_first_request_past_the_threshold_is_held(mut s: Session) {
     for net in ["192.0.2.1", "198.51.100.1", "203.0.113.1"] {
         assert_eq!(s.message("bob@example.com", net).await, dunno(), "{net}");
     }
-    s.clock.advance(Duration::from_secs(600));
+    s.srv.clock.advance(Duration::from_secs(600));
     s.instance += 1;
     let held = s.ask("RCPT", "bob@example.com", "100.64.7.7").await;
     assert_eq!(
@@ -220,16 +169,16 @@ async fn the_first_request_past_the_threshold_is_held(mut s: Server) {
         ("bob@example.com", "default", "networks>3/1h", 4)
     );
     assert_eq!(i.client_address.as_deref(), Some("100.64.7.7"));
-    assert_eq!(i.clears_at, Some(START + 600_000 + 3_600_000));
+    assert_eq!(i.clears_at, Some(T0 + 600_000 + 3_600_000));
     assert!(!i.dry_run);
     // Others are not affected.
     assert_eq!(s.message("carol@example.com", "100.64.7.7").await, dunno());
     // A window after the last request that crossed, bob is released.
-    s.clock.advance(Duration::from_secs(3600));
+    s.srv.clock.advance(Duration::from_secs(3600));
     assert_eq!(s.message("bob@example.com", "192.0.2.1").await, dunno());
 }
 
-async fn addresses_in_one_ipv6_64_count_once(mut s: Server) {
+async fn addresses_in_one_ipv6_64_count_once(mut s: Session) {
     for i in 1..=20 {
         let ip = format!("2001:db8:0:1::{i:x}");
         assert_eq!(
@@ -258,7 +207,7 @@ async fn addresses_in_one_ipv6_64_count_once(mut s: Server) {
     );
 }
 
-async fn roaming_users_and_exempt_tiers_are_not_watched(mut s: Server) {
+async fn roaming_users_and_exempt_tiers_are_not_watched(mut s: Session) {
     for i in 0..20 {
         let ip = format!("10.{i}.0.1");
         assert_eq!(s.message("nomad@example.com", &ip).await, dunno());
@@ -267,7 +216,7 @@ async fn roaming_users_and_exempt_tiers_are_not_watched(mut s: Server) {
     assert!(s.incidents().is_empty());
 }
 
-async fn warn_only_logs_and_alerts(mut s: Server) {
+async fn warn_only_logs_and_alerts(mut s: Session) {
     for i in 0..6 {
         assert_eq!(
             s.message("watched@example.com", &format!("10.{i}.0.1"))
@@ -280,7 +229,7 @@ async fn warn_only_logs_and_alerts(mut s: Server) {
     assert!(incidents[0].dry_run);
 }
 
-async fn a_refused_request_still_reveals_its_address(mut s: Server) {
+async fn a_refused_request_still_reveals_its_address(mut s: Session) {
     // strict: 1 message per hour, more than 2 networks in 30 minutes is held.
     assert_eq!(s.message("strict@example.com", "192.0.2.1").await, dunno());
     s.instance += 1;
@@ -334,7 +283,7 @@ async fn a_user_sending_from_many_random_addresses_keeps_bounded_state() {
     // Pipelined, in batches.
     let n = 20_000u64;
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut batch = String::new();
+    let mut batch = Vec::new();
     for i in 0..n {
         x ^= x << 13;
         x ^= x >> 7;
@@ -355,15 +304,11 @@ async fn a_user_sending_from_many_random_addresses_keeps_bounded_state() {
                 x & 0xffff
             )
         };
-        batch.push_str(&request("RCPT", "mallory@example.com", &ip, i));
+        batch.extend(request("RCPT", "mallory@example.com", &ip, i));
         // 256 requests at a time, then their replies (so neither side's socket
         // buffers fill up).
         if i % 256 == 255 || i == n - 1 {
-            s.client
-                .get_mut()
-                .write_all(batch.as_bytes())
-                .await
-                .unwrap();
+            s.c.send(&batch).await;
             batch.clear();
             for _ in 0..=(i % 256) {
                 let r = s.reply().await;
@@ -371,11 +316,13 @@ async fn a_user_sending_from_many_random_addresses_keeps_bounded_state() {
             }
         }
     }
-    let (users, kept, bytes) = s.engine.network_state("mallory@example.com").unwrap();
+    let backend = s.srv.daemon.policy.backend();
+    let usage = backend.network_usage("mallory@example.com").unwrap();
+    let (users, kept, bytes) = (usage.users, usage.networks, usage.heap_bytes);
     assert_eq!((users, kept), (1, 4), "more than 3 networks keeps 4");
     assert!(bytes <= 4 * 16, "{bytes} bytes");
     // Held requests charge nothing: no counters were created either.
-    assert_eq!(s.engine.tracked_keys(), Some(0));
+    assert_eq!(backend.tracked_keys(), Some(0));
     assert_eq!(s.incidents().len(), 1);
 }
 
@@ -392,7 +339,7 @@ fn redis_config(test: &str) -> String {
     )
 }
 
-async fn redis_server(test: &str) -> Server {
+async fn redis_server(test: &str) -> Session {
     // `[store]` comes after the tiers in the text: TOML allows any table order.
     start(&redis_config(test)).await
 }
@@ -528,7 +475,7 @@ fn tier_settings_override_the_networks_defaults() {
 async fn the_alert_hook_hears_of_it_once() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("alerts");
-    let mut s = start_with_hook(&format!(
+    let mut s = start(&format!(
         "\n[alerts]\ncommand = \"env | grep ^RATELIMIT_ | sort >> '{0}'; echo --- >> '{0}'\"\n",
         out.display()
     ))

@@ -3,13 +3,12 @@
 //! hold: accepted (nothing lost, the client sees success), kept in Postfix's hold
 //! queue for review (`postqueue -j`), and not delivered.
 
-mod common;
 mod support;
 
 use std::time::Duration;
 
-use common::TestServer;
 use support::postfix::{PostfixInstance, PostfixOptions};
+use support::server::Server;
 
 const MAX_NETWORKS: usize = 3;
 
@@ -21,7 +20,7 @@ fn postfix_holds_the_mail_of_a_user_sending_from_too_many_networks() {
         .enable_all()
         .build()
         .unwrap();
-    let server = rt.block_on(TestServer::start(&format!(
+    let server = rt.block_on(Server::start(&format!(
         "[networks]\nmax = {MAX_NETWORKS}\nwindow = \"1h\"\n\n\
          [tiers.default]\nlimits = [\"100/1h\"]\n"
     )));

@@ -1,11 +1,11 @@
 //! The binary itself: start-up, SIGHUP reload (good and bad file), SIGTERM, check-config.
 
-mod common;
+mod support;
 
 use std::path::Path;
 use std::process::Command;
 
-use common::proc::{BIN, Daemon, accepted, ask, free_port, tempdir};
+use support::proc::{BIN, Daemon, accepted, ask, free_port, tempdir};
 
 fn write_config(path: &Path, port: u16, limit: &str) {
     std::fs::write(

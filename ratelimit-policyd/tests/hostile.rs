@@ -1,4 +1,4 @@
-//! Hostile input against a real server (`server::run` on 127.0.0.1:0, raw bytes).
+//! Hostile input against a real server (`support::server` on 127.0.0.1:0, raw bytes).
 //!
 //! Every test keeps a well-behaved user ("good") on its own connection and checks that
 //! its answers are exactly right before, during and after the attack: DUNNO while it
@@ -7,24 +7,18 @@
 //! good connection, or touch another user's counters. The server's clock is a stopped
 //! `ManualClock`, so every decision is known exactly; timeouts are real time.
 
+mod support;
+
 use std::io;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use ratelimit_core::{Limit, ManualClock, Timestamp};
-use ratelimit_policyd::config;
-use ratelimit_policyd::daemon;
-use ratelimit_policyd::policy::Engine;
 use ratelimit_policyd::protocol::{Action, Status, parse_response};
-use ratelimit_policyd::server;
+use support::server::Server;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
-const T0: u64 = 1_700_000_000_000;
 const GOOD: &str = "good@example.com";
 const GOOD_LIMIT: u64 = 12;
 /// How long any single answer to the good user may take, even under attack. Generous:
@@ -61,65 +55,6 @@ limits = ["{GOOD_LIMIT}/1h"]
 "{GOOD}" = "good"
 "#
     )
-}
-
-struct Server {
-    addrs: Vec<SocketAddr>,
-    engine: Arc<Engine>,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<io::Result<()>>,
-}
-
-impl Server {
-    async fn start(text: &str) -> Server {
-        let mut cfg = config::parse(text, "hostile.toml", None).expect("test config is valid");
-        if !text.contains("listen") {
-            cfg.server.listen = vec!["127.0.0.1:0".parse().unwrap()];
-        }
-        let clock = ManualClock::new(Timestamp::from_millis(T0));
-        let engine = daemon::build_engine(cfg, Arc::new(clock)).unwrap();
-        let listeners = daemon::bind(&engine.config()).await.unwrap();
-        let addrs = listeners.iter().filter_map(|l| l.local_addr()).collect();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server::run(listeners, Arc::clone(&engine), async {
-            let _ = stopped.await;
-        }));
-        Server {
-            addrs,
-            engine,
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    fn addr(&self) -> SocketAddr {
-        self.addrs[0]
-    }
-
-    /// Units the store holds for `user` against `limit` (0 when not tracked).
-    fn used(&self, user: &str, limit: &str) -> u64 {
-        let limit: Limit = limit.parse().unwrap();
-        let now = self.engine.now();
-        let mut used = 0;
-        self.engine
-            .scan(&mut |key, state| {
-                if key == user {
-                    used = state.used(&limit, now);
-                }
-            })
-            .unwrap();
-        used
-    }
-
-    /// Shuts down and checks that the server stopped cleanly (no panic, no error).
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(Duration::from_secs(30), self.task)
-            .await
-            .expect("server stops")
-            .expect("server task did not panic")
-            .expect("server returned Ok");
-    }
 }
 
 fn eom(user: &[u8], instance: &str) -> Vec<u8> {
@@ -195,7 +130,7 @@ struct Good {
 impl Good {
     async fn connect(server: &Server) -> Good {
         Good {
-            stream: TcpStream::connect(server.addr()).await.unwrap(),
+            stream: TcpStream::connect(server.addr).await.unwrap(),
             charged: 0,
             instance: 0,
         }
@@ -285,7 +220,7 @@ async fn lines_and_requests_over_the_limits_close_only_that_connection() {
     let server = Server::start(&config_text("", "")).await;
     under_attack(&server, async {
         // One line over max_line (4096), without a newline: refused without buffering it.
-        let mut c = TcpStream::connect(server.addr()).await.unwrap();
+        let mut c = TcpStream::connect(server.addr).await.unwrap();
         c.write_all(b"request=smtpd_access_policy\nsasl_username=")
             .await
             .unwrap();
@@ -293,7 +228,7 @@ async fn lines_and_requests_over_the_limits_close_only_that_connection() {
         expect_closed_silently(&mut c, Duration::from_secs(5)).await;
 
         // 65 attributes (max 64).
-        let mut c = TcpStream::connect(server.addr()).await.unwrap();
+        let mut c = TcpStream::connect(server.addr).await.unwrap();
         let mut req = Vec::new();
         for i in 0..65 {
             req.extend_from_slice(format!("x{i}=y\n").as_bytes());
@@ -303,7 +238,7 @@ async fn lines_and_requests_over_the_limits_close_only_that_connection() {
         expect_closed_silently(&mut c, Duration::from_secs(5)).await;
 
         // 20 KiB in lines of 2 KiB (max_request is 16 KiB).
-        let mut c = TcpStream::connect(server.addr()).await.unwrap();
+        let mut c = TcpStream::connect(server.addr).await.unwrap();
         let mut req = Vec::new();
         for i in 0..10 {
             req.extend_from_slice(format!("helo_name{i}=").as_bytes());
@@ -315,7 +250,7 @@ async fn lines_and_requests_over_the_limits_close_only_that_connection() {
 
         // A valid request for another user first, then an oversize one on the same
         // connection: the first is answered, then the connection is closed.
-        let mut c = TcpStream::connect(server.addr()).await.unwrap();
+        let mut c = TcpStream::connect(server.addr).await.unwrap();
         assert_eq!(
             ask_within(&mut c, &eom(b"other@example.com", "o.1")).await,
             Action::Dunno
@@ -332,7 +267,7 @@ async fn lines_and_requests_over_the_limits_close_only_that_connection() {
 async fn invalid_utf8_in_names_and_values_is_served_and_never_merges_users() {
     let server = Server::start(&config_text("", "")).await;
     under_attack(&server, async {
-        let mut c = TcpStream::connect(server.addr()).await.unwrap();
+        let mut c = TcpStream::connect(server.addr).await.unwrap();
         // Invalid UTF-8 in an unknown attribute's name and in values: ignored / kept raw.
         let mut req =
             b"request=smtpd_access_policy\nprotocol_state=RCPT\n\xff\xfe=\xc3\x28\n".to_vec();
@@ -385,7 +320,7 @@ async fn nul_bytes_close_only_that_connection() {
             b"request=smtpd_access_policy\nsasl_\0username=x\n\n",
             b"\0\n\n",
         ] {
-            let mut c = TcpStream::connect(server.addr()).await.unwrap();
+            let mut c = TcpStream::connect(server.addr).await.unwrap();
             let _ = c.write_all(req).await;
             expect_closed_silently(&mut c, Duration::from_secs(5)).await;
         }
@@ -397,9 +332,9 @@ async fn nul_bytes_close_only_that_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_without_stage_or_user_and_unknown_stages_are_answered_dunno_and_charge_nothing() {
     let server = Server::start(&config_text("", "")).await;
-    let keys_before = server.engine.tracked_keys();
+    let keys_before = server.daemon.policy.backend().tracked_keys();
     under_attack(&server, async {
-        let mut c = TcpStream::connect(server.addr()).await.unwrap();
+        let mut c = TcpStream::connect(server.addr).await.unwrap();
         let cases: [&[u8]; 6] = [
             b"request=smtpd_access_policy\nsasl_username=mallory@example.com\n\n",
             b"request=smtpd_access_policy\nprotocol_state=END-OF-MESSAGE\nsize=10\n\n",
@@ -417,7 +352,10 @@ async fn requests_without_stage_or_user_and_unknown_stages_are_answered_dunno_an
     .await;
     assert_eq!(server.used("mallory@example.com", "2/1h"), 0);
     // Only the good user was added.
-    assert_eq!(server.engine.tracked_keys(), keys_before.map(|k| k + 1));
+    assert_eq!(
+        server.daemon.policy.backend().tracked_keys(),
+        keys_before.map(|k| k + 1)
+    );
     server.stop().await;
 }
 
@@ -426,7 +364,7 @@ async fn a_client_stalled_half_way_is_freed_by_the_idle_timeout() {
     let server = Server::start(&config_text("", "")).await;
     under_attack(&server, async {
         // Half a request, then nothing (idle_timeout is 300 ms).
-        let mut stalled = TcpStream::connect(server.addr()).await.unwrap();
+        let mut stalled = TcpStream::connect(server.addr).await.unwrap();
         stalled
             .write_all(b"request=smtpd_access_policy\nprotocol_state=END-OF-MESSAGE\nsasl_user")
             .await
@@ -440,7 +378,7 @@ async fn a_client_stalled_half_way_is_freed_by_the_idle_timeout() {
 
         // Slowloris: a byte every 50 ms never completes a request, and the timeout
         // bounds the whole request, not each read.
-        let mut slow = TcpStream::connect(server.addr()).await.unwrap();
+        let mut slow = TcpStream::connect(server.addr).await.unwrap();
         let start = Instant::now();
         let dripped = async {
             for b in b"request=smtpd_access_policy\nprotocol_state=RCPT\nsasl_username=slow\n"
@@ -469,7 +407,7 @@ async fn a_client_that_never_reads_its_replies_is_cut_off_by_the_idle_timeout() 
     under_attack(&server, async {
         // A user over its limit, with a long name: every RCPT gets a ~400-byte refusal.
         let user = format!("{}@example.com", "r".repeat(300));
-        let mut c = TcpStream::connect(server.addr()).await.unwrap();
+        let mut c = TcpStream::connect(server.addr).await.unwrap();
         for i in 0..2 {
             assert_eq!(
                 ask_within(&mut c, &eom(user.as_bytes(), &format!("r.{i}"))).await,
@@ -566,7 +504,7 @@ async fn five_thousand_connections_at_once_the_cap_holds_and_served_clients_keep
         let mut tasks = Vec::with_capacity(count);
         for i in 0..count {
             let (addr, served, connected) =
-                (server.addr(), Arc::clone(&served), Arc::clone(&connected));
+                (server.addr, Arc::clone(&served), Arc::clone(&connected));
             tasks.push(tokio::spawn(async move {
                 let Ok(Ok(mut c)) =
                     tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(addr)).await
@@ -617,7 +555,7 @@ async fn five_thousand_connections_at_once_the_cap_holds_and_served_clients_keep
     }
     drop(held);
     // Once the attackers are gone, new clients are served again.
-    let mut fresh = TcpStream::connect(server.addr()).await.unwrap();
+    let mut fresh = TcpStream::connect(server.addr).await.unwrap();
     let answer = tokio::time::timeout(
         Duration::from_secs(20),
         ask(&mut fresh, &rcpt(b"late@example.com")),
@@ -646,14 +584,14 @@ async fn a_million_distinct_users_stay_under_the_key_cap_and_change_no_other_cou
     let max_seen = Arc::new(AtomicUsize::new(0));
     let flooding = Arc::new(AtomicBool::new(true));
     let watcher = {
-        let (engine, max_seen, flooding) = (
-            Arc::clone(&server.engine),
+        let (policy, max_seen, flooding) = (
+            Arc::clone(&server.daemon.policy),
             Arc::clone(&max_seen),
             Arc::clone(&flooding),
         );
         tokio::spawn(async move {
             while flooding.load(Ordering::Relaxed) {
-                let keys = engine.tracked_keys().unwrap();
+                let keys = policy.backend().tracked_keys().unwrap();
                 max_seen.fetch_max(keys, Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
@@ -666,7 +604,7 @@ async fn a_million_distinct_users_stay_under_the_key_cap_and_change_no_other_cou
         let mut tasks = Vec::new();
         for conn in 0..CONNECTIONS {
             let (addr, allowed, refused) =
-                (server.addr(), Arc::clone(&allowed), Arc::clone(&refused));
+                (server.addr, Arc::clone(&allowed), Arc::clone(&refused));
             let mine = (conn..users).step_by(CONNECTIONS).count();
             tasks.push(tokio::spawn(async move {
                 let stream = TcpStream::connect(addr).await.unwrap();
@@ -729,7 +667,7 @@ async fn a_million_distinct_users_stay_under_the_key_cap_and_change_no_other_cou
     );
     assert_eq!(allowed + refused, users);
     assert!(max_seen.load(Ordering::Relaxed) <= MAX_KEYS);
-    assert!(server.engine.tracked_keys().unwrap() <= MAX_KEYS);
+    assert!(server.daemon.policy.backend().tracked_keys().unwrap() <= MAX_KEYS);
     // Every new user beyond the cap got the fail-closed answer; none was admitted past it.
     assert!(
         allowed < MAX_KEYS,

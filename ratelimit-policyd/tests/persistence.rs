@@ -1,12 +1,12 @@
 //! Counters that survive restarts (snapshots) and are shared through Redis.
 
-mod common;
+mod support;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::proc::{Daemon, accepted, ask, free_port, tempdir};
+use support::proc::{Daemon, accepted, ask, free_port, tempdir};
 
 fn snapshot_config(path: &Path, port: u16, snap: &Path, interval: &str, extra: &str) {
     std::fs::write(
@@ -89,7 +89,7 @@ fn a_corrupt_snapshot_refuses_to_start_unless_told_to_start_empty() {
     )
     .unwrap();
     snapshot_config(&cfg, port, &snap, "1m", "");
-    let out = Command::new(common::proc::BIN)
+    let out = Command::new(support::proc::BIN)
         .args(["--config", cfg.to_str().unwrap()])
         .stderr(Stdio::piped())
         .output()

@@ -1,13 +1,12 @@
 //! A real Postfix (Debian package), wired to our server at RCPT, DATA and
 //! END-OF-MESSAGE, defers exactly what it should.
 
-mod common;
 mod support;
 
 use std::time::Duration;
 
-use common::TestServer;
 use support::postfix::{PostfixInstance, PostfixOptions, SmtpStep};
+use support::server::Server;
 
 const LIMIT: usize = 5;
 
@@ -19,7 +18,7 @@ fn postfix_defers_exactly_past_the_limit_whatever_the_client_address() {
         .enable_all()
         .build()
         .unwrap();
-    let server = rt.block_on(TestServer::start(&format!(
+    let server = rt.block_on(Server::start(&format!(
         "[tiers.default]\nlimits = [\"{LIMIT}/1h\"]\n"
     )));
     let pf =

@@ -1,12 +1,12 @@
 //! The policy server end to end: a real server on 127.0.0.1:0, raw protocol bytes.
 
-mod common;
+mod support;
 
 use std::time::Duration;
 
-use common::{Client, Req, TestServer};
+use support::server::{Client, Req, Server};
 
-const DUNNO: &str = "action=DUNNO";
+const DUNNO: &str = "DUNNO";
 
 const THREE_PER_HOUR: &str = r#"
 [tiers.default]
@@ -15,7 +15,7 @@ limits = ["3/1h"]
 
 #[tokio::test]
 async fn a_limit_is_enforced_exactly_per_user() {
-    let s = TestServer::start(THREE_PER_HOUR).await;
+    let s = Server::start(THREE_PER_HOUR).await;
     let mut c = s.client().await;
     for i in 0..3 {
         assert_eq!(
@@ -26,20 +26,20 @@ async fn a_limit_is_enforced_exactly_per_user() {
     }
     let refused = c.message("alice@example.com", "m3", 1).await;
     assert!(
-        refused.starts_with("action=DEFER_IF_PERMIT Too much mail from alice@example.com: limit of 3/1h reached, try again in "),
+        refused.starts_with("DEFER_IF_PERMIT Too much mail from alice@example.com: limit of 3/1h reached, try again in "),
         "{refused}"
     );
     // Refused at RCPT, before DATA: the body is never sent.
     let mut rcpt = Req::new("RCPT", "alice@example.com", "m4");
-    assert!(c.ask(&rcpt).await.starts_with("action=DEFER_IF_PERMIT"));
+    assert!(c.ask(&rcpt).await.starts_with("DEFER_IF_PERMIT"));
     rcpt.stage = "DATA";
-    assert!(c.ask(&rcpt).await.starts_with("action=DEFER_IF_PERMIT"));
+    assert!(c.ask(&rcpt).await.starts_with("DEFER_IF_PERMIT"));
     s.stop().await;
 }
 
 #[tokio::test]
 async fn other_users_are_unaffected_and_usernames_are_normalized() {
-    let s = TestServer::start(THREE_PER_HOUR).await;
+    let s = Server::start(THREE_PER_HOUR).await;
     let mut c = s.client().await;
     for i in 0..3 {
         // Case and surrounding spaces do not make a new user.
@@ -62,7 +62,7 @@ async fn other_users_are_unaffected_and_usernames_are_normalized() {
 
 #[tokio::test]
 async fn multi_recipient_messages_are_counted_by_the_count_unit() {
-    let s = TestServer::start(
+    let s = Server::start(
         r#"
 [tiers.default]
 limits = ["100/1h", { limit = "5/1h", unit = "recipients" }]
@@ -82,7 +82,7 @@ limits = ["100/1h", { limit = "5/1h", unit = "recipients" }]
 
 #[tokio::test]
 async fn one_messages_requests_are_charged_once() {
-    let s = TestServer::start(THREE_PER_HOUR).await;
+    let s = Server::start(THREE_PER_HOUR).await;
     let mut c = s.client().await;
     // One message: 4 RCPT, DATA, and END-OF-MESSAGE sent twice with the same instance.
     let mut r = Req::new("RCPT", "dave@example.com", "one");
@@ -104,7 +104,7 @@ async fn one_messages_requests_are_charged_once() {
 
 #[tokio::test]
 async fn refused_mail_is_not_charged() {
-    let s = TestServer::start(
+    let s = Server::start(
         r#"
 [tiers.default]
 limits = ["2/1h"]
@@ -142,7 +142,7 @@ limits = ["2/1h"]
 
 #[tokio::test]
 async fn tiers_assign_users_and_domains_and_exemptions_skip_counting() {
-    let s = TestServer::start(
+    let s = Server::start(
         r#"
 [exempt]
 users = ["monitor@example.com"]
@@ -182,10 +182,7 @@ message = "{user} is over {limit} of tier {tier}"
     }
     // The bulk tier's custom code and text.
     let r = c.message("news@example.com", "again", 1).await;
-    assert_eq!(
-        r,
-        "action=451 4.7.1 news@example.com is over 5/1h of tier bulk"
-    );
+    assert_eq!(r, "451 4.7.1 news@example.com is over 5/1h of tier bulk");
     // Exempt by user, by domain and by client network.
     for i in 0..5 {
         assert_eq!(
@@ -209,7 +206,7 @@ message = "{user} is over {limit} of tier {tier}"
 
 #[tokio::test]
 async fn moving_a_user_to_another_tier_keeps_what_was_sent() {
-    let s = TestServer::start(
+    let s = Server::start(
         r#"
 [tiers.default]
 limits = ["3/1h"]
@@ -226,9 +223,9 @@ limits = ["5/1h"]
         );
     }
     assert_ne!(c.message("fay@example.com", "f3", 1).await, DUNNO);
-    let mut cfg = (*s.engine.config()).clone();
+    let mut cfg = (*s.daemon.policy.config()).clone();
     cfg.tiers.map.assign("fay@example.com", "bulk").unwrap();
-    s.engine.set_config(cfg);
+    s.daemon.policy.set_config(cfg);
     // 3 already sent: 2 more in the bulk tier.
     assert_eq!(c.message("fay@example.com", "f4", 1).await, DUNNO);
     assert_eq!(c.message("fay@example.com", "f5", 1).await, DUNNO);
@@ -238,7 +235,7 @@ limits = ["5/1h"]
 
 #[tokio::test]
 async fn hold_reject_and_dry_run_actions() {
-    let s = TestServer::start(
+    let s = Server::start(
         r#"
 [tiers.default]
 limits = ["1/1h"]
@@ -263,18 +260,21 @@ reply_code = "550 5.7.1"
         assert_eq!(c.message("w@example.com", &format!("w{i}"), 1).await, DUNNO);
     }
     assert_eq!(
-        s.engine.stats.get(ratelimit_policyd::policy::Stat::DryRun),
+        s.daemon
+            .policy
+            .tally()
+            .get(ratelimit_policyd::policy::Counted::DryRun),
         3 * 3
     );
     assert_eq!(c.message("t@example.com", "t0", 1).await, DUNNO);
     assert_eq!(
         c.message("t@example.com", "t1", 1).await,
-        "action=HOLD held: t@example.com"
+        "HOLD held: t@example.com"
     );
     assert_eq!(c.message("s@example.com", "s0", 1).await, DUNNO);
     let r = c.message("s@example.com", "s1", 1).await;
     assert!(
-        r.starts_with("action=550 5.7.1 Too much mail from s@example.com"),
+        r.starts_with("550 5.7.1 Too much mail from s@example.com"),
         "{r}"
     );
     s.stop().await;
@@ -282,7 +282,7 @@ reply_code = "550 5.7.1"
 
 #[tokio::test]
 async fn stages_other_than_rcpt_data_and_eom_are_dunno_and_uncounted() {
-    let s = TestServer::start(THREE_PER_HOUR).await;
+    let s = Server::start(THREE_PER_HOUR).await;
     let mut c = s.client().await;
     for stage in [
         "CONNECT",
@@ -312,7 +312,7 @@ async fn stages_other_than_rcpt_data_and_eom_are_dunno_and_uncounted() {
 
 #[tokio::test]
 async fn idle_connections_are_closed() {
-    let s = TestServer::start(
+    let s = Server::start(
         r#"
 [server]
 idle_timeout = "200ms"
@@ -340,7 +340,7 @@ limits = ["3/1h"]
 
 #[tokio::test]
 async fn clients_outside_the_allowlist_are_refused() {
-    let s = TestServer::start(
+    let s = Server::start(
         r#"
 [server]
 allow = ["10.0.0.0/8"]
@@ -355,7 +355,7 @@ allow = ["10.0.0.0/8"]
 
 #[tokio::test]
 async fn a_malformed_request_closes_only_its_own_connection() {
-    let s = TestServer::start(THREE_PER_HOUR).await;
+    let s = Server::start(THREE_PER_HOUR).await;
     let mut good = s.client().await;
     assert_eq!(good.message("j@example.com", "j0", 1).await, DUNNO);
     let mut bad = s.client().await;
@@ -372,14 +372,14 @@ async fn a_malformed_request_closes_only_its_own_connection() {
 
 #[tokio::test]
 async fn mail_without_sasl_is_skipped_or_keyed_as_configured() {
-    let skip = TestServer::start(THREE_PER_HOUR).await;
+    let skip = Server::start(THREE_PER_HOUR).await;
     let mut c = skip.client().await;
     for i in 0..5 {
         assert_eq!(c.message("", &format!("n{i}"), 1).await, DUNNO);
     }
     skip.stop().await;
 
-    let by_net = TestServer::start(
+    let by_net = Server::start(
         r#"
 [keying]
 without_sasl = "client_prefix"

@@ -1,5 +1,4 @@
 //! Running the real binary in tests: start, signal, ask over raw TCP.
-#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
