@@ -335,3 +335,29 @@ fn the_checker_sees_edges_and_cycles() {
     graph.insert("d".to_string(), BTreeSet::from(["a".to_string()]));
     assert_eq!(cycles(&graph), [vec!["a", "b", "c"]]);
 }
+
+/// Longest source file, in lines: past it, a file holds more than one job.
+const MAX_LINES: usize = 700;
+
+#[test]
+fn no_source_file_is_over_700_lines() {
+    let mut long = Vec::new();
+    for krate in ["ratelimit-core", "ratelimit-policyd"] {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(krate)
+            .join("src");
+        let mut files: Vec<PathBuf> = module_files(&src).into_values().collect();
+        files.push(src.join("main.rs"));
+        for file in files.iter().filter(|f| f.exists()) {
+            let lines = std::fs::read_to_string(file)
+                .expect("read a source file")
+                .lines()
+                .count();
+            if lines > MAX_LINES {
+                long.push(format!("{}: {lines} lines", file.display()));
+            }
+        }
+    }
+    assert!(long.is_empty(), "split these: {long:#?}");
+}
