@@ -324,13 +324,15 @@ pub fn try_reload(
                     "reload: changes to listen, store backend or max_connections take effect only after a restart"
                 );
             }
-            tracing::info!(config = %new.source, tiers = new.tiers.map.tiers().count(), "configuration reloaded");
             let summary = format!(
                 "reloaded {} ({} tiers)",
                 new.source,
                 new.tiers.map.tiers().count()
             );
+            let (source, tiers) = (new.source.clone(), new.tiers.map.tiers().count());
             policy.set_config(new);
+            // Logged once in force: whoever reads the line finds the new configuration.
+            tracing::info!(config = %source, tiers, "configuration reloaded");
             Ok(summary)
         }
         Err(e) => {
