@@ -37,6 +37,9 @@ use listener::{Accepted, accept};
 /// says how many were left out), so a flood cannot flood the log.
 static REFUSED_LOG: LogThrottle = LogThrottle::new(LOG_EVERY);
 
+/// Unix-socket peers refused by `[server] allow_uids`: one log line per interval.
+static REFUSED_UID_LOG: LogThrottle = LogThrottle::new(LOG_EVERY);
+
 /// Connections closed at the cap to admit new ones: one log line per interval.
 static EVICTED_LOG: LogThrottle = LogThrottle::new(LOG_EVERY);
 
@@ -191,13 +194,31 @@ async fn accept_loop(
             }
             Ok(Accepted::Unix(stream)) => {
                 backoff = Duration::from_millis(5);
+                // The peer's credentials, as the kernel recorded them at connect.
+                let cred = stream.peer_cred();
+                let peer = match &cred {
+                    Ok(c) => format!("unix:uid={}", c.uid()),
+                    Err(_) => "unix".to_string(),
+                };
+                if let Some(uids) = &policy.config().server.allow_uids
+                    && !cred.as_ref().is_ok_and(|c| uids.contains(&c.uid()))
+                {
+                    stats
+                        .connections_refused_uid
+                        .fetch_add(1, Ordering::Relaxed);
+                    if let Some(suppressed) = REFUSED_UID_LOG.allow() {
+                        let pid = cred.as_ref().ok().and_then(|c| c.pid());
+                        tracing::warn!(client = %peer, pid, suppressed, "connection refused: peer uid not in [server] allow_uids");
+                    }
+                    continue;
+                }
                 match stream
                     .into_std()
                     .and_then(|s| s.set_nonblocking(false).map(|()| s))
                 {
-                    Ok(s) => (connection::Stream::Unix(s), "unix".to_string()),
+                    Ok(s) => (connection::Stream::Unix(s), peer),
                     Err(e) => {
-                        tracing::warn!(error = %e, "cannot serve connection");
+                        tracing::warn!(client = %peer, error = %e, "cannot serve connection");
                         continue;
                     }
                 }
