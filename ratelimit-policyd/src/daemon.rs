@@ -76,7 +76,7 @@ pub async fn bind(cfg: &Config) -> Result<Vec<Listener>, StartError> {
     let mut out = Vec::new();
     for addr in &cfg.server.listen {
         out.push(
-            Listener::bind(addr)
+            Listener::bind(addr, &cfg.server)
                 .await
                 .map_err(|source| StartError::Bind {
                     addr: addr.to_string(),
@@ -244,12 +244,37 @@ pub fn main_cf_lines(target: &str) -> String {
     )
 }
 
-/// What the daemon logs at start: how to wire Postfix to the first TCP listener.
+/// The `check_policy_service` target of a Unix socket inside a Postfix queue
+/// directory, as smtpd names it (chrooted or not, smtpd runs in the queue
+/// directory): `unix:/var/spool/postfix/private/ratelimit` is `unix:private/ratelimit`,
+/// and so is `unix:/srv/queue/private/ratelimit`; `unix:/var/spool/postfix/ratelimit/policy`
+/// is `unix:ratelimit/policy`. `None` for other addresses.
+fn queue_relative(addr: &str) -> Option<String> {
+    let path = std::path::Path::new(addr.strip_prefix("unix:")?);
+    if let Ok(rel) = path.strip_prefix("/var/spool/postfix")
+        && rel.parent().is_some_and(|p| !p.as_os_str().is_empty())
+    {
+        return Some(format!("unix:{}", rel.display()));
+    }
+    let parts: Vec<&std::ffi::OsStr> = path.iter().collect();
+    let dir = parts.iter().rposition(|c| *c == "private")?;
+    let rel: std::path::PathBuf = parts.get(dir..)?.iter().collect();
+    (parts.len() > dir + 1).then(|| format!("unix:{}", rel.display()))
+}
+
+/// What the daemon logs at start: how to wire Postfix to this server. A Unix socket
+/// inside Postfix's queue directory comes first, named as smtpd sees it
+/// (`unix:private/NAME`); then the first TCP listener; then any other Unix socket.
 pub fn postfix_wiring(listen: &[String]) -> String {
     let target = listen
         .iter()
-        .find(|a| !a.starts_with("unix:"))
-        .map(|a| format!("inet:{a}"))
+        .find_map(|a| queue_relative(a))
+        .or_else(|| {
+            listen
+                .iter()
+                .find(|a| !a.starts_with("unix:"))
+                .map(|a| format!("inet:{a}"))
+        })
         .or_else(|| listen.first().cloned())
         .unwrap_or_else(|| "inet:127.0.0.1:10031".into());
     let mut out =

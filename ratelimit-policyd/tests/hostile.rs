@@ -479,8 +479,10 @@ fn raise_fd_limit() -> u64 {
 /// 5,000 clients connect at once to a server capped at 64 connections, each sending a
 /// request and holding its connection. The process's open-file limit is raised to its
 /// hard limit first; if that is still too low, fewer clients attack (and it says so).
-/// Clients beyond the cap and the listen queue are held off by the kernel (SYN retries)
-/// and give up after 3 s.
+/// Clients beyond the cap wait in the listen queue until a served one has been idle
+/// for a second and yields its slot; those beyond the listen queue are held off by the
+/// kernel (SYN retries); all give up after 3 s. The good user, busy every few
+/// milliseconds, keeps its slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_thousand_connections_at_once_the_cap_holds_and_served_clients_keep_being_served() {
     const WANTED: usize = 5_000;
@@ -500,6 +502,8 @@ async fn five_thousand_connections_at_once_the_cap_holds_and_served_clients_keep
     let served = Arc::new(AtomicUsize::new(0));
     let connected = Arc::new(AtomicUsize::new(0));
     let mut held = Vec::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let most_open = watch_open_connections(&server, Arc::clone(&stop));
     under_attack(&server, async {
         let mut tasks = Vec::with_capacity(count);
         for i in 0..count {
@@ -533,12 +537,26 @@ async fn five_thousand_connections_at_once_the_cap_holds_and_served_clients_keep
         served.load(Ordering::Relaxed),
         connected.load(Ordering::Relaxed),
     );
-    eprintln!("{count} attacking connections: {connected} connected, {served} served");
-    // The good user holds one slot for the whole attack (and a second one briefly at the
-    // end, for its finishing messages, after the attackers were answered).
+    stop.store(true, Ordering::Relaxed);
+    let most_open = most_open.await.unwrap();
+    let evicted = server
+        .daemon
+        .server
+        .connections_evicted
+        .load(Ordering::Relaxed);
+    eprintln!(
+        "{count} attacking connections: {connected} connected, {served} served, {evicted} evicted, at most {most_open} open"
+    );
+    // The cap holds: never more connections open than that.
     assert!(
-        served < CAP,
-        "{served} attackers served with a cap of {CAP}"
+        most_open <= CAP as u64,
+        "{most_open} connections open with a cap of {CAP}"
+    );
+    // The good user holds one slot for the whole attack; every attacker served beyond
+    // the other slots took the slot of an idle one.
+    assert!(
+        served as u64 <= (CAP - 1) as u64 + evicted,
+        "{served} attackers served with a cap of {CAP} and {evicted} evicted"
     );
     assert!(served >= 1, "nobody was served");
     // The listen queue is 1024 (capped by net.core.somaxconn), not tokio's default 128:
@@ -565,6 +583,185 @@ async fn five_thousand_connections_at_once_the_cap_holds_and_served_clients_keep
     .unwrap();
     assert_eq!(answer, Action::Dunno);
     drop(fresh);
+    server.stop().await;
+}
+
+/// Samples the server's open connections every 5 ms until `stop` is set; returns the
+/// most seen.
+fn watch_open_connections(server: &Server, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
+    let stats = Arc::clone(&server.daemon.server);
+    tokio::spawn(async move {
+        let mut most = 0;
+        while !stop.load(Ordering::Relaxed) {
+            most = most.max(stats.connections_open.load(Ordering::Relaxed));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        most
+    })
+}
+
+/// One local process opens 2,000 connections and sends nothing on them: at the cap
+/// (1,024, the default) every slot is held by an idle connection, for `idle_timeout`
+/// (10 minutes). Postfix must still get its answers: at the cap, the connection idle
+/// longest is closed to admit the new one (Postfix reconnects by itself), so a
+/// well-behaved client on a new connection gets 20 answers, each within 5 s, while
+/// the server never holds more than the cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_idle_connections_from_one_process_never_lock_a_well_behaved_client_out() {
+    const WANTED: usize = 2_000;
+    let fds = usize::try_from(raise_fd_limit()).unwrap_or(0);
+    // This process holds both ends: one fd per idle connection, one per server slot,
+    // and 500 for everything else. With too few, scale the attack down.
+    let (mut cap, mut count) = (1024, WANTED);
+    if count + cap + 500 > fds {
+        cap = fds.saturating_sub(500) / 3;
+        count = 2 * cap;
+        eprintln!("open-file limit {fds}: {count} idle connections against a cap of {cap}");
+    }
+    let server = Server::start(&config_text(
+        &format!("max_connections = {cap}\nidle_timeout = \"10m\""),
+        "",
+    ))
+    .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let most_open = watch_open_connections(&server, Arc::clone(&stop));
+
+    let mut connecting = Vec::with_capacity(count);
+    for _ in 0..count {
+        let addr = server.addr;
+        connecting.push(tokio::spawn(async move {
+            tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
+                .await
+                .expect("connected within 10 s")
+                .expect("connected")
+        }));
+    }
+    let mut idle = Vec::with_capacity(count);
+    for c in connecting {
+        idle.push(c.await.unwrap());
+    }
+    // Every slot is taken by an idle connection.
+    support::server::eventually("the cap filled with idle connections", || {
+        server
+            .daemon
+            .server
+            .connections_open
+            .load(Ordering::Relaxed)
+            == cap as u64
+    })
+    .await;
+
+    // 20 requests, 20 exact answers. The first waits for the listen queue ahead of
+    // it to drain (every idle connection beyond the cap is admitted first, each in
+    // the slot of one idle longer): seconds on a busy machine, not `idle_timeout`.
+    // Then a RCPT and END-OF-MESSAGE per message, each answered within 5 s.
+    let mut good = Good::connect(&server).await;
+    let start = Instant::now();
+    let first = tokio::time::timeout(
+        Duration::from_secs(60),
+        ask(&mut good.stream, &rcpt(GOOD.as_bytes())),
+    )
+    .await
+    .expect("the first request answered while the idle connections hold the cap")
+    .expect("answered");
+    assert_eq!(first, Action::Dunno);
+    eprintln!("first answer after {:?}", start.elapsed());
+    good.messages(9).await;
+    assert_eq!(
+        ask_within(&mut good.stream, &rcpt(GOOD.as_bytes())).await,
+        Action::Dunno
+    );
+    assert_eq!(good.charged, 9);
+    good.check_counters(&server);
+
+    stop.store(true, Ordering::Relaxed);
+    let most_open = most_open.await.unwrap();
+    assert!(
+        most_open <= cap as u64,
+        "{most_open} connections open with a cap of {cap}"
+    );
+    // Every idle connection beyond the cap, and the good client, took the slot of
+    // one idle longer.
+    let evicted = server
+        .daemon
+        .server
+        .connections_evicted
+        .load(Ordering::Relaxed);
+    assert!(
+        evicted >= (count - cap + 1) as u64,
+        "{evicted} connections evicted for {count} idle ones and the good client, cap {cap}"
+    );
+    drop(idle);
+    good.finish(&server).await;
+    server.stop().await;
+}
+
+/// At the cap, only a connection waiting between requests yields its slot: one in the
+/// middle of a request keeps it, and gets its answer when the request is complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_cap_a_connection_in_the_middle_of_a_request_is_never_evicted() {
+    let server = Server::start(&config_text(
+        "max_connections = 2\nidle_timeout = \"10m\"",
+        "",
+    ))
+    .await;
+    let request = rcpt(b"midway@example.com");
+    let (head, tail) = request.split_at(20);
+    let mut midway = TcpStream::connect(server.addr).await.unwrap();
+    midway.write_all(head).await.unwrap();
+    let mut idle = TcpStream::connect(server.addr).await.unwrap();
+    support::server::eventually("both slots taken", || {
+        server
+            .daemon
+            .server
+            .connections_open
+            .load(Ordering::Relaxed)
+            == 2
+    })
+    .await;
+    // Three newcomers in turn: each takes the slot of the one idle longest, never the
+    // one half-way through its request.
+    for i in 0..3 {
+        let mut newcomer = TcpStream::connect(server.addr).await.unwrap();
+        assert_eq!(
+            ask_within(
+                &mut newcomer,
+                &rcpt(format!("new{i}@example.com").as_bytes())
+            )
+            .await,
+            Action::Dunno
+        );
+        expect_closed_silently(&mut idle, ANSWER_WITHIN).await;
+        idle = newcomer;
+    }
+    assert_eq!(
+        server
+            .daemon
+            .server
+            .connections_evicted
+            .load(Ordering::Relaxed),
+        3
+    );
+    midway.write_all(tail).await.unwrap();
+    let mut buf = Vec::new();
+    let answer = tokio::time::timeout(ANSWER_WITHIN, async {
+        loop {
+            if let Ok(Status::Complete((action, _))) = parse_response(&buf) {
+                return action.into_owned();
+            }
+            let mut chunk = [0u8; 512];
+            let n = midway.read(&mut chunk).await.unwrap();
+            assert!(
+                n > 0,
+                "the connection in the middle of a request was closed"
+            );
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await
+    .expect("answered in time");
+    assert_eq!(answer, Action::Dunno);
+    drop((midway, idle));
     server.stop().await;
 }
 

@@ -493,6 +493,37 @@ async fn connections_refused_by_the_allowlist_are_counted() {
 }
 
 #[tokio::test]
+async fn connections_evicted_at_the_cap_are_counted_and_logged() {
+    let logs = Logs::default();
+    let _guard = logs.capture(tracing::Level::INFO);
+    let dir = tempfile::tempdir().unwrap();
+    let toml = config("[metrics]\nlisten = \"127.0.0.1:0\"\n")
+        .replace("[admin]", "[server]\nmax_connections = 1\n\n[admin]");
+    let srv = Server::start_in(dir.path(), &toml).await;
+    // One idle connection holds the only slot; a newcomer takes it once it has been
+    // idle for a second.
+    let mut idle = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+    let mut newcomer = srv.client().await;
+    assert_eq!(
+        newcomer.rcpt("new@example.com", "n.1", "192.0.2.1").await,
+        "DUNNO"
+    );
+    let mut buf = Vec::new();
+    assert_eq!(idle.read_to_end(&mut buf).await.unwrap(), 0);
+    let (_, body) = get(srv.daemon.ops.metrics_addr().unwrap(), "/metrics").await;
+    let m = parse_prometheus(&body);
+    assert_eq!(m["ratelimit_connections_evicted_total"], 1.0);
+    assert_eq!(m["ratelimit_connections_total"], 2.0);
+    let text = logs.text();
+    assert!(
+        text.contains("max_connections reached: closed the connection idle longest"),
+        "{text}"
+    );
+    drop(newcomer);
+    srv.stop().await;
+}
+
+#[tokio::test]
 async fn replaying_a_recorded_session_gives_the_live_refusals() {
     let dir = tempfile::tempdir().unwrap();
     let toml = config("[record]\npath = \"requests.jsonl\"\n").replace(

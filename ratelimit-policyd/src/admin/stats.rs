@@ -36,6 +36,12 @@ pub struct StatsReply {
     pub connections_total: u64,
     /// Connections refused by `[server] allow`.
     pub connections_refused: u64,
+    /// Unix-socket connections refused by `[server] allow_uids`.
+    #[serde(default)]
+    pub connections_refused_uid: u64,
+    /// Connections closed at `max_connections` (the one idle longest) to admit new ones.
+    #[serde(default)]
+    pub connections_evicted: u64,
     /// Incidents opened.
     pub incidents: u64,
     /// Alerts sent, failed, dropped.
@@ -80,6 +86,8 @@ impl Stats {
             connections_open: ld(&server.connections_open),
             connections_total: ld(&server.connections_total),
             connections_refused: ld(&server.connections_refused),
+            connections_refused_uid: ld(&server.connections_refused_uid),
+            connections_evicted: ld(&server.connections_evicted),
             incidents: ld(&o.incidents),
             alerts: [
                 ("sent", ld(&o.alerts.sent)),
@@ -126,8 +134,12 @@ pub fn render(r: &StatsReply) -> String {
     }
     let _ = writeln!(
         s,
-        "connections: {} open, {} total, {} refused by allow",
-        r.connections_open, r.connections_total, r.connections_refused
+        "connections: {} open, {} total, {} refused by allow, {} by allow_uids, {} evicted at the cap",
+        r.connections_open,
+        r.connections_total,
+        r.connections_refused,
+        r.connections_refused_uid,
+        r.connections_evicted
     );
     let _ = writeln!(
         s,

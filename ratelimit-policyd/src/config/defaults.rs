@@ -27,6 +27,8 @@ pub const DECISION_TIMEOUT: Duration = Duration::from_millis(500);
 pub const ON_STORE_ERROR: FailMode = FailMode::Open;
 /// `server.log_format = "json"`: off (text logs).
 pub const LOG_JSON: bool = false;
+/// `server.socket_mode`: owner and group may connect to a Unix socket, no one else.
+pub const SOCKET_MODE: u32 = 0o660;
 
 // ---------------------------------------------------------------- [store]
 

@@ -1,6 +1,6 @@
 //! `check-config`: what a configuration sets up, in a few lines, without secrets.
 
-use super::{Backend, Config};
+use super::{Backend, Config, ListenAddr};
 
 /// A URL with any password replaced by `***` (for logs and `check-config`), as the
 /// Redis client's own logs redact it.
@@ -41,6 +41,32 @@ pub fn describe(cfg: &Config) -> String {
                 .collect::<Vec<_>>()
         )
     );
+    if cfg
+        .server
+        .listen
+        .iter()
+        .any(|l| matches!(l, ListenAddr::Unix(_)))
+    {
+        let group = cfg
+            .server
+            .socket_group
+            .as_ref()
+            .map_or("(the daemon's)".to_string(), |g| {
+                format!("{} ({})", g.name, g.gid)
+            });
+        let uids = cfg
+            .server
+            .allow_uids
+            .as_ref()
+            .map_or("any peer that can open the socket".to_string(), |u| {
+                list(&u.iter().map(|u| u.to_string()).collect::<Vec<_>>())
+            });
+        let _ = writeln!(
+            s,
+            "unix sockets: mode {:04o}, group {group}, allow_uids: {uids}",
+            cfg.server.socket_mode
+        );
+    }
     let _ = writeln!(
         s,
         "max_connections: {}, idle_timeout: {:?}, decision_timeout: {:?}, on_store_error: {:?}",

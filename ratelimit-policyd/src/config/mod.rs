@@ -251,6 +251,22 @@ pub struct ServerConfig {
     pub on_store_error: FailMode,
     /// Log as JSON lines instead of text.
     pub log_json: bool,
+    /// Permission bits of Unix listening sockets (connecting needs write permission).
+    pub socket_mode: u32,
+    /// Group of Unix listening sockets (Postfix's, so that smtpd may connect).
+    pub socket_group: Option<SocketGroup>,
+    /// Peer uids allowed on Unix sockets (checked with `SO_PEERCRED`); `None`: every
+    /// peer that can open the socket.
+    pub allow_uids: Option<Vec<u32>>,
+}
+
+/// `[server] socket_group`, resolved when the configuration is loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketGroup {
+    /// As written (a name, or a number).
+    pub name: String,
+    /// Its id.
+    pub gid: u32,
 }
 
 /// `[store]`.

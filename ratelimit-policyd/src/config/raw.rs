@@ -49,6 +49,17 @@ pub(super) struct RawServer {
     pub(super) decision_timeout: Option<Spanned<String>>,
     pub(super) on_store_error: Option<Spanned<String>>,
     pub(super) log_format: Option<Spanned<String>>,
+    pub(super) socket_mode: Option<Spanned<String>>,
+    pub(super) socket_group: Option<Spanned<String>>,
+    pub(super) allow_uids: Option<Spanned<Vec<Spanned<RawId>>>>,
+}
+
+/// A user or group as written: its numeric id or its name.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum RawId {
+    Id(u32),
+    Name(String),
 }
 
 /// `[store]` as written.

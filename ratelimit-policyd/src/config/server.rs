@@ -1,9 +1,12 @@
-//! `[server]`: sockets, clients, timeouts, the failure answer, the log format.
+//! `[server]`: sockets, clients, timeouts, the failure answer, the log format, and
+//! who may use a Unix socket (mode, group, peer uids).
 
 use ipnet::IpNet;
+use nix::unistd::{Group, User};
+use toml::Spanned;
 
-use super::raw::RawServer;
-use super::{ConfigError, Ctx, FailMode, ListenAddr, ServerConfig, defaults};
+use super::raw::{RawId, RawServer};
+use super::{ConfigError, Ctx, FailMode, ListenAddr, ServerConfig, SocketGroup, defaults};
 
 impl Default for ServerConfig {
     /// Every `[server]` key at its default ([`defaults`]).
@@ -16,6 +19,9 @@ impl Default for ServerConfig {
             decision_timeout: defaults::DECISION_TIMEOUT,
             on_store_error: defaults::ON_STORE_ERROR,
             log_json: defaults::LOG_JSON,
+            socket_mode: defaults::SOCKET_MODE,
+            socket_group: None,
+            allow_uids: None,
         }
     }
 }
@@ -91,6 +97,63 @@ pub(super) fn build(cx: &Ctx<'_>, raw: &RawServer) -> Result<ServerConfig, Confi
         &[("text", false), ("json", true)],
         "expected \"text\" or \"json\"",
     )?;
+    let has_unix = listen.iter().any(|l| matches!(l, ListenAddr::Unix(_)));
+    let unix_only = |span: std::ops::Range<usize>, field: &str| {
+        if has_unix {
+            Ok(())
+        } else {
+            cx.err(
+                Some(span),
+                field,
+                "applies to unix: listeners only, and server.listen has none",
+            )
+        }
+    };
+    let allow_uids = match &raw.allow_uids {
+        None => None,
+        Some(uids) => {
+            unix_only(uids.span(), "server.allow_uids")?;
+            if uids.get_ref().is_empty() {
+                return cx.err(
+                    Some(uids.span()),
+                    "server.allow_uids",
+                    "is empty: no client could connect (leave it out to let every peer that can open the socket connect)",
+                );
+            }
+            Some(
+                uids.get_ref()
+                    .iter()
+                    .map(|u| uid(cx, u))
+                    .collect::<Result<Vec<_>, _>>()?,
+            )
+        }
+    };
+    let socket_mode = match &raw.socket_mode {
+        None => defaults::SOCKET_MODE,
+        Some(m) => {
+            unix_only(m.span(), "server.socket_mode")?;
+            let mode = parse_mode(m.get_ref())
+                .or_else(|e| cx.err(Some(m.span()), "server.socket_mode", e))?;
+            if mode & 0o002 != 0 && allow_uids.is_none() {
+                return cx.err(
+                    Some(m.span()),
+                    "server.socket_mode",
+                    format!(
+                        "\"{}\" lets every local user connect; give Postfix access with socket_group (mode \"0660\"), or name the peers allowed in allow_uids",
+                        m.get_ref()
+                    ),
+                );
+            }
+            mode
+        }
+    };
+    let socket_group = match &raw.socket_group {
+        None => None,
+        Some(g) => {
+            unix_only(g.span(), "server.socket_group")?;
+            Some(group(cx, g)?)
+        }
+    };
     Ok(ServerConfig {
         listen,
         allow,
@@ -99,5 +162,60 @@ pub(super) fn build(cx: &Ctx<'_>, raw: &RawServer) -> Result<ServerConfig, Confi
         decision_timeout,
         on_store_error,
         log_json,
+        socket_mode,
+        socket_group,
+        allow_uids,
     })
+}
+
+/// An octal mode of at most `0777`: `"0660"`, `"660"`.
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let digits = s.strip_prefix('0').filter(|d| d.len() == 3).unwrap_or(s);
+    match u32::from_str_radix(digits, 8) {
+        Ok(mode) if digits.len() == 3 && mode <= 0o777 => Ok(mode),
+        _ => Err(format!(
+            "\"{s}\": expected an octal mode of three digits, such as \"0660\""
+        )),
+    }
+}
+
+/// A group name (looked up now) or number.
+fn group(cx: &Ctx<'_>, g: &Spanned<String>) -> Result<SocketGroup, ConfigError> {
+    let name = g.get_ref();
+    let field = "server.socket_group";
+    if let Ok(gid) = name.parse::<u32>() {
+        return Ok(SocketGroup {
+            name: name.clone(),
+            gid,
+        });
+    }
+    match Group::from_name(name) {
+        Ok(Some(found)) => Ok(SocketGroup {
+            name: name.clone(),
+            gid: found.gid.as_raw(),
+        }),
+        Ok(None) => cx.err(Some(g.span()), field, format!("no such group \"{name}\"")),
+        Err(e) => cx.err(
+            Some(g.span()),
+            field,
+            format!("cannot look up group \"{name}\": {e}"),
+        ),
+    }
+}
+
+/// A uid, or a user name (looked up now).
+fn uid(cx: &Ctx<'_>, u: &Spanned<RawId>) -> Result<u32, ConfigError> {
+    let field = "server.allow_uids";
+    match u.get_ref() {
+        RawId::Id(id) => Ok(*id),
+        RawId::Name(name) => match User::from_name(name) {
+            Ok(Some(user)) => Ok(user.uid.as_raw()),
+            Ok(None) => cx.err(Some(u.span()), field, format!("no such user \"{name}\"")),
+            Err(e) => cx.err(
+                Some(u.span()),
+                field,
+                format!("cannot look up user \"{name}\": {e}"),
+            ),
+        },
+    }
 }

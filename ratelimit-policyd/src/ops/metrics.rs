@@ -20,7 +20,8 @@
 //! | `ratelimit_snapshot_age_seconds` | gauge | only once a snapshot was written |
 //! | `ratelimit_connections_open` | gauge | |
 //! | `ratelimit_connections_total` | counter | |
-//! | `ratelimit_connections_refused_total` | counter | `reason` (`allowlist`) |
+//! | `ratelimit_connections_refused_total` | counter | `reason` (`allowlist`, `peer_uid`) |
+//! | `ratelimit_connections_evicted_total` | counter | closed at the cap, idle longest |
 //! | `ratelimit_incidents_total` | counter | |
 //! | `ratelimit_alerts_total` | counter | `result` (`sent`, `failed`, `dropped`) |
 //! | `ratelimit_records_dropped_total` | counter | |
@@ -224,6 +225,22 @@ pub fn render(view: &View) -> String {
         o,
         "ratelimit_connections_refused_total{{reason=\"allowlist\"}} {}",
         load(&server.connections_refused)
+    );
+    let _ = writeln!(
+        o,
+        "ratelimit_connections_refused_total{{reason=\"peer_uid\"}} {}",
+        load(&server.connections_refused_uid)
+    );
+    header(
+        &mut o,
+        "ratelimit_connections_evicted_total",
+        "counter",
+        "Connections closed at max_connections, the one idle longest, to admit a new one.",
+    );
+    let _ = writeln!(
+        o,
+        "ratelimit_connections_evicted_total {}",
+        load(&server.connections_evicted)
     );
 
     header(

@@ -22,6 +22,15 @@
 //! connection's read side is shut down: a thread waiting for the next request wakes
 //! with end-of-file and exits; a thread deciding a request finishes it and answers
 //! first.
+//!
+//! Each connection also publishes since when it has been idle: waiting for a request
+//! with nothing of it read yet. At the connection cap the accept loop closes the
+//! connection idle longest ([`Workers::evict_longest_idle`]) to admit a new one, so
+//! idle connections cannot hold every slot and lock Postfix out (Postfix reconnects
+//! by itself). A connection that has read part of a request, is deciding one or is
+//! writing its answer is never chosen: the connection claims itself busy and the
+//! evictor claims it evicted with one compare-and-swap each, so exactly one of them
+//! wins.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -113,30 +122,74 @@ impl Write for Stream {
 /// How often the watchdog looks for connections past their deadline.
 const WATCHDOG_EVERY: Duration = Duration::from_millis(100);
 
-/// A connection's deadline, in milliseconds since the [`Workers`] were created;
-/// `u64::MAX` while none applies (a decision in progress).
-struct Deadline {
-    at_ms: AtomicU64,
+/// [`Slot::idle_since_ms`] while the connection is busy: part of a request read, a
+/// decision or a write in progress.
+const BUSY: u64 = u64::MAX;
+/// [`Slot::idle_since_ms`] once the connection was chosen to yield its slot.
+const EVICTED: u64 = u64::MAX - 1;
+
+/// What a connection publishes for the watchdog and the evictor, in milliseconds
+/// since the [`Workers`] were created.
+struct Slot {
+    /// When the connection is shut down; `u64::MAX` while no deadline applies (a
+    /// decision in progress).
+    deadline_ms: AtomicU64,
+    /// Since when it has been waiting for a request with nothing of it read, or
+    /// [`BUSY`], or [`EVICTED`].
+    idle_since_ms: AtomicU64,
 }
 
-impl Deadline {
+impl Slot {
     /// The deadline `within` from `now`.
-    fn set(&self, workers: &Workers, now: Instant, within: Duration) {
+    fn set_deadline(&self, workers: &Workers, now: Instant, within: Duration) {
         let ms = workers
             .ms_at(now)
             .saturating_add(u64::try_from(within.as_millis()).unwrap_or(u64::MAX));
-        self.at_ms.store(ms, Ordering::Relaxed);
+        self.deadline_ms.store(ms, Ordering::Relaxed);
     }
-    fn clear(&self) {
-        self.at_ms.store(u64::MAX, Ordering::Relaxed);
+    fn clear_deadline(&self) {
+        self.deadline_ms.store(u64::MAX, Ordering::Relaxed);
     }
+
+    /// Idle from `now_ms` on; `false` when the connection was evicted (it must stop).
+    fn idle(&self, now_ms: u64) -> bool {
+        self.idle_since_ms
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                (v != EVICTED).then_some(now_ms.min(EVICTED - 1))
+            })
+            .is_ok()
+    }
+
+    /// Busy (bytes of a request arrived); `false` when the connection was evicted
+    /// first (it must stop without answering: the evictor has shut it down).
+    fn busy(&self) -> bool {
+        self.idle_since_ms.swap(BUSY, Ordering::AcqRel) != EVICTED
+    }
+}
+
+/// An open connection, as the watchdog and the evictor see it.
+struct Open {
+    /// A second handle to the socket, to shut it down.
+    closer: Stream,
+    slot: Arc<Slot>,
+    /// The client, for logs.
+    peer: Arc<str>,
+}
+
+/// A connection closed to free its slot: who, and how long it had been idle.
+#[derive(Debug, Clone)]
+pub struct Evicted {
+    /// The client (`127.0.0.1:41234`, `unix:uid=106`).
+    pub peer: Arc<str>,
+    /// How long it had waited for a request.
+    pub idle: Duration,
 }
 
 /// The connection threads of one server.
 pub struct Workers {
     stopping: AtomicBool,
     next: AtomicU64,
-    open: Mutex<HashMap<u64, (Stream, Arc<Deadline>)>>,
+    open: Mutex<HashMap<u64, Open>>,
     started: Instant,
     watchdog: std::sync::Once,
 }
@@ -175,10 +228,10 @@ impl Workers {
                             return;
                         }
                         let now = w.elapsed_ms();
-                        for (closer, deadline) in w.open.lock().values() {
-                            if deadline.at_ms.load(Ordering::Relaxed) <= now {
-                                deadline.clear();
-                                closer.shutdown(Shutdown::Both);
+                        for open in w.open.lock().values() {
+                            if open.slot.deadline_ms.load(Ordering::Relaxed) <= now {
+                                open.slot.clear_deadline();
+                                open.closer.shutdown(Shutdown::Both);
                             }
                         }
                         drop(w);
@@ -203,13 +256,21 @@ impl Workers {
     ) {
         self.start_watchdog();
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let deadline = Arc::new(Deadline {
-            at_ms: AtomicU64::new(u64::MAX),
+        let now = Instant::now();
+        // Idle from the start: it waits for its first request.
+        let slot = Arc::new(Slot {
+            deadline_ms: AtomicU64::new(u64::MAX),
+            idle_since_ms: AtomicU64::new(self.ms_at(now)),
         });
-        deadline.set(self, Instant::now(), policy.config().server.idle_timeout);
+        slot.set_deadline(self, now, policy.config().server.idle_timeout);
         match stream.closer() {
-            Ok(c) => {
-                self.open.lock().insert(id, (c, Arc::clone(&deadline)));
+            Ok(closer) => {
+                let open = Open {
+                    closer,
+                    slot: Arc::clone(&slot),
+                    peer: Arc::from(peer.as_str()),
+                };
+                self.open.lock().insert(id, open);
             }
             Err(e) => {
                 tracing::warn!(client = %peer, error = %e, "cannot serve connection");
@@ -231,7 +292,7 @@ impl Workers {
                         stats: &stats,
                         rt: &rt,
                         workers: &workers,
-                        deadline: &deadline,
+                        slot: &slot,
                     };
                     conn.serve(stream, ConnState::new(conn_id));
                     drop(open);
@@ -250,9 +311,48 @@ impl Workers {
     /// Stops serving: connections end after the request they are on.
     pub fn shutdown(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-        for (closer, _) in self.open.lock().values() {
-            closer.shutdown(Shutdown::Read);
+        for open in self.open.lock().values() {
+            open.closer.shutdown(Shutdown::Read);
         }
+    }
+
+    /// Closes the connection that has been waiting for a request longest, if one
+    /// has waited at least `min_idle`, to free its slot: its thread ends and releases
+    /// its permit. Connections in the middle of a request (part of it read, deciding,
+    /// writing the answer) are never chosen. Returns the connection closed.
+    ///
+    /// Scans every open connection under the lock of the open set (taken otherwise
+    /// only when a connection starts or ends, and by the watchdog).
+    pub fn evict_longest_idle(&self, min_idle: Duration) -> Option<Evicted> {
+        let min_idle_ms = u64::try_from(min_idle.as_millis()).unwrap_or(u64::MAX);
+        let open = self.open.lock();
+        // A connection that turns busy between the scan and the claim is skipped;
+        // try the next oldest then.
+        for _ in 0..8 {
+            let now = self.elapsed_ms();
+            let oldest = open
+                .values()
+                .filter_map(|o| {
+                    let since = o.slot.idle_since_ms.load(Ordering::Acquire);
+                    (since < EVICTED && now.saturating_sub(since) >= min_idle_ms)
+                        .then_some((since, o))
+                })
+                .min_by_key(|(since, _)| *since);
+            let (since, victim) = oldest?;
+            if victim
+                .slot
+                .idle_since_ms
+                .compare_exchange(since, EVICTED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                victim.closer.shutdown(Shutdown::Both);
+                return Some(Evicted {
+                    peer: Arc::clone(&victim.peer),
+                    idle: Duration::from_millis(now.saturating_sub(since)),
+                });
+            }
+        }
+        None
     }
 
     fn stopping(&self) -> bool {
@@ -267,7 +367,7 @@ struct Connection<'a> {
     stats: &'a ServerStats,
     rt: &'a Handle,
     workers: &'a Workers,
-    deadline: &'a Deadline,
+    slot: &'a Slot,
 }
 
 impl Connection<'_> {
@@ -292,8 +392,7 @@ impl Connection<'_> {
     /// a malformed request (logged; nothing is sent; only this connection is closed),
     /// or the server shuts down (between requests).
     fn serve(&self, mut stream: Stream, mut state: ConnState) {
-        let (policy, workers, deadline, peer) =
-            (self.policy, self.workers, self.deadline, self.peer);
+        let (policy, workers, slot, peer) = (self.policy, self.workers, self.slot, self.peer);
         let bounds = RequestBounds::DEFAULT;
         let mut buf = vec![0u8; 4096];
         let (mut start, mut end) = (0usize, 0usize);
@@ -308,7 +407,7 @@ impl Connection<'_> {
                 match parse_request(&buf[start..end], &bounds, &mut slots) {
                     Ok(Status::Complete(p)) => {
                         let started = Instant::now();
-                        deadline.clear();
+                        slot.clear_deadline();
                         match PolicyRequest::from_attributes(&slots[..p.attributes]) {
                             Ok(req) => {
                                 let verdict = self.decide(&req, &mut state, policy.now());
@@ -337,7 +436,12 @@ impl Connection<'_> {
                 // wait and the whole request: bytes dripping in do not extend it.
                 if start == end && !waiting {
                     let idle = policy.config_for(&mut state).server.idle_timeout;
-                    deadline.set(workers, Instant::now(), idle);
+                    let now = Instant::now();
+                    slot.set_deadline(workers, now, idle);
+                    // Between requests: this connection may yield its slot.
+                    if !slot.idle(workers.ms_at(now)) {
+                        return;
+                    }
                     waiting = true;
                 }
                 if start > 0 {
@@ -365,7 +469,15 @@ impl Connection<'_> {
                         }
                         return;
                     }
-                    Ok(n) => end += n,
+                    Ok(n) => {
+                        // A request has begun: never evicted from here until it is
+                        // answered; if the evictor came first, stop (it shut the
+                        // socket down).
+                        if start == end && !slot.busy() {
+                            return;
+                        }
+                        end += n;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => {
                         // Including a socket shut down by the watchdog or at shutdown.
@@ -389,7 +501,7 @@ impl Connection<'_> {
             // A reply gets idle_timeout to be taken; then the wait for the next
             // request starts its own.
             let idle = policy.config_for(&mut state).server.idle_timeout;
-            deadline.set(workers, answered, idle);
+            slot.set_deadline(workers, answered, idle);
             if let Err(e) = stream.write_all(&out) {
                 tracing::debug!(client = peer, error = %e, "write failed (or the client does not read its replies)");
                 return;

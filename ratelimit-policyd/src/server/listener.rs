@@ -1,24 +1,28 @@
-//! Listening sockets: TCP (clients checked against `[server] allow`) and Unix.
+//! Listening sockets: TCP (clients checked against `[server] allow`) and Unix
+//! (`[server] socket_mode` and `socket_group` on the socket file; peers checked
+//! against `allow_uids`).
 
 use std::io;
 use std::net::SocketAddr;
 
 use tokio::net::{TcpListener, TcpSocket, UnixListener};
 
-use crate::config::ListenAddr;
+use crate::config::{ListenAddr, ServerConfig};
 
 /// A bound listening socket.
 #[derive(Debug)]
 pub enum Listener {
     /// TCP: clients are checked against `[server] allow`.
     Tcp(TcpListener),
-    /// A Unix socket (mode 0660: give its group to Postfix).
+    /// A Unix socket: `[server] socket_mode` (0660 by default) and `socket_group`
+    /// (give it Postfix's group); peers are checked against `allow_uids`.
     Unix(UnixListener, std::path::PathBuf),
 }
 
 impl Listener {
-    /// Binds `addr`. A stale Unix socket file at the path is replaced.
-    pub async fn bind(addr: &ListenAddr) -> io::Result<Listener> {
+    /// Binds `addr` with the socket settings of `server`. A stale Unix socket file at
+    /// the path is replaced.
+    pub async fn bind(addr: &ListenAddr, server: &ServerConfig) -> io::Result<Listener> {
         match addr {
             ListenAddr::Tcp(a) => {
                 let socket = if a.is_ipv4() {
@@ -38,7 +42,18 @@ impl Listener {
                     std::fs::remove_file(path)?;
                 }
                 let l = UnixListener::bind(path)?;
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+                if let Some(g) = &server.socket_group {
+                    std::os::unix::fs::chown(path, None, Some(g.gid)).map_err(|e| {
+                        io::Error::new(
+                            e.kind(),
+                            format!("cannot give the socket group {} ({}): {e}", g.name, g.gid),
+                        )
+                    })?;
+                }
+                std::fs::set_permissions(
+                    path,
+                    std::fs::Permissions::from_mode(server.socket_mode),
+                )?;
                 Ok(Listener::Unix(l, path.clone()))
             }
         }

@@ -62,6 +62,11 @@ pub struct ServerStats {
     pub connections_total: AtomicU64,
     /// TCP connections refused because the client is not in `[server] allow`.
     pub connections_refused: AtomicU64,
+    /// Unix-socket connections refused because the peer's uid is not in
+    /// `[server] allow_uids`.
+    pub connections_refused_uid: AtomicU64,
+    /// Connections closed at the cap, the one idle longest, to admit a new one.
+    pub connections_evicted: AtomicU64,
     /// Request latency.
     pub latency: Histogram,
     next_conn: AtomicU64,
@@ -74,6 +79,8 @@ impl Default for ServerStats {
             connections_open: AtomicU64::new(0),
             connections_total: AtomicU64::new(0),
             connections_refused: AtomicU64::new(0),
+            connections_refused_uid: AtomicU64::new(0),
+            connections_evicted: AtomicU64::new(0),
             latency: Histogram::default(),
             next_conn: AtomicU64::new(0),
             started: Instant::now(),

@@ -60,6 +60,10 @@ pub enum PolicyStage {
 pub struct PostfixOptions {
     /// Where the policy server under test listens (`check_policy_service inet:IP:PORT`).
     pub policy_addr: SocketAddr,
+    /// The `check_policy_service` target instead of `inet:policy_addr`, e.g.
+    /// `unix:private/ratelimit` (relative to the queue directory, as a chrooted
+    /// smtpd names it).
+    pub policy_target: Option<String>,
     /// Stages that consult the policy server; empty = no policy service at all.
     pub stages: Vec<PolicyStage>,
     /// `smtpd_policy_service_default_action`: applied when the policy server is
@@ -83,6 +87,7 @@ impl PostfixOptions {
     pub fn new(policy_addr: SocketAddr) -> Self {
         PostfixOptions {
             policy_addr,
+            policy_target: None,
             stages: vec![PolicyStage::Rcpt, PolicyStage::Data, PolicyStage::EndOfData],
             policy_default_action: "451 4.3.5 policy service unavailable".to_string(),
             policy_timeout: Duration::from_secs(10),
@@ -90,6 +95,16 @@ impl PostfixOptions {
             io_timeout: Duration::from_secs(30),
             extra_main_cf: Vec::new(),
         }
+    }
+
+    /// Policy service at a Unix socket: `check_policy_service unix:PATH`, `path`
+    /// relative to the queue directory (`private/ratelimit`). Bind the server at
+    /// [`PostfixInstance::queue_dir`]`/PATH` once the instance is up (Postfix creates
+    /// `private/` when it starts).
+    pub fn unix(path: &str) -> Self {
+        let mut o = PostfixOptions::new(SocketAddr::from(([127, 0, 0, 1], 0)));
+        o.policy_target = Some(format!("unix:{path}"));
+        o
     }
 
     pub fn stages(mut self, stages: &[PolicyStage]) -> Self {
@@ -250,7 +265,10 @@ impl PostfixInstance {
 
     fn write_config(&self) -> io::Result<()> {
         let o = &self.opts;
-        let policy = format!("check_policy_service inet:{}", o.policy_addr);
+        let policy = match &o.policy_target {
+            Some(target) => format!("check_policy_service {target}"),
+            None => format!("check_policy_service inet:{}", o.policy_addr),
+        };
         let wired = |s| o.stages.contains(&s);
         let mut main: Vec<(String, String)> = Vec::new();
         let mut set = |k: &str, v: String| main.push((k.to_string(), v));
@@ -485,6 +503,12 @@ postlog   unix-dgram n  -       n       -       1       postlogd
     /// The instance's directory (`etc/`, `queue/`, `data/`, `log/`, `sink/`).
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The instance's `queue_directory` (smtpd's working directory: relative
+    /// `unix:` policy targets are relative to it).
+    pub fn queue_dir(&self) -> &Path {
+        &self.queue_dir
     }
 
     /// The instance's `config_directory` (for `postconf -c`, `postqueue -c`, ...).

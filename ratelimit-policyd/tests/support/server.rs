@@ -32,7 +32,8 @@ pub const T0: u64 = 1_699_999_200_000;
 /// A running server. Dropping it without [`Server::stop`] stops it too, without
 /// waiting.
 pub struct Server {
-    /// The first listener's address.
+    /// The first TCP listener's address (`0.0.0.0:0` when it listens on Unix
+    /// sockets only).
     pub addr: SocketAddr,
     /// Every TCP listener's address, in configuration order.
     pub addrs: Vec<SocketAddr>,
@@ -116,7 +117,10 @@ impl<'a> Start<'a> {
         });
         daemon.ops.ready().await;
         Server {
-            addr: addrs[0],
+            addr: addrs
+                .first()
+                .copied()
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
             addrs,
             daemon,
             clock,
