@@ -44,7 +44,9 @@ async fn flood(
             let writer = tokio::spawn(async move {
                 let mut buf = Vec::with_capacity(128 << 10);
                 for i in range.skip(conn).step_by(conns) {
-                    buf.extend_from_slice(b"protocol_state=END-OF-MESSAGE\nsasl_username=");
+                    buf.extend_from_slice(
+                        b"protocol_state=END-OF-MESSAGE\nclient_address=192.0.2.1\nsasl_username=",
+                    );
                     user(i, &mut buf);
                     buf.extend_from_slice(b"\n\n");
                     if buf.len() >= 120 << 10 {
@@ -190,5 +192,56 @@ async fn a_new_user_with_nothing_to_evict_is_deferred_even_when_store_errors_fai
         deferred as f64
     );
     assert_eq!(m["ratelimit_store_errors_total"], 0.0);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_of_four_kilobytes_cost_a_bounded_key_each_and_are_limited_each_on_its_own() {
+    let _turn = MEMORY.lock().await;
+    const USERS: usize = 100_000;
+    const NAME: usize = 4000;
+    let server = Server::start("").await;
+    let before = rss();
+    let start = Instant::now();
+    let (allowed, deferred) = flood(&server, 0..USERS, 2, |i, buf| {
+        let id = format!("{i}@example.com");
+        buf.resize(buf.len() + NAME - id.len(), b'x');
+        buf.extend_from_slice(id.as_bytes());
+    })
+    .await;
+    let grown = rss().saturating_sub(before);
+    let keys = server.daemon.policy.backend().tracked_keys().unwrap();
+    eprintln!(
+        "{USERS} names of {NAME} bytes in {:.1?}: {allowed} admitted, {deferred} deferred; \
+         {keys} keys; RSS grew {:.1} MB",
+        start.elapsed(),
+        grown as f64 / 1e6
+    );
+    assert_eq!((allowed, deferred, keys), (USERS, 0, USERS));
+    // The documented bound: 400 bytes per key of counters, and 600 bytes per user
+    // of the 65,536 whose client addresses are kept.
+    let bound = USERS as u64 * 400 + 65_536 * 600;
+    assert!(grown <= bound, "RSS grew {grown} bytes, bound {bound}");
+
+    // Two long names that share far more than the key's 286-byte prefix are two
+    // users, each with a quota of its own.
+    let long = |who: &str| format!("{}{who}@example.com", "y".repeat(1000));
+    let (a, b) = (long("a"), long("b"));
+    let mut c = server.client().await;
+    for i in 0..100 {
+        assert_eq!(c.message(&a, &format!("a{i}"), 1).await, "DUNNO", "{i}");
+    }
+    assert!(
+        c.message(&a, "a100", 1)
+            .await
+            .starts_with("DEFER_IF_PERMIT")
+    );
+    assert_eq!(c.message(&b, "b0", 1).await, "DUNNO");
+    // The same long name in capitals is the same user.
+    assert!(
+        c.message(&a.to_uppercase(), "a101", 1)
+            .await
+            .starts_with("DEFER_IF_PERMIT")
+    );
     server.stop().await;
 }

@@ -33,7 +33,8 @@ pub fn request_key<'a>(cfg: &Config, req: &PolicyRequest<'a>) -> Option<Cow<'a, 
         }
         WithoutSasl::Sender => {
             let sender = req.sender?;
-            Some(Cow::Owned(format!("sender:{}", key::normalize(sender))))
+            let key = format!("sender:{}", key::normalize(sender));
+            Some(Cow::Owned(key::bound(Cow::Owned(key)).into_owned()))
         }
     }
 }
