@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
+use ratelimit_core::store::Scan;
 use ratelimit_core::{
     Algorithm, Cost, KeyState, Limit, MemoryStore, MemoryStoreConfig, Mode, Store, StoreError,
     Tier, Timestamp, Unit,
@@ -126,6 +127,25 @@ fn run(data: &[u8]) -> Result<()> {
             Err(e) => panic!("unexpected store error {e}"),
         }
         assert!(capped.key_count() <= CAP, "key cap exceeded");
+        // At the cap a new key evicts one: an evicted key starts over, in the model too.
+        let mut held = vec![false; KEYS];
+        capped
+            .scan(&mut |k, _| {
+                if let Some(i) = k
+                    .strip_prefix("user")
+                    .and_then(|k| k.strip_suffix("@example.com"))
+                    .and_then(|i| i.parse::<usize>().ok())
+                    && let Some(h) = held.get_mut(i)
+                {
+                    *h = true;
+                }
+            })
+            .unwrap();
+        for (state, held) in capped_states.iter_mut().zip(held) {
+            if !held {
+                *state = KeyState::new();
+            }
+        }
 
         match want.denial() {
             Some(denial) => {

@@ -193,8 +193,10 @@ impl Decision {
 /// A store failed to decide. (A refusal is not an error: it is a [`Decision`].)
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The store tracks as many keys as it may; a new key cannot be added. Existing
-    /// keys are never evicted to make room (that would hand their quota back).
+    /// The store tracks as many keys as it may and found none to evict; a new key
+    /// cannot be added now. (The memory stores evict idle, then least recently used
+    /// keys first; see [`MemoryStore`](crate::MemoryStore).) Not an outage: a
+    /// server answers a temporary refusal, never "no limit".
     #[error("the store is full: it tracks its maximum of {max_keys} keys")]
     Full {
         /// The configured cap.

@@ -23,8 +23,8 @@ use std::time::Duration;
 use ratelimit_core::distinct::{DistinctLimit, DistinctStore, Observation};
 use ratelimit_core::store::snapshot::SnapshotStats;
 use ratelimit_core::store::{
-    DistinctMemoryStore, Forget, RedisStore, RedisStoreConfig, Scan, SnapshotError, Sweep,
-    TimeSource,
+    DistinctMemoryStore, Evictions, Forget, RedisStore, RedisStoreConfig, Scan, SnapshotError,
+    Sweep, TimeSource,
 };
 use ratelimit_core::{
     Cost, Decision, KeyState, MemoryStore, MemoryStoreConfig, Mode, Store, StoreError, Tier,
@@ -56,6 +56,11 @@ pub trait VolumeStore: Store + 'static {
         None
     }
 
+    /// Keys evicted to make room for new ones, for stores that evict (in process).
+    fn evictions(&self) -> Option<Evictions> {
+        None
+    }
+
     /// Writes a snapshot to `path`, for stores that keep one (`None`: this store
     /// does not).
     fn save_snapshot(
@@ -76,6 +81,11 @@ pub trait NetworkStore: DistinctStore + 'static {
 
     /// For stores in process: users tracked, and `key`'s networks and heap bytes.
     fn usage(&self, _key: &str) -> Option<NetworkUsage> {
+        None
+    }
+
+    /// Users evicted to make room for new ones, for stores that evict (in process).
+    fn evictions(&self) -> Option<Evictions> {
         None
     }
 }
@@ -296,6 +306,12 @@ impl Backend {
         self.volume.tracked_keys()
     }
 
+    /// Evictions from the counters and from the client networks, for the stores
+    /// that evict (in process).
+    pub fn evictions(&self) -> (Option<Evictions>, Option<Evictions>) {
+        (self.volume.evictions(), self.networks.evictions())
+    }
+
     /// The network store's usage for `key`, when it is in process.
     pub fn network_usage(&self, key: &str) -> Option<NetworkUsage> {
         self.networks.usage(key)
@@ -375,6 +391,9 @@ impl VolumeStore for MemoryStore {
     fn tracked_keys(&self) -> Option<usize> {
         Some(self.key_count())
     }
+    fn evictions(&self) -> Option<Evictions> {
+        Some(MemoryStore::evictions(self))
+    }
     fn save_snapshot(
         &self,
         path: &Path,
@@ -403,6 +422,9 @@ impl NetworkStore for DistinctMemoryStore {
             networks: self.entry_count(key),
             heap_bytes: self.key_heap_bytes(key),
         })
+    }
+    fn evictions(&self) -> Option<Evictions> {
+        Some(DistinctMemoryStore::evictions(self))
     }
 }
 

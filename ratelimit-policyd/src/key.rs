@@ -14,25 +14,73 @@
 //! Names typed by an operator (configuration, `admin show`) are text: [`from_text`]
 //! reads a `\XHH` escape as the byte it stands for, so the key printed in a log line
 //! can be pasted into an admin command and finds the same user.
+//!
+//! A key is at most [`MAX_KEY_BYTES`] (320) bytes, so that what a user costs in each
+//! table that holds keys (counters, client networks, clients seen, open incidents)
+//! is bounded in bytes, not only in number. A longer key is replaced by its first
+//! 286 bytes (cut before a character or an escape it would split), `~h`, and 32 hex
+//! digits of a 128-bit keyed hash of the whole key: each long name still has a key of
+//! its own, and is limited like any other. The hash is SipHash-1-3 under two random
+//! keys drawn once per process, so a client cannot aim two names at one key; the
+//! other side of that is that a long name's key differs from one process to the next
+//! (a restart or another host of a fleet counts it afresh). A printed long key typed
+//! back is already a key, and finds the same user.
 
 use std::borrow::Cow;
 use std::fmt::Write;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::OnceLock;
+
+/// The longest key, in bytes.
+pub const MAX_KEY_BYTES: usize = 320;
+/// Between a long key's prefix and its hash.
+const LONG_MARK: &str = "~h";
+/// Hex digits of a long key's hash (128 bits).
+const DIGEST_HEX: usize = 32;
 
 /// The key of a user name as it arrives in a request (raw bytes).
 pub fn normalize(raw: &[u8]) -> Cow<'_, str> {
-    match std::str::from_utf8(raw) {
+    bound(match std::str::from_utf8(raw) {
         Ok(s) => normalize_str(s),
         Err(_) => Cow::Owned(normalize_invalid(raw)),
-    }
+    })
 }
 
 /// The key of a name typed by an operator: `\XHH` escapes (as keys of names that are
 /// not UTF-8 print) are read as the bytes they stand for, then [`normalize`]d.
 pub fn from_text(text: &str) -> String {
     if !text.contains("\\X") {
-        return normalize_str(text).into_owned();
+        return bound(normalize_str(text)).into_owned();
     }
     normalize(&unescape(text)).into_owned()
+}
+
+/// `key` (normalized, or built from normalized parts such as `sender:ADDRESS`) cut
+/// to at most [`MAX_KEY_BYTES`]: a longer one becomes a prefix, [`LONG_MARK`] and a
+/// keyed hash of the whole (see the module docs).
+pub fn bound(key: Cow<'_, str>) -> Cow<'_, str> {
+    if key.len() <= MAX_KEY_BYTES {
+        return key;
+    }
+    static SECRET: OnceLock<(RandomState, RandomState)> = OnceLock::new();
+    let (a, b) = SECRET.get_or_init(|| (RandomState::new(), RandomState::new()));
+    let whole: &str = &key;
+    let (h1, h2) = (a.hash_one(whole), b.hash_one(whole));
+    let mut cut = MAX_KEY_BYTES - LONG_MARK.len() - DIGEST_HEX;
+    while cut > 0 && !whole.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    // Never split a `\XHH` escape: typed back, half of one would read differently.
+    if let Some(i) = whole.get(..cut).and_then(|p| p.rfind('\\'))
+        && cut - i < 4
+    {
+        cut = i;
+    }
+    let mut out = String::with_capacity(MAX_KEY_BYTES);
+    out.push_str(whole.get(..cut).unwrap_or_default());
+    out.push_str(LONG_MARK);
+    let _ = write!(out, "{h1:016x}{h2:016x}");
+    Cow::Owned(out)
 }
 
 /// Trimmed and lowercased, borrowing when it already is.
@@ -154,7 +202,56 @@ mod tests {
         assert_eq!(from_text("a\\Xe9"), "a\\xe9");
     }
 
+    #[test]
+    fn long_names_are_cut_to_a_prefix_and_a_keyed_hash_each_its_own() {
+        let a = format!("{}a@example.com", "x".repeat(400));
+        let b = format!("{}b@example.com", "x".repeat(400));
+        let (ka, kb) = (normalize(a.as_bytes()), normalize(b.as_bytes()));
+        assert_eq!(ka.len(), MAX_KEY_BYTES);
+        assert!(ka.starts_with(&"x".repeat(286)), "{ka}");
+        assert_eq!(ka.get(286..288), Some(LONG_MARK));
+        assert_ne!(ka, kb);
+        // The same name in other case, or typed by an operator, is the same key.
+        assert_eq!(normalize(a.to_uppercase().as_bytes()), ka);
+        assert_eq!(from_text(&a), ka);
+        assert_eq!(from_text(&ka), ka);
+        // Names of up to the limit are kept whole.
+        let max = "y".repeat(MAX_KEY_BYTES);
+        assert_eq!(normalize(max.as_bytes()), max.as_str());
+        // The cut never splits a character or an escape.
+        let mut raw = vec![b'z'; 284];
+        raw.extend_from_slice(b"\xff\xfe");
+        raw.extend_from_slice(&[b'z'; 100]);
+        let k = normalize(&raw);
+        assert!(
+            k.starts_with(&"z".repeat(284)) && k.get(284..286) == Some(LONG_MARK),
+            "{k}"
+        );
+        assert_eq!(from_text(&k), k);
+    }
+
     proptest::proptest! {
+        #[test]
+        fn long_keys_typed_back_are_themselves_and_within_the_bound(
+            raw in proptest::collection::vec(
+                proptest::prop_oneof![
+                    4 => proptest::num::u8::ANY,
+                    4 => proptest::sample::select(b"abcXYZ \\".to_vec()),
+                ],
+                250..700,
+            ),
+            utf8 in "[a-zA-Z\u{e9}\u{c9}\u{1c5}\u{4e2d}\\\\ ]{100,400}",
+        ) {
+            for raw in [&raw[..], utf8.as_bytes()] {
+                let key = normalize(raw);
+                proptest::prop_assert!(key.len() <= MAX_KEY_BYTES);
+                proptest::prop_assert_eq!(from_text(&key), key.as_ref());
+            }
+            let key = normalize(utf8.as_bytes()).into_owned();
+            let again = normalize(key.as_bytes()).into_owned();
+            proptest::prop_assert_eq!(again, key);
+        }
+
         #[test]
         fn every_key_typed_back_is_itself(raw in proptest::collection::vec(proptest::num::u8::ANY, 0..24)) {
             let key = normalize(&raw);

@@ -767,7 +767,9 @@ async fn at_the_cap_a_connection_in_the_middle_of_a_request_is_never_evicted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_million_distinct_users_stay_under_the_key_cap_and_change_no_other_counters() {
-    const MAX_KEYS: usize = 10_000;
+    // Large enough that the eviction hand takes a while to go round a shard: the
+    // good user, who keeps sending, is touched more often than that.
+    const MAX_KEYS: usize = 50_000;
     let users: usize = std::env::var("HOSTILE_FLOOD_USERS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -857,20 +859,26 @@ async fn a_million_distinct_users_stay_under_the_key_cap_and_change_no_other_cou
         allowed.load(Ordering::Relaxed),
         refused.load(Ordering::Relaxed),
     );
+    let (evictions, _) = server.daemon.policy.backend().evictions();
+    let evictions = evictions.unwrap();
     eprintln!(
-        "{users} flood users in {:.1?}: {allowed} counted, {refused} refused (store full); at most {} keys tracked",
+        "{users} flood users in {:.1?}: {allowed} counted, {refused} refused (store full); at most {} keys tracked; {evictions:?}",
         start.elapsed(),
         max_seen.load(Ordering::Relaxed)
     );
     assert_eq!(allowed + refused, users);
     assert!(max_seen.load(Ordering::Relaxed) <= MAX_KEYS);
     assert!(server.daemon.policy.backend().tracked_keys().unwrap() <= MAX_KEYS);
-    // Every new user beyond the cap got the fail-closed answer; none was admitted past it.
-    assert!(
-        allowed < MAX_KEYS,
-        "{allowed} flood users counted with room for {MAX_KEYS}"
+    // Beyond the cap a new user takes an evicted user's place (the good user, who
+    // keeps sending, is not the one evicted: `under_attack` checks its counters),
+    // and is counted like any other: the flood does not switch limiting off.
+    let evicted = (evictions.idle + evictions.lru) as usize;
+    assert_eq!(
+        allowed,
+        MAX_KEYS.min(users) - 1 + evicted,
+        "{allowed} counted"
     );
-    assert!(refused >= users.saturating_sub(MAX_KEYS));
+    assert!(refused <= users / 100, "{refused} refused");
     server.stop().await;
 }
 

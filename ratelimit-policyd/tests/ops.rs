@@ -465,6 +465,14 @@ async fn metrics_parse_as_prometheus_text_and_move_with_requests() {
     assert_eq!(d("ratelimit_connections_total"), 1.0);
     assert_eq!(d("ratelimit_incidents_total"), 1.0);
     assert_eq!(after["ratelimit_store_errors_total"], 0.0);
+    assert_eq!(after["ratelimit_store_full_refusals_total"], 0.0);
+    for store in ["counters", "networks"] {
+        for reason in ["idle", "lru"] {
+            let k =
+                format!("ratelimit_store_evictions_total{{store=\"{store}\",reason=\"{reason}\"}}");
+            assert_eq!(after[k.as_str()], 0.0, "{k}");
+        }
+    }
 
     let (head, _) = get(maddr, "/nope").await;
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");

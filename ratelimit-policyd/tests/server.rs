@@ -401,3 +401,50 @@ limits = ["2/1h"]
     assert!(c.ask(&r).await.contains("net:203.0.113.0/24"));
     by_net.stop().await;
 }
+
+#[tokio::test]
+async fn a_whitespace_only_sasl_username_is_no_user_not_the_shared_key_empty() {
+    // Skipped like mail without SASL: never counted, whoever sends it.
+    let skip = Server::start(THREE_PER_HOUR).await;
+    let mut c = skip.client().await;
+    for (i, user) in [" ", "  ", "\t", " \t ", "\u{a0}"]
+        .iter()
+        .cycle()
+        .take(10)
+        .enumerate()
+    {
+        assert_eq!(
+            c.message(user, &format!("w{i}"), 1).await,
+            DUNNO,
+            "{user:?}"
+        );
+    }
+    assert_eq!(skip.used("", "3/1h"), 0);
+    assert_eq!(skip.daemon.policy.backend().tracked_keys(), Some(0));
+    skip.stop().await;
+
+    // Keyed on the client network when that is what `without_sasl` says.
+    let by_net = Server::start(
+        r#"
+[keying]
+without_sasl = "client_prefix"
+ipv4_prefix = 24
+[tiers.default]
+limits = ["2/1h"]
+"#,
+    )
+    .await;
+    let mut c = by_net.client().await;
+    for (i, user) in [" ", "\t"].iter().enumerate() {
+        let inst = format!("p{i}");
+        let r = Req::new("END-OF-MESSAGE", user, &inst).from("203.0.113.5");
+        assert_eq!(c.ask(&r).await, DUNNO);
+    }
+    let r = Req::new("END-OF-MESSAGE", "  ", "p2").from("203.0.113.9");
+    assert!(c.ask(&r).await.contains("net:203.0.113.0/24"));
+    // Another network is another key, although its user name is as blank.
+    let r = Req::new("END-OF-MESSAGE", " ", "p3").from("198.51.100.1");
+    assert_eq!(c.ask(&r).await, DUNNO);
+    assert_eq!(by_net.used("", "2/1h"), 0);
+    by_net.stop().await;
+}

@@ -80,6 +80,15 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     }
 }
 
+/// Keys an in-process store evicted to make room for new ones, by reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Evictions {
+    /// Keys whose state had fully decayed (forgetting them changes nothing).
+    pub idle: u64,
+    /// Live keys, least recently used first (their use is forgotten).
+    pub lru: u64,
+}
+
 /// A store that can forget keys whose state has fully decayed.
 pub trait Sweep {
     /// Removes every key idle at `now`; returns how many were removed.

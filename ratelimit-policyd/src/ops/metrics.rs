@@ -17,6 +17,8 @@
 //! | `ratelimit_request_duration_seconds` | histogram | request complete → answer written |
 //! | `ratelimit_tracked_keys` | gauge | memory store only |
 //! | `ratelimit_store_errors_total` | counter | |
+//! | `ratelimit_store_evictions_total` | counter | `store` (`counters`, `networks`), `reason` (`idle`, `lru`); in-process stores only |
+//! | `ratelimit_store_full_refusals_total` | counter | new users deferred: a key table full and nothing to evict |
 //! | `ratelimit_snapshot_age_seconds` | gauge | only once a snapshot was written |
 //! | `ratelimit_connections_open` | gauge | |
 //! | `ratelimit_connections_total` | counter | |
@@ -181,6 +183,35 @@ pub fn render(view: &View) -> String {
         o,
         "ratelimit_store_errors_total {}",
         s.get(Counted::StoreErrors)
+    );
+    let (counters, networks) = view.policy.backend().evictions();
+    if counters.is_some() || networks.is_some() {
+        header(
+            &mut o,
+            "ratelimit_store_evictions_total",
+            "counter",
+            "Keys evicted from a full key table to make room for new ones, by store and reason.",
+        );
+        for (store, ev) in [("counters", counters), ("networks", networks)] {
+            let Some(ev) = ev else { continue };
+            for (reason, n) in [("idle", ev.idle), ("lru", ev.lru)] {
+                let _ = writeln!(
+                    o,
+                    "ratelimit_store_evictions_total{{store=\"{store}\",reason=\"{reason}\"}} {n}"
+                );
+            }
+        }
+    }
+    header(
+        &mut o,
+        "ratelimit_store_full_refusals_total",
+        "counter",
+        "New users deferred because a key table was full and nothing could be evicted.",
+    );
+    let _ = writeln!(
+        o,
+        "ratelimit_store_full_refusals_total {}",
+        s.get(Counted::FullRefusals)
     );
     if let Some(at) = view.policy.backend().last_snapshot() {
         header(

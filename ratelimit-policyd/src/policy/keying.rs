@@ -10,9 +10,15 @@ use crate::key;
 use crate::protocol::PolicyRequest;
 
 /// The key for a request, normalized; `None` when it is not counted.
+///
+/// A `sasl_username` that normalizes to nothing (only whitespace) is no user: the
+/// request is keyed as one without SASL (`[keying] without_sasl`), never under the
+/// one key `""` that every such request would share.
 pub fn request_key<'a>(cfg: &Config, req: &PolicyRequest<'a>) -> Option<Cow<'a, str>> {
-    if let Some(user) = req.sasl_username {
-        return Some(key::normalize(user));
+    if let Some(user) = req.sasl_username.map(key::normalize)
+        && !user.is_empty()
+    {
+        return Some(user);
     }
     match cfg.keying.without_sasl {
         WithoutSasl::Skip => None,
@@ -27,7 +33,8 @@ pub fn request_key<'a>(cfg: &Config, req: &PolicyRequest<'a>) -> Option<Cow<'a, 
         }
         WithoutSasl::Sender => {
             let sender = req.sender?;
-            Some(Cow::Owned(format!("sender:{}", key::normalize(sender))))
+            let key = format!("sender:{}", key::normalize(sender));
+            Some(Cow::Owned(key::bound(Cow::Owned(key)).into_owned()))
         }
     }
 }

@@ -10,7 +10,9 @@
 //! - **Volume** ([`volume`]): all limits of the user's tier; recorded only if all
 //!   admit. Over a limit: the tier's action with a text that says which limit and when
 //!   to retry. A store failure gets the configured fail-open (`DUNNO`) or fail-closed
-//!   (defer) answer, within `decision_timeout`.
+//!   (defer) answer, within `decision_timeout`. A full key table is not a failure:
+//!   the store evicts to make room, and a new user it has no room for is deferred
+//!   (`4.7.1`), whatever `on_store_error` says.
 //! - **Networks** ([`networks`]): the compromise signal, observed before the volume
 //!   limits so a refused request still reveals its address; while a user is flagged,
 //!   the networks action replaces the volume decision.
@@ -112,6 +114,9 @@ fn cached_config<'c>(shared: &SharedConfig, cache: &'c mut Option<ConfigCache>) 
         .load()
 }
 
+/// The answer to a new user when a key table is full and nothing may be evicted.
+pub const TABLE_FULL: &str = "4.7.1 Too many senders tracked right now, try again later";
+
 /// Requests at RCPT/DATA with no END-OF-MESSAGE ever seen before the wiring warning.
 const WIRING_WARNING_AFTER: u64 = 50;
 
@@ -162,6 +167,8 @@ pub struct Policy {
     wiring: WiringWatch,
     /// Store failures: one WARN line per interval, on the policy's clock.
     store_errors: LogThrottle,
+    /// New users deferred for a full key table: likewise.
+    store_full: LogThrottle,
 }
 
 impl std::fmt::Debug for Policy {
@@ -191,6 +198,7 @@ impl Policy {
             clients: ClientsSeen::default(),
             wiring: WiringWatch::default(),
             store_errors: LogThrottle::new(LOG_EVERY),
+            store_full: LogThrottle::new(LOG_EVERY),
         }
     }
 
@@ -386,6 +394,25 @@ impl Policy {
             }
             None => tracing::debug!(user = %key, error = %error, "{what}"),
         }
+    }
+
+    /// A new user a store has no room for (its key table is full and nothing in it
+    /// may be evicted): a temporary refusal, whatever `on_store_error` says. A full
+    /// table is not an outage, and must never mean "no limit". Logged at WARN at
+    /// most once per interval.
+    fn table_full(&self, key: &str, max_keys: usize, now: Timestamp, verdict: &mut Verdict<'_>) {
+        self.tally.add(Counted::FullRefusals);
+        match self.store_full.allow_at(now.as_millis()) {
+            Some(suppressed) => tracing::warn!(
+                user = %key,
+                max_keys,
+                suppressed,
+                "key table full and nothing to evict: new users are deferred"
+            ),
+            None => tracing::debug!(user = %key, max_keys, "key table full: deferred"),
+        }
+        verdict.outcome = Some(Outcome::Defer);
+        verdict.action = Action::DeferIfPermit(Cow::Borrowed(TABLE_FULL));
     }
 
     /// Sweeps idle keys from the stores and cleared incidents; returns how many

@@ -10,8 +10,10 @@
 //! each request gets the networks action (default `HOLD`) instead of the volume
 //! decision, and nothing is charged. `warn` only logs and alerts. Roaming users
 //! (`[exempt] roaming_users`) and tiers with `networks_exempt` are not watched.
+//! A new user the network store has no room for (full, nothing to evict) is
+//! deferred like one the counters have no room for: never left unwatched.
 
-use ratelimit_core::{Tier, Timestamp};
+use ratelimit_core::{StoreError, Tier, Timestamp};
 
 use super::incidents::WhileOpen;
 use super::keying::{canonical_ip, client_network, parse_ip};
@@ -49,6 +51,11 @@ impl Policy {
             .await
         {
             Ok(o) => o,
+            Err(StoreError::Full { max_keys }) => {
+                // Unwatched is not unlimited: a new user waits until there is room.
+                self.table_full(key, max_keys, now, verdict);
+                return;
+            }
             Err(e) => {
                 self.tally.add(Counted::StoreErrors);
                 self.store_failed(

@@ -36,11 +36,13 @@ pub enum Counted {
     Charged,
     /// Requests answered with the networks action (too many client networks).
     NetworksFlagged,
+    /// New users deferred because a key table was full and nothing could be evicted.
+    FullRefusals,
 }
 
 impl Counted {
     /// How many there are.
-    const COUNT: usize = Counted::NetworksFlagged as usize + 1;
+    const COUNT: usize = Counted::FullRefusals as usize + 1;
 
     /// Requests by stage, in the order of [`Tally::requests`].
     pub const STAGES: [Counted; 4] = [

@@ -4,7 +4,7 @@
 use std::borrow::Cow;
 use std::sync::{Arc, LazyLock};
 
-use ratelimit_core::{Cost, Decision, Mode, Tier, Timestamp};
+use ratelimit_core::{Cost, Decision, Mode, StoreError, Tier, Timestamp};
 
 use super::incidents::WhileOpen;
 use super::refusal::{action_name, refusal};
@@ -51,6 +51,7 @@ impl Policy {
             .await
         {
             Ok(decision) => self.judge(cfg, key, tier, &decision, now, req, text, verdict),
+            Err(StoreError::Full { max_keys }) => self.table_full(key, max_keys, now, verdict),
             Err(e) => {
                 self.tally.add(Counted::StoreErrors);
                 self.store_failed(key, &e, now, "store failure");

@@ -21,6 +21,36 @@
 //! Locking: a decision, a forget or an insert locks one shard; sweep and scan lock
 //! one shard at a time.
 //!
+//! # Eviction
+//!
+//! A full table must not switch limiting off for every key it does not hold,
+//! so a new key in a full shard evicts one ([`shard::Shard::evict`]), in this
+//! order:
+//! 1. **idle keys**, whose state has fully decayed: forgetting them costs
+//!    nothing (no decision changes);
+//! 2. **the least recently used**, approximated by CLOCK with a sample: each
+//!    entry has a *used* bit (bit 47 of its head) that every check of the key
+//!    sets, allowed, refused or peeked; a new key starts without it. A hand goes
+//!    round the shard's table 32 slots at a time; in its pass it takes the first
+//!    idle key, else, among the keys whose bit is clear, the one whose state
+//!    decays first (the least recently charged); it clears the bit of the other
+//!    keys it goes by (their second chance);
+//! 3. **nothing**: after four passes (128 slots) in which every key had been
+//!    used since the hand's previous pass, the new key is refused
+//!    ([`StoreError::Full`]); the bits are cleared by then, so later keys get in.
+//!
+//! Why this and not an exact LRU: an exact LRU needs a list or a timestamp per
+//! key, updated on every check: 8 to 16 more bytes an entry (the 48-byte entry
+//! and 192-byte bucket would no longer fit cache lines) and a write, or a list
+//! relinked under the lock, on the hot path. The used bit lives in bits the
+//! entry already had, is written at most once per pass of the hand (a check
+//! reads it, and writes only when it is clear), and all eviction work happens
+//! only on an insert into a full shard, bounded to 128 slots. And it resists a
+//! flood of one-off names better than an LRU would: a key seen once starts
+//! without its bit, so a flood evicts its own keys before the keys of users who
+//! keep sending, and an abuser who keeps trying (refusals set the bit too) keeps
+//! his counters unless a whole turn of the hand passes without a try.
+//!
 //! An entry holds the key (inline up to 24 bytes, longer keys on the heap) and the
 //! key's state packed in 24 bytes when it is the common shape ([`packed`]): **one
 //! counter** (a tier whose limits share one counter, e.g. `100/1h`), either a
@@ -42,13 +72,13 @@
 //! - [`divisor`]: exact division by a multiply, for sub-window numbers.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 
 use super::huge;
-use super::{Forget, Scan, Store, StoreError, Sweep};
+use super::{Evictions, Forget, Scan, Store, StoreError, Sweep};
 use crate::algorithm::{KeyState, OneCounter, decide};
 use crate::clock::Timestamp;
 use crate::decision::{Cost, Decision, Mode};
@@ -61,7 +91,7 @@ mod table;
 #[cfg(test)]
 mod tests;
 
-use shard::Shard;
+use shard::{Evicted, Shard};
 use table::TableHint;
 
 /// How a [`MemoryStore`] is built.
@@ -73,10 +103,11 @@ pub struct MemoryStoreConfig {
     /// before it is taken), while each shard's table stays large enough to sit
     /// mostly on huge pages (see [`MemoryStore`]).
     pub shards: usize,
-    /// The most keys tracked at once: a new key beyond it is refused with
-    /// [`StoreError::Full`]. (Each shard also has a hard cap of a quarter more than
-    /// its share, and of at most 16,777,214 keys, so a skewed flood cannot grow one
-    /// table without bound.) Default: 4,000,000 (about 250 MB at most).
+    /// The most keys tracked at once: a new key beyond it takes the place of an
+    /// evicted one (see [`MemoryStore`], "Key cap"). (Each shard also has a hard
+    /// cap of a quarter more than its share, and of at most 16,777,214 keys, so a
+    /// skewed flood cannot grow one table without bound.) Default: 4,000,000
+    /// (about 250 MB at most with keys of up to 24 bytes).
     pub max_keys: usize,
 }
 
@@ -108,11 +139,14 @@ const MAX_SHARD_KEYS: usize = (1 << 24) - 2;
 /// it sits mostly on huge pages; [`MemoryStore::mapped_bytes`] counts it, as a
 /// counting global allocator cannot.
 ///
-/// **Key cap.** At most [`MemoryStoreConfig::max_keys`] keys are tracked. When a
-/// shard is full, a new key first triggers a sweep of that shard (at most once a
-/// second); if it is still full the new key's check fails with [`StoreError::Full`],
-/// and the caller's failure policy applies. Tracked keys are never evicted: a key
-/// flood cannot hand an abuser's quota back.
+/// **Key cap.** At most [`MemoryStoreConfig::max_keys`] keys are tracked. A full
+/// table never means "no limit": a new key with something to record evicts a key
+/// of its shard and takes its place (see the module docs, "Eviction"): an idle
+/// key first (forgetting it changes nothing), else the least recently used of a
+/// sample. Only if the sample holds nothing it may evict does the new key's check
+/// fail with [`StoreError::Full`], which a server answers with a temporary
+/// refusal. A tracked key is never refused, nor evicted for a key that is
+/// already tracked. [`MemoryStore::evictions`] counts the evictions.
 ///
 /// # Examples
 ///
@@ -136,6 +170,10 @@ pub struct MemoryStore {
     per_shard_cap: usize,
     max_keys: usize,
     len: AtomicUsize,
+    /// Keys evicted to make room, idle and not (only a new key in a full shard
+    /// touches these).
+    evicted_idle: AtomicU64,
+    evicted_lru: AtomicU64,
 }
 
 impl Default for MemoryStore {
@@ -181,6 +219,16 @@ impl MemoryStore {
             per_shard_cap: per_shard_cap.min(MAX_SHARD_KEYS),
             max_keys,
             len: AtomicUsize::new(0),
+            evicted_idle: AtomicU64::new(0),
+            evicted_lru: AtomicU64::new(0),
+        }
+    }
+
+    /// Keys evicted so far to make room for new ones.
+    pub fn evictions(&self) -> Evictions {
+        Evictions {
+            idle: self.evicted_idle.load(Ordering::Relaxed),
+            lru: self.evicted_lru.load(Ordering::Relaxed),
         }
     }
 
@@ -200,11 +248,6 @@ impl MemoryStore {
     /// The configured key cap.
     pub fn max_keys(&self) -> usize {
         self.max_keys
-    }
-
-    /// Whether a new key may not be added (the caller holds `shard`'s lock).
-    fn is_full(&self, shard: &Shard) -> bool {
-        self.len.load(Ordering::Relaxed) >= self.max_keys || shard.len() >= self.per_shard_cap
     }
 
     /// Claims room for one new key in `shard` (whose lock the caller holds): the
@@ -290,6 +333,7 @@ impl Store for MemoryStore {
         self.hints[self.shard_index(hash)].prefetch(hash);
         let mut shard = self.shard_for(hash).lock();
         if let Some(pos) = shard.find(hash, key) {
+            shard.touch(pos);
             if let [limit] = limits
                 && let Some((denial, status)) = shard.apply_packed(pos, limit, cost, now, mode)
             {
@@ -310,16 +354,17 @@ impl Store for MemoryStore {
         if !recorded {
             return Ok(decision);
         }
-        let now_ms = now.as_millis();
-        if self.is_full(&shard) && now_ms >= shard.last_full_sweep + 1000 {
-            shard.last_full_sweep = now_ms;
-            let removed = shard.sweep(now, &self.hasher);
-            self.len.fetch_sub(removed, Ordering::Relaxed);
-        }
         if !self.reserve(&shard) {
-            return Err(StoreError::Full {
-                max_keys: self.max_keys,
-            });
+            // Full: the new key takes an evicted key's place (the count is unchanged).
+            match shard.evict(now) {
+                Some(Evicted::Idle) => self.evicted_idle.fetch_add(1, Ordering::Relaxed),
+                Some(Evicted::Lru) => self.evicted_lru.fetch_add(1, Ordering::Relaxed),
+                None => {
+                    return Err(StoreError::Full {
+                        max_keys: self.max_keys,
+                    });
+                }
+            };
         }
         let pos = shard.insert(hash, key, &self.hasher);
         if one.present {

@@ -5,8 +5,8 @@
 //! sub-windows of at most 2^18 - 1 units each. Such a state packs into an
 //! [`Entry`]'s 24 bytes of state:
 //! - `head`'s tag (top 8 bits) is below [`TOMB`]: it names the counter by its
-//!   position among the shard's interned [`Ids`]; `head`'s low 48 bits are
-//!   `idle_at` (ms);
+//!   position among the shard's interned [`Ids`]; `head`'s low 47 bits are
+//!   `idle_at` (ms) (bit 47 is the table's [`REF`](super::table::REF) bit);
 //! - a token bucket: `a` is the level (unit·ms) and `b` the last update (ms);
 //! - a sliding window: `a` and `b` hold four `u32` sub-window slots, oldest
 //!   first, each `count << 14 | offset` where `offset` is the slot's sub-window
@@ -37,9 +37,10 @@ use crate::quota::{Algorithm, CounterId, Limit};
 /// single-counter states, naming the counter by its position in the shard's
 /// interned ids.)
 pub(super) const GENERAL: u8 = 254;
-/// `Entry::head`'s low 48 bits: `idle_at` (ms) of a packed state (until the
-/// year 10889).
-pub(super) const IDLE_MASK: u64 = (1 << FP_SHIFT) - 1;
+/// `Entry::head`'s low 47 bits: `idle_at` (ms) of a packed state (until the
+/// year 6429; a later time keeps the state whole in the side table). Bit 47 is
+/// the table's [`REF`](super::table::REF) bit.
+pub(super) const IDLE_MASK: u64 = (1 << (FP_SHIFT - 1)) - 1;
 /// Sub-window slots of a packed window: `count << OFF_BITS | offset`.
 const OFF_BITS: u32 = 14;
 const OFF_MASK: u32 = (1 << OFF_BITS) - 1;
@@ -432,6 +433,12 @@ mod tests {
                 let limit = &limits[limit];
                 let mode = if acquire { Mode::Acquire } else { Mode::Peek };
                 let cost = Cost::units(cost);
+                // The eviction hand's bit changes nothing that is decided.
+                if t % 3 == 0 && e.head != 0 {
+                    e.touch();
+                } else if t % 3 == 1 {
+                    e.clear_ref();
+                }
                 let before = (e.head, e.a, e.b);
                 let got = apply(&mut ids, &mut e, limit, cost, now, mode);
                 let want = model.apply(std::slice::from_ref(limit), cost, now, mode);
@@ -448,7 +455,7 @@ mod tests {
                                 head
                             }
                             None => u64::from(GENERAL) << 56,
-                        };
+                        } | (before.0 & super::super::table::REF);
                     }
                 }
             }

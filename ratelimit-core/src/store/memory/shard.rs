@@ -11,6 +11,16 @@ use crate::clock::Timestamp;
 use crate::decision::{Cost, Decision, Denial, LimitStatus, Mode};
 use crate::quota::Limit;
 
+/// When the state of entry `e` has fully decayed (ms): packed, its `idle_at`;
+/// whole, its state's.
+#[inline]
+fn idle_at(general: &[KeyState], e: &Entry) -> u64 {
+    match e.tag() {
+        GENERAL => general.get(e.a as usize).map_or(0, |s| s.idle_at),
+        _ => e.head & IDLE_MASK,
+    }
+}
+
 /// One shard's keys and their states.
 pub(super) struct Shard {
     pub(super) table: Table,
@@ -18,9 +28,25 @@ pub(super) struct Shard {
     /// States that do not pack, and the free positions among them.
     pub(super) general: Vec<KeyState>,
     pub(super) general_free: Vec<u64>,
-    /// When this shard was last swept because it was full (ms), to bound that work.
-    pub(super) last_full_sweep: u64,
+    /// The eviction hand: the slot where the next look for a victim starts.
+    hand: usize,
 }
+
+/// Why a key was evicted to make room for a new one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Evicted {
+    /// Its state had fully decayed: forgetting it changes no decision.
+    Idle,
+    /// It was not used since the hand last went by, and was the least recently
+    /// charged of those the hand looked at.
+    Lru,
+}
+
+/// Slots the eviction hand looks at in one pass.
+pub(super) const EVICT_SAMPLE: usize = 32;
+/// Passes before the hand gives up (every live key it saw had been used since
+/// its last pass, which it has now cleared): at most 128 slots per new key.
+pub(super) const EVICT_PASSES: usize = 4;
 
 impl Shard {
     pub(super) fn new() -> Shard {
@@ -29,7 +55,7 @@ impl Shard {
             ids: Ids::default(),
             general: Vec::new(),
             general_free: Vec::new(),
-            last_full_sweep: 0,
+            hand: 0,
         }
     }
 
@@ -52,10 +78,62 @@ impl Shard {
     }
 
     fn is_idle(&self, e: &Entry, now: Timestamp) -> bool {
-        match e.tag() {
-            GENERAL => self.general[e.a as usize].is_idle(now),
-            _ => now.as_millis() >= e.head & IDLE_MASK,
+        now.as_millis() >= idle_at(&self.general, e)
+    }
+
+    /// Marks the key at `pos` used (for the eviction hand).
+    #[inline]
+    pub(super) fn touch(&mut self, pos: u32) {
+        self.table.get_mut(pos).touch();
+    }
+
+    /// Removes one key to make room for a new one, when the shard is full.
+    ///
+    /// The hand goes round the table a pass of [`EVICT_SAMPLE`] slots at a time.
+    /// In a pass it takes the first idle key; if there is none, the key whose
+    /// state decays first (the least recently charged) among those not used
+    /// since the hand last went by. It clears the used bit of every other key of
+    /// the pass (their second chance). A pass that finds neither leads to the
+    /// next; after [`EVICT_PASSES`] it gives up: `None` (every key it looked at
+    /// was used since its previous pass; those bits are now cleared).
+    pub(super) fn evict(&mut self, now: Timestamp) -> Option<Evicted> {
+        let slots = self.table.slots();
+        if slots == 0 || self.table.len == 0 {
+            return None;
         }
+        let now_ms = now.as_millis();
+        let mut hand = self.hand % slots;
+        let mut found = None;
+        for _ in 0..EVICT_PASSES {
+            let mut idle = None;
+            let mut oldest: Option<(u32, u64)> = None;
+            for _ in 0..EVICT_SAMPLE.min(slots) {
+                let pos = hand as u32;
+                hand = if hand + 1 == slots { 0 } else { hand + 1 };
+                let e = self.table.get_mut(pos);
+                if !e.is_live() {
+                    continue;
+                }
+                let at = idle_at(&self.general, e);
+                if now_ms >= at {
+                    idle = idle.or(Some(pos));
+                } else if e.is_referenced() {
+                    e.clear_ref();
+                } else if oldest.is_none_or(|(_, o)| at < o) {
+                    oldest = Some((pos, at));
+                }
+            }
+            found = match (idle, oldest) {
+                (Some(pos), _) => Some((pos, Evicted::Idle)),
+                (None, Some((pos, _))) => Some((pos, Evicted::Lru)),
+                (None, None) => continue,
+            };
+            break;
+        }
+        self.hand = hand;
+        let (pos, why) = found?;
+        self.remove(pos);
+        Some(why)
     }
 
     /// Puts `state` in the entry at `pos`, packed if it fits, else in the side

@@ -23,11 +23,15 @@ pub(super) const TOMB: u8 = 253;
 /// checked before the key is compared.
 pub(super) const FP_SHIFT: u32 = 48;
 const FP_MASK: u64 = 0xff << FP_SHIFT;
+/// `Entry::head`'s bit 47: the key was used (checked, allowed or not) since the
+/// eviction hand last went by it (see [`super::shard::Shard::evict`]). A new key
+/// starts without it, so a key used once is the first to go.
+pub(super) const REF: u64 = 1 << 47;
 
 /// One slot of a shard's table: a tracked key and its state (48 bytes).
 ///
-/// `head` is the form tag (top 8 bits), the key's hash fingerprint (next 8)
-/// and 48 bits of state. The table reads only the tag ([`VACANT`], [`TOMB`], or
+/// `head` is the form tag (top 8 bits), the key's hash fingerprint (next 8),
+/// the [`REF`] bit and 47 bits of state. The table reads only the tag ([`VACANT`], [`TOMB`], or
 /// any other value for a live key) and the fingerprint; the shard gives the
 /// other tags, the low 48 bits of `head`, `a` and `b` their meaning (the packed
 /// forms and the side table: see [`super::packed`]).
@@ -67,11 +71,33 @@ impl Entry {
         tag != VACANT && tag != TOMB
     }
 
-    /// Stores a state (`head` without fingerprint bits), keeping the fingerprint.
+    /// Stores a state (`head` without fingerprint and [`REF`] bits), keeping the
+    /// fingerprint and the [`REF`] bit.
     #[inline]
     pub(super) fn set(&mut self, head: u64, a: u64, b: u64) {
-        debug_assert_eq!(head & FP_MASK, 0);
-        (self.head, self.a, self.b) = (head | (self.head & FP_MASK), a, b);
+        debug_assert_eq!(head & (FP_MASK | REF), 0);
+        (self.head, self.a, self.b) = (head | (self.head & (FP_MASK | REF)), a, b);
+    }
+
+    /// Whether the key was used since the eviction hand last cleared the bit.
+    #[inline]
+    pub(super) fn is_referenced(&self) -> bool {
+        self.head & REF != 0
+    }
+
+    /// Marks the key used. Writes only when the bit is not set yet, so a key
+    /// used again and again costs no store.
+    #[inline]
+    pub(super) fn touch(&mut self) {
+        if self.head & REF == 0 {
+            self.head |= REF;
+        }
+    }
+
+    /// Clears the used bit (the eviction hand going by: a second chance).
+    #[inline]
+    pub(super) fn clear_ref(&mut self) {
+        self.head &= !REF;
     }
 }
 

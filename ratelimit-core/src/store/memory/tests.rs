@@ -5,6 +5,7 @@
 use super::packed::GENERAL;
 use super::table::{Bucket, WAYS};
 use super::*;
+use crate::store::Evictions;
 use proptest::prelude::*;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -99,26 +100,80 @@ fn the_prefetch_hint_follows_each_table() {
 }
 
 #[test]
-fn at_the_cap_new_keys_fail_and_tracked_keys_keep_working() {
+fn at_the_cap_a_new_key_evicts_idle_keys_first_then_the_least_recently_used() {
     let s = MemoryStore::with_config(MemoryStoreConfig {
         shards: 1,
         max_keys: 3,
     });
-    for k in ["a", "b", "c"] {
-        acquire(&s, k, 0).unwrap();
+    let keys = |s: &MemoryStore| {
+        let mut k = Vec::new();
+        s.scan(&mut |key, _| k.push(key.to_string())).unwrap();
+        k.sort();
+        k
+    };
+    acquire(&s, "old", 0).unwrap();
+    acquire(&s, "a", 30_000).unwrap();
+    acquire(&s, "b", 30_000).unwrap();
+    // "old" has decayed at 61 s, "a" and "b" have not: "old" goes, for nothing.
+    assert!(acquire(&s, "c", 61_000).unwrap().is_allowed());
+    assert_eq!(keys(&s), ["a", "b", "c"]);
+    assert_eq!(s.evictions(), Evictions { idle: 1, lru: 0 });
+    // Nothing is idle: of the keys not used since, the least recently charged
+    // goes. "a" was used again (even a peek or a refusal counts), so "b" goes.
+    s.check(
+        "a",
+        &limits(),
+        Cost::units(1),
+        Timestamp::from_millis(T0 + 62_000),
+        Mode::Peek,
+    )
+    .unwrap();
+    assert!(acquire(&s, "d", 62_000).unwrap().is_allowed());
+    assert_eq!(keys(&s), ["a", "c", "d"]);
+    assert_eq!(s.evictions(), Evictions { idle: 1, lru: 1 });
+    // Tracked keys are never refused, and keep what they hold.
+    assert_eq!(acquire(&s, "a", 62_000).unwrap().statuses()[0].used, 1);
+    assert!(!acquire(&s, "a", 62_000).unwrap().is_allowed());
+    assert_eq!(s.key_count(), 3);
+}
+
+#[test]
+fn when_every_key_the_hand_sees_was_used_a_new_key_is_refused_and_later_ones_get_in() {
+    // Enough keys that a hand's 4 passes (128 slots) do not go round the table.
+    let s = MemoryStore::with_config(MemoryStoreConfig {
+        shards: 1,
+        max_keys: 400,
+    });
+    for i in 0..400 {
+        acquire(&s, &format!("u{i}"), 0).unwrap();
     }
-    let err = acquire(&s, "d", 0).unwrap_err();
-    assert!(matches!(err, StoreError::Full { max_keys: 3 }), "{err}");
+    for i in 0..400 {
+        acquire(&s, &format!("u{i}"), 0).unwrap();
+    }
+    let err = acquire(&s, "new0", 0).unwrap_err();
+    assert!(matches!(err, StoreError::Full { max_keys: 400 }), "{err}");
     assert_eq!(
         err.to_string(),
-        "the store is full: it tracks its maximum of 3 keys"
+        "the store is full: it tracks its maximum of 400 keys"
     );
-    // Tracked keys are not evicted and still count.
-    assert!(acquire(&s, "a", 0).unwrap().is_allowed());
-    assert!(!acquire(&s, "a", 0).unwrap().is_allowed());
-    // Once old keys have decayed, a new key triggers a sweep and gets in.
-    assert!(acquire(&s, "d", 120_000).unwrap().is_allowed());
-    assert_eq!(s.key_count(), 1);
+    // The hand cleared what it went by: within a turn of the table, new keys get in.
+    let admitted = (1..=5)
+        .filter(|i| acquire(&s, &format!("new{i}"), 0).is_ok())
+        .count();
+    assert!(admitted >= 1, "{admitted}");
+    assert_eq!(s.key_count(), 400);
+    // Existing keys are never refused because the table is full.
+    for i in 0..400 {
+        let _ = s
+            .check(
+                &format!("u{i}"),
+                &limits(),
+                Cost::units(1),
+                Timestamp::from_millis(T0),
+                Mode::Peek,
+            )
+            .unwrap();
+    }
 }
 
 #[test]
@@ -348,5 +403,78 @@ proptest! {
         store.scan(&mut |k, s| { held.insert(k.to_string(), s.clone()); }).unwrap();
         prop_assert_eq!(held, model.clone());
         prop_assert_eq!(store.key_count(), model.len());
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// A full store (one shard whose table the hand sees in one pass) under
+    /// random checks of more keys than it holds: an existing key is never
+    /// refused; a new key evicts an idle key if there is one, else one not used
+    /// since the last eviction whose state decays first, else the key whose
+    /// state decays first; and the keys left decide exactly as their
+    /// `KeyState`s (an evicted key starts over).
+    #[test]
+    fn a_full_store_evicts_idle_keys_first_then_the_least_recently_used(
+        ops in prop::collection::vec(
+            (prop_oneof![3 => 0i64..=2_000, 1 => 0i64..=70_000], 0u8..20, 0usize..3, 0u64..=2, prop::bool::weighted(0.7)),
+            1..400,
+        )
+    ) {
+        const MAX: usize = 8;
+        let store = MemoryStore::with_config(MemoryStoreConfig { shards: 1, max_keys: MAX });
+        let tiers = tiers();
+        let mut model: HashMap<String, KeyState> = HashMap::new();
+        let mut used_since_eviction = std::collections::HashSet::new();
+        let mut t = T0 as i64;
+        for (dt, key, tier, cost, acquire) in ops {
+            t += dt;
+            let now = Timestamp::from_millis(t as u64);
+            let key = format!("user{key}@example.com");
+            let mode = if acquire { Mode::Acquire } else { Mode::Peek };
+            let limits = &tiers[tier];
+            let existed = model.contains_key(&key);
+            let before = model.clone();
+            let got = store.check(&key, limits, Cost::units(cost), now, mode);
+            let got = match got {
+                Ok(d) => d,
+                Err(e) => return Err(TestCaseError::fail(format!("{key} existed={existed}: {e}"))),
+            };
+            let state = model.entry(key.clone()).or_default();
+            let want = state.apply(limits, Cost::units(cost), now, mode);
+            prop_assert_eq!(got, want);
+            if state.counter_count() == 0 {
+                model.remove(&key);
+            }
+            if existed {
+                used_since_eviction.insert(key.clone());
+            }
+            let mut held = HashMap::new();
+            store.scan(&mut |k, s| { held.insert(k.to_string(), s.clone()); }).unwrap();
+            prop_assert!(held.len() <= MAX);
+            let gone: Vec<String> = model.keys().filter(|k| !held.contains_key(*k)).cloned().collect();
+            prop_assert!(gone.len() <= 1, "{:?}", gone);
+            if let Some(victim) = gone.first() {
+                prop_assert!(!existed, "checking the tracked {} evicted {}", key, victim);
+                prop_assert!(victim != &key);
+                prop_assert_eq!(before.len(), MAX);
+                let at = |k: &String| before.get(k).map_or(0, |s| s.idle_at);
+                let idle: Vec<&String> = before.keys().filter(|k| at(k) <= t as u64).collect();
+                if !idle.is_empty() {
+                    prop_assert!(idle.contains(&victim), "idle {:?}, evicted {}", idle, victim);
+                } else {
+                    let unused: Vec<&String> = before.keys().filter(|k| !used_since_eviction.contains(*k)).collect();
+                    let pool = if unused.is_empty() { before.keys().collect() } else { unused };
+                    prop_assert!(pool.contains(&victim), "evicted {} used since the last eviction", victim);
+                    let min = pool.iter().map(|k| at(k)).min().unwrap_or(0);
+                    prop_assert_eq!(at(victim), min, "evicted {} not the least recently charged", victim);
+                }
+                model.remove(victim);
+                used_since_eviction.clear();
+            }
+            prop_assert_eq!(held, model.clone());
+            prop_assert_eq!(store.key_count(), model.len());
+        }
     }
 }
