@@ -2,7 +2,7 @@
 //! [`Cost`] of the event and the [`Mode`] it was checked in.
 //!
 //! A denial is data, not an error: it says which limit refused, when to retry and
-//! what remains. A store failure is a [`StoreError`](crate::StoreError), a different type.
+//! what remains. A store failure is a [`StoreError`], a different type.
 
 use std::time::Duration;
 
