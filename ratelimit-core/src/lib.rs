@@ -35,7 +35,9 @@
 // `unsafe` is denied everywhere but in `store::huge` (a table allocation that
 // asks for huge pages), where each use says why it holds.
 #![deny(unsafe_code)]
-#![warn(missing_docs)]
+#![deny(missing_docs)]
+// docs.rs (`--cfg docsrs`, see Cargo.toml) marks the items each feature adds.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod algorithm;
 pub mod clock;
@@ -53,3 +55,8 @@ pub use limiter::Limiter;
 pub use quota::{Algorithm, CounterId, Limit, LimitError, Unit};
 pub use store::{MemoryStore, MemoryStoreConfig, Store, StoreError};
 pub use tier::{Tier, TierError, TierMap};
+
+// The README (the crates.io page) is tested with the doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -8,8 +8,6 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
 use crate::clock::duration_to_millis;
 
 /// The default number of sub-windows in a sliding window.
@@ -20,8 +18,13 @@ pub const MAX_PRECISION: u16 = 8191;
 pub const MAX_WINDOW_MS: u64 = (1 << 48) - 1;
 
 /// What a limit counts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
+///
+/// With the cargo feature `serde`, it (de)serializes as its lowercase name
+/// (`"messages"`), as [`Unit::as_str`] writes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
+#[non_exhaustive]
 pub enum Unit {
     /// One per message.
     #[default]

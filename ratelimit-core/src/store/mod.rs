@@ -29,12 +29,14 @@ mod distinct_memory;
 mod huge;
 mod memory;
 #[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
 pub mod snapshot;
 
 pub use distinct_memory::DistinctMemoryStore;
 pub use memory::{MemoryStore, MemoryStoreConfig};
 #[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use redis::{RedisStore, RedisStoreConfig, TimeSource};
 pub use snapshot::SnapshotError;
 
