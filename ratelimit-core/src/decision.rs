@@ -70,6 +70,9 @@ impl Cost {
 }
 
 /// Whether a check records what it admits.
+///
+/// Exhaustive on purpose (unlike the crate's other enums): every [`Store`](crate::Store)
+/// must handle each mode, so adding one would break stores whatever the attribute said.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Mode {
     /// Check only: would this cost be admitted now? Nothing is recorded.
@@ -192,6 +195,7 @@ impl Decision {
 
 /// A store failed to decide. (A refusal is not an error: it is a [`Decision`].)
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
     /// The store tracks as many keys as it may; a new key cannot be added. Existing
     /// keys are never evicted to make room (that would hand their quota back).

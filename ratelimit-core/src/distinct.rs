@@ -65,6 +65,7 @@ pub struct DistinctLimit {
 
 /// Why a [`DistinctLimit`] cannot be built.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum DistinctLimitError {
     /// The threshold is zero or above [`DistinctLimit::MAX_THRESHOLD`].
     #[error("the threshold must be from 1 to {}", DistinctLimit::MAX_THRESHOLD)]

@@ -76,6 +76,7 @@ impl FromStr for Unit {
 
 /// How a limit is decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Algorithm {
     /// A ring of `precision` sub-windows. Guarantee: the cost accepted in any interval
     /// of length `window` never exceeds `count`. It may over-count by at most one
@@ -97,6 +98,7 @@ pub enum Algorithm {
 /// Why a limit could not be built.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid limit \"{text}\": {reason}")]
+#[non_exhaustive]
 pub struct LimitError {
     /// The text (or parameters) that were given.
     pub text: String,
@@ -106,6 +108,7 @@ pub struct LimitError {
 
 /// What is wrong with a limit.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum LimitErrorKind {
     /// The text is not of the form `N/window`.
     #[error("expected the form N/window, such as 100/1h or 5000/1d")]

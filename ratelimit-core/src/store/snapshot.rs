@@ -40,6 +40,7 @@ pub const VERSION: u32 = 1;
 
 /// Why a snapshot could not be written or read.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SnapshotError {
     /// Reading or writing the file failed.
     #[error("snapshot {path}: {source}")]
