@@ -302,8 +302,11 @@ impl CounterId {
         self.0
     }
 
-    /// Rebuilds an id read back from storage.
-    pub fn from_u64(v: u64) -> Self {
+    /// Rebuilds an id read back from storage (snapshots, Redis), which checks it.
+    ///
+    /// Not public: an id means something only as [`Limit::counter_id`] made it, and
+    /// arbitrary bits could name a precision or window no limit has.
+    pub(crate) fn from_u64(v: u64) -> Self {
         CounterId(v)
     }
 

@@ -319,6 +319,11 @@ impl<'a> Reader<'a> {
 }
 
 /// Decodes a whole snapshot image; never panics on any input.
+///
+/// Not part of the API (hidden from the docs, may change in any release): public
+/// only so the `snapshot_decode` fuzz target and `tests/snapshot.rs` can feed it
+/// bytes. Embedders read snapshots with [`MemoryStore::load_snapshot`].
+#[doc(hidden)]
 pub fn decode(bytes: &[u8], path: &Path) -> Result<Vec<(String, KeyState)>, SnapshotError> {
     let mut r = Reader {
         buf: bytes,
