@@ -22,6 +22,33 @@
 //!
 //! Timestamps are wall-clock, so a snapshot restored after a restart is read at the
 //! current time: what has decayed meanwhile is gone, the rest still counts.
+//!
+//! # Examples
+//!
+//! Save a store before stopping, restore it into the next one:
+//!
+//! ```
+//! use ratelimit_core::{Cost, Limit, MemoryStore, Mode, Store, Timestamp};
+//! use std::time::Duration;
+//!
+//! let path = std::env::temp_dir().join(format!("ratelimit-doc-{}.snap", std::process::id()));
+//! let limits = ["2/1h".parse::<Limit>().unwrap()];
+//! let now = Timestamp::from_millis(1_700_000_000_000);
+//!
+//! let before = MemoryStore::new();
+//! let _ = before.check("alice", &limits, Cost::units(2), now, Mode::Acquire).unwrap();
+//! let saved = before.save_snapshot(&path, now).unwrap();
+//! assert_eq!(saved.keys, 1);
+//!
+//! // A minute later, in a new process: alice has still used her two.
+//! let later = now.saturating_add(Duration::from_secs(60));
+//! let after = MemoryStore::new();
+//! let restored = after.load_snapshot(&path, later).unwrap();
+//! assert_eq!(restored.restored, 1);
+//! let d = after.check("alice", &limits, Cost::units(1), later, Mode::Peek).unwrap();
+//! assert!(!d.is_allowed());
+//! # std::fs::remove_file(&path).unwrap();
+//! ```
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
