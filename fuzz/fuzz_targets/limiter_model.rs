@@ -92,10 +92,11 @@ fn run(data: &[u8]) -> Result<()> {
     let steps = steps(&mut u, chaos)?;
 
     let store = MemoryStore::new();
-    let capped = MemoryStore::with_config(MemoryStoreConfig {
-        shards: 1,
-        max_keys: CAP,
-    });
+    let capped = MemoryStore::with_config(
+        MemoryStoreConfig::default()
+            .with_shards(1)
+            .with_max_keys(CAP),
+    );
     let mut states = vec![KeyState::new(); KEYS];
     let mut capped_states = vec![KeyState::new(); KEYS];
     // Accepted events per key: (time, cost).
@@ -232,6 +233,8 @@ fn check_log(l: &Limit, log: &[(u64, Cost)]) {
                 }
             }
         }
+        // `Algorithm` is non-exhaustive; `limit` above builds only these two.
+        other => unreachable!("no model for {other:?}"),
     }
 }
 

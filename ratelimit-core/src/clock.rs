@@ -49,6 +49,34 @@ pub(crate) fn duration_to_millis(d: Duration) -> u64 {
 /// A source of the current time.
 ///
 /// Implementations must be cheap: the limiter calls [`Clock::now`] once per decision.
+///
+/// # Examples
+///
+/// Tests use [`ManualClock`] and advance it instead of sleeping; a clock of your own
+/// is one method, here the wall clock read through a cache another thread refreshes:
+///
+/// ```
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use ratelimit_core::{Clock, SystemClock, Timestamp};
+///
+/// struct Cached(AtomicU64);
+///
+/// impl Cached {
+///     fn refresh(&self) {
+///         self.0.store(SystemClock.now().as_millis(), Ordering::Relaxed);
+///     }
+/// }
+///
+/// impl Clock for Cached {
+///     fn now(&self) -> Timestamp {
+///         Timestamp::from_millis(self.0.load(Ordering::Relaxed))
+///     }
+/// }
+///
+/// let clock = Cached(AtomicU64::new(0));
+/// clock.refresh();
+/// assert!(clock.now() > Timestamp::EPOCH);
+/// ```
 pub trait Clock: Send + Sync {
     /// The current time.
     fn now(&self) -> Timestamp;

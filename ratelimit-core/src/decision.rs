@@ -2,7 +2,7 @@
 //! [`Cost`] of the event and the [`Mode`] it was checked in.
 //!
 //! A denial is data, not an error: it says which limit refused, when to retry and
-//! what remains. A store failure is a [`StoreError`](crate::StoreError), a different type.
+//! what remains. A store failure is a [`StoreError`], a different type.
 
 use std::time::Duration;
 
@@ -70,6 +70,9 @@ impl Cost {
 }
 
 /// Whether a check records what it admits.
+///
+/// Exhaustive on purpose (unlike the crate's other enums): every [`Store`](crate::Store)
+/// must handle each mode, so adding one would break stores whatever the attribute said.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Mode {
     /// Check only: would this cost be admitted now? Nothing is recorded.
@@ -101,7 +104,36 @@ pub struct Denial {
 
 /// The outcome of a check: allowed, or denied with a [`Denial`]; and the status of
 /// every limit of the tier, in the tier's order.
+///
+/// `#[must_use]`: a denial is data, not an error, so `?` alone does not stop a refused
+/// event; dropping a decision unread would let it through silently.
+///
+/// # Examples
+///
+/// ```
+/// use ratelimit_core::{Cost, Limit, MemoryStore, Mode, Store, Timestamp};
+/// use std::time::Duration;
+///
+/// let store = MemoryStore::new();
+/// let limits = ["2/1m".parse::<Limit>().unwrap(), "100/1d".parse().unwrap()];
+/// let now = Timestamp::from_millis(1_700_000_000_000);
+/// let check = |mode| store.check("alice", &limits, Cost::units(1), now, mode).unwrap();
+///
+/// let d = check(Mode::Acquire);
+/// assert!(d.is_allowed());
+/// assert_eq!(d.remaining(), 1); // the smaller of 1 (per minute) and 99 (per day)
+/// assert_eq!(d.statuses()[1].remaining, 99);
+///
+/// assert!(check(Mode::Acquire).is_allowed());
+/// let refused = check(Mode::Acquire);
+/// let denial = refused.denial().expect("the third in a minute is refused");
+/// assert_eq!(denial.limit, 0); // the per-minute limit, first in the list
+/// // The window plus one sub-window (1 s at the default precision of 60): a sliding
+/// // window may over-count by one sub-window's worth of time, never under-count.
+/// assert_eq!(denial.retry_after, Some(Duration::from_secs(61)));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[must_use = "a denial is data: check `is_allowed()` or `denial()` before going ahead"]
 pub struct Decision {
     pub(crate) denial: Option<Denial>,
     /// Inline (no allocation); only the first `len` are meaningful.
@@ -192,6 +224,7 @@ impl Decision {
 
 /// A store failed to decide. (A refusal is not an error: it is a [`Decision`].)
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
     /// The store tracks as many keys as it may and found none to evict; a new key
     /// cannot be added now. (The memory stores evict idle, then least recently used

@@ -65,6 +65,7 @@ pub struct DistinctLimit {
 
 /// Why a [`DistinctLimit`] cannot be built.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum DistinctLimitError {
     /// The threshold is zero or above [`DistinctLimit::MAX_THRESHOLD`].
     #[error("the threshold must be from 1 to {}", DistinctLimit::MAX_THRESHOLD)]
@@ -123,6 +124,7 @@ impl fmt::Display for DistinctLimit {
 
 /// What an observation found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "a flag is data: check `is_flagged()`"]
 pub struct Observation {
     /// Distinct values seen in the window ending now, counted up to `max + 1` (the
     /// state keeps no more).
@@ -385,8 +387,8 @@ mod tests {
     fn values_seen_more_than_a_window_apart_do_not_add_up() {
         let l = hourly(2);
         let mut s = DistinctState::new();
-        s.observe(1, &l, at(0));
-        s.observe(2, &l, at(H / 2));
+        let _ = s.observe(1, &l, at(0));
+        let _ = s.observe(2, &l, at(H / 2));
         let o = s.observe(3, &l, at(H)); // 1 has just left the window
         assert_eq!((o.distinct, o.is_flagged()), (2, false));
         let o = s.observe(1, &l, at(H + 1));
@@ -399,7 +401,7 @@ mod tests {
         let mut s = DistinctState::new();
         let mut t = 0;
         for v in 0..3 {
-            s.observe(v, &l, at(t));
+            let _ = s.observe(v, &l, at(t));
             t += 1000;
         }
         for v in 3..1000 {
@@ -420,7 +422,7 @@ mod tests {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            s.observe(x, &l, at(i));
+            let _ = s.observe(x, &l, at(i));
             assert!(s.len() <= 6);
         }
         assert_eq!(s.len(), 6);
@@ -431,7 +433,7 @@ mod tests {
     fn a_lower_threshold_trims_the_state() {
         let mut s = DistinctState::new();
         for v in 0..10 {
-            s.observe(v, &hourly(20), at(v));
+            let _ = s.observe(v, &hourly(20), at(v));
         }
         assert_eq!(s.len(), 10);
         let o = s.observe(99, &hourly(2), at(100));
@@ -447,10 +449,10 @@ mod tests {
     fn a_clock_stepping_back_loses_nothing() {
         let l = hourly(1);
         let mut s = DistinctState::new();
-        s.observe(1, &l, at(10_000));
+        let _ = s.observe(1, &l, at(10_000));
         let o = s.observe(2, &l, at(0));
         assert!(o.is_flagged());
-        s.observe(1, &l, at(5000));
+        let _ = s.observe(1, &l, at(5000));
         assert_eq!(
             s.entries().iter().find(|e| e.hash == 1).map(|e| e.at),
             Some(T + 10_000)

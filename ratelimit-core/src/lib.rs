@@ -31,11 +31,38 @@
 //!
 //! [`decision`] holds what a check returns: a denial is data ([`Decision`]); a store
 //! failure is an error ([`StoreError`]).
+//!
+//! # Cargo features
+//!
+//! - `redis`: `store::RedisStore`, counters shared through Redis by every host that
+//!   uses the same server.
+//! - `serde`: `Serialize` and `Deserialize` for [`Unit`].
+//!
+//! None is on by default.
+//!
+//! # Stability
+//!
+//! This is a 0.x crate on its way to 1.0, shaped so that adding things is not a
+//! breaking change:
+//! - Error enums, [`Unit`], [`Algorithm`] and the store configurations are
+//!   `#[non_exhaustive]`: match them with a wildcard arm, and build a configuration
+//!   from its constructor or `Default` and its `with_*` methods.
+//!   [`Mode`] is exhaustive on purpose: a [`Store`] must handle every mode, so a new
+//!   one would be a breaking change whatever the attribute said.
+//! - [`Decision`] is `#[must_use]`: dropping one drops a possible denial.
+//! - Anything hidden from these docs (`#[doc(hidden)]`) is public only for the
+//!   fuzz targets and the tests, and may change in any release.
+//!
+//! The minimum supported Rust version is the `rust-version` in `Cargo.toml`: the one
+//! toolchain the project's test script checks the workspace with. Older toolchains
+//! may work but are not tested, so not promised.
 
 // `unsafe` is denied everywhere but in `store::huge` (a table allocation that
 // asks for huge pages), where each use says why it holds.
 #![deny(unsafe_code)]
-#![warn(missing_docs)]
+#![deny(missing_docs)]
+// docs.rs (`--cfg docsrs`, see Cargo.toml) marks the items each feature adds.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod algorithm;
 pub mod clock;
@@ -53,3 +80,8 @@ pub use limiter::Limiter;
 pub use quota::{Algorithm, CounterId, Limit, LimitError, Unit};
 pub use store::{MemoryStore, MemoryStoreConfig, Store, StoreError};
 pub use tier::{Tier, TierError, TierMap};
+
+// The README (the crates.io page) is tested with the doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -8,8 +8,6 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
 use crate::clock::duration_to_millis;
 
 /// The default number of sub-windows in a sliding window.
@@ -20,8 +18,13 @@ pub const MAX_PRECISION: u16 = 8191;
 pub const MAX_WINDOW_MS: u64 = (1 << 48) - 1;
 
 /// What a limit counts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
+///
+/// With the cargo feature `serde`, it (de)serializes as its lowercase name
+/// (`"messages"`), as [`Unit::as_str`] writes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
+#[non_exhaustive]
 pub enum Unit {
     /// One per message.
     #[default]
@@ -73,6 +76,7 @@ impl FromStr for Unit {
 
 /// How a limit is decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Algorithm {
     /// A ring of `precision` sub-windows. Guarantee: the cost accepted in any interval
     /// of length `window` never exceeds `count`. It may over-count by at most one
@@ -94,6 +98,7 @@ pub enum Algorithm {
 /// Why a limit could not be built.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid limit \"{text}\": {reason}")]
+#[non_exhaustive]
 pub struct LimitError {
     /// The text (or parameters) that were given.
     pub text: String,
@@ -103,6 +108,7 @@ pub struct LimitError {
 
 /// What is wrong with a limit.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum LimitErrorKind {
     /// The text is not of the form `N/window`.
     #[error("expected the form N/window, such as 100/1h or 5000/1d")]
@@ -296,8 +302,11 @@ impl CounterId {
         self.0
     }
 
-    /// Rebuilds an id read back from storage.
-    pub fn from_u64(v: u64) -> Self {
+    /// Rebuilds an id read back from storage (snapshots, Redis), which checks it.
+    ///
+    /// Not public: an id means something only as [`Limit::counter_id`] made it, and
+    /// arbitrary bits could name a precision or window no limit has.
+    pub(crate) fn from_u64(v: u64) -> Self {
         CounterId(v)
     }
 

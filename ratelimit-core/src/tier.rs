@@ -10,6 +10,7 @@ use crate::quota::{Algorithm, Limit};
 
 /// Why a tier or tier map could not be built.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum TierError {
     /// A tier name is empty.
     #[error("a tier name must not be empty")]

@@ -11,10 +11,11 @@ fn hammer(limits: &[Limit], expected_per_key: u64) {
     const THREADS: usize = 8;
     const KEYS: usize = 4;
     const TRIES: usize = 2_000;
-    let store = Arc::new(MemoryStore::with_config(MemoryStoreConfig {
-        shards: 2,
-        max_keys: 1000,
-    }));
+    let store = Arc::new(MemoryStore::with_config(
+        MemoryStoreConfig::default()
+            .with_shards(2)
+            .with_max_keys(1000),
+    ));
     let clock = ManualClock::new(Timestamp::from_millis(1_700_000_000_000));
     let allowed: Arc<Vec<AtomicU64>> = Arc::new((0..KEYS).map(|_| AtomicU64::new(0)).collect());
     std::thread::scope(|s| {
@@ -125,10 +126,11 @@ fn concurrent_acquires_with_time_moving_stay_within_any_window() {
 fn concurrent_new_keys_never_exceed_the_key_cap_and_each_past_it_evicts_one() {
     use ratelimit_core::store::StoreError;
     for _ in 0..20 {
-        let store = MemoryStore::with_config(MemoryStoreConfig {
-            shards: 16,
-            max_keys: 100,
-        });
+        let store = MemoryStore::with_config(
+            MemoryStoreConfig::default()
+                .with_shards(16)
+                .with_max_keys(100),
+        );
         let limits: [Limit; 1] = ["10/1h".parse().unwrap()];
         let now = Timestamp::from_millis(1_700_000_000_000);
         let admitted = AtomicU64::new(0);

@@ -541,13 +541,13 @@ mod redis_store {
             )
         );
 
-        store
+        let _ = store
             .check("u{1}@example.com", &limits, Cost::units(1), t, Mode::Peek)
             .unwrap();
         let exists: bool = redis::cmd("EXISTS").arg(&name).query(&mut con).unwrap();
         assert!(!exists, "a peek created the key");
 
-        store
+        let _ = store
             .check(
                 "u{1}@example.com",
                 &limits,
@@ -593,7 +593,7 @@ mod redis_store {
             )
             .unwrap();
         assert!(!d.is_allowed());
-        store
+        let _ = store
             .check("u{1}@example.com", &limits, Cost::units(0), t, Mode::Peek)
             .unwrap();
         let mut after: Vec<(String, String)> =

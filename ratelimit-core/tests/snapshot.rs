@@ -163,7 +163,8 @@ fn decoding_never_panics_on_garbage() {
     // Every prefix and a byte-flip of each position of a small snapshot.
     let path = tmp("garbage");
     let s = MemoryStore::new();
-    s.check("a", &limits(), Cost::message(1, 0), at(0), Mode::Acquire)
+    let _ = s
+        .check("a", &limits(), Cost::message(1, 0), at(0), Mode::Acquire)
         .unwrap();
     s.save_snapshot(&path, at(0)).unwrap();
     let good = std::fs::read(&path).unwrap();

@@ -160,10 +160,7 @@ impl Backend {
 
     /// In-process stores tracking at most `max_keys` keys each.
     pub fn memory(max_keys: usize) -> Backend {
-        let volume = MemoryStore::with_config(MemoryStoreConfig {
-            max_keys,
-            ..MemoryStoreConfig::default()
-        });
+        let volume = MemoryStore::with_config(MemoryStoreConfig::default().with_max_keys(max_keys));
         Backend::new(
             Arc::new(volume),
             Arc::new(DistinctMemoryStore::new(max_keys)),
@@ -179,10 +176,8 @@ impl Backend {
     pub fn open(cfg: &StoreConfig, now: Timestamp) -> Result<Backend, OpenError> {
         match &cfg.backend {
             BackendConfig::Memory { max_keys } => {
-                let volume = MemoryStore::with_config(MemoryStoreConfig {
-                    max_keys: *max_keys,
-                    ..MemoryStoreConfig::default()
-                });
+                let volume =
+                    MemoryStore::with_config(MemoryStoreConfig::default().with_max_keys(*max_keys));
                 if let Some(snap) = &cfg.snapshot {
                     restore(&volume, &snap.path, snap.start_empty_if_bad, now)?;
                 }

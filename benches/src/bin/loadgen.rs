@@ -41,7 +41,7 @@ struct Args {
     /// Number of persistent connections (each is one simulated smtpd).
     #[arg(short = 'c', long, default_value_t = 16)]
     connections: u32,
-    /// Number of distinct SASL users (u0..u<N-1>@example.com).
+    /// Number of distinct SASL users (u0..u(N-1)@example.com).
     #[arg(long, default_value_t = 10_000)]
     users: u64,
     /// How the sender of each message is drawn.

@@ -51,7 +51,7 @@ fn refused_events_record_nothing_and_peek_records_nothing() {
     let mut s = KeyState::new();
     assert!(s.apply(&l, Cost::units(2), at(0), Mode::Peek).is_allowed());
     assert!(s.counters.is_empty());
-    acquire(&mut s, &l, 2, 0);
+    let _ = acquire(&mut s, &l, 2, 0);
     let before = s.clone();
     assert!(acquire(&mut s, &l, 1, 10).denial().is_some());
     assert_eq!(s, before);
@@ -79,7 +79,7 @@ fn limits_sharing_a_counter_are_charged_once() {
         "20/1h".parse::<Limit>().unwrap(),
     ];
     let mut s = KeyState::new();
-    acquire(&mut s, &l, 3, 0);
+    let _ = acquire(&mut s, &l, 3, 0);
     assert_eq!(s.used(&l[0], at(0)), 3);
     assert_eq!(s.used(&l[1], at(0)), 3);
 }
@@ -102,9 +102,9 @@ fn units_are_counted_separately() {
 fn a_clock_stepping_back_loses_nothing() {
     let l = ["2/1m".parse::<Limit>().unwrap()];
     let mut s = KeyState::new();
-    acquire(&mut s, &l, 1, 30_000);
+    let _ = acquire(&mut s, &l, 1, 30_000);
     // The wall clock steps back 20 s: the event is still counted.
-    acquire(&mut s, &l, 1, 10_000);
+    let _ = acquire(&mut s, &l, 1, 10_000);
     assert!(acquire(&mut s, &l, 1, 10_000).denial().is_some());
     assert_eq!(s.used(&l[0], at(10_000)), 2);
 }
@@ -113,7 +113,7 @@ fn a_clock_stepping_back_loses_nothing() {
 fn state_goes_idle_after_the_window() {
     let l = ["2/1m".parse::<Limit>().unwrap()];
     let mut s = KeyState::new();
-    acquire(&mut s, &l, 1, 0);
+    let _ = acquire(&mut s, &l, 1, 0);
     assert!(!s.is_idle(at(60_999)));
     assert!(s.is_idle(at(61_000)));
     assert_eq!(s.used(&l[0], at(61_000)), 0);
@@ -143,7 +143,7 @@ fn moving_to_a_tier_with_a_higher_count_keeps_usage() {
     let small = ["10/1h".parse::<Limit>().unwrap()];
     let big = ["100/1h".parse::<Limit>().unwrap()];
     let mut s = KeyState::new();
-    acquire(&mut s, &small, 8, 0);
+    let _ = acquire(&mut s, &small, 8, 0);
     let d = acquire(&mut s, &big, 1, 1000);
     assert_eq!(d.statuses()[0].used, 8);
     assert_eq!(d.statuses()[0].remaining, 91);

@@ -399,22 +399,22 @@ mod tests {
             k.sort();
             k
         };
-        store.observe("old", "n1", &limit, at(0)).unwrap();
-        store.observe("a", "n1", &limit, at(30)).unwrap();
-        store.observe("b", "n1", &limit, at(31)).unwrap();
+        let _ = store.observe("old", "n1", &limit, at(0)).unwrap();
+        let _ = store.observe("a", "n1", &limit, at(30)).unwrap();
+        let _ = store.observe("b", "n1", &limit, at(31)).unwrap();
         // "old" has aged out at 61 s: it goes, for nothing.
-        store.observe("c", "n1", &limit, at(61)).unwrap();
+        let _ = store.observe("c", "n1", &limit, at(61)).unwrap();
         assert_eq!(keys(&store), ["a", "b", "c"]);
         assert_eq!(store.evictions(), Evictions { idle: 1, lru: 0 });
         // None idle: the least recently observed goes ("a" was seen again; "b" not).
-        store.observe("a", "n1", &limit, at(62)).unwrap();
-        store.observe("d", "n1", &limit, at(63)).unwrap();
+        let _ = store.observe("a", "n1", &limit, at(62)).unwrap();
+        let _ = store.observe("d", "n1", &limit, at(63)).unwrap();
         assert_eq!(keys(&store), ["a", "c", "d"]);
         assert_eq!(store.evictions(), Evictions { idle: 1, lru: 1 });
         // Again: "c" and "a" were seen since, "d" is the least recently observed.
-        store.observe("c", "n2", &limit, at(64)).unwrap();
-        store.observe("a", "n1", &limit, at(64)).unwrap();
-        store.observe("e", "n1", &limit, at(65)).unwrap();
+        let _ = store.observe("c", "n2", &limit, at(64)).unwrap();
+        let _ = store.observe("a", "n1", &limit, at(64)).unwrap();
+        let _ = store.observe("e", "n1", &limit, at(65)).unwrap();
         assert_eq!(keys(&store), ["a", "c", "e"]);
         // Every key left is found after the moves eviction makes.
         for k in keys(&store) {

@@ -29,12 +29,14 @@ mod distinct_memory;
 mod huge;
 mod memory;
 #[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
 pub mod snapshot;
 
 pub use distinct_memory::DistinctMemoryStore;
 pub use memory::{MemoryStore, MemoryStoreConfig};
 #[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use redis::{RedisStore, RedisStoreConfig, TimeSource};
 pub use snapshot::SnapshotError;
 
@@ -54,6 +56,46 @@ pub use crate::decision::StoreError;
 ///
 /// `now` is the caller's clock. A store that shares state between hosts may use its
 /// own clock instead (the Redis store can use the Redis server's time), and says so.
+///
+/// # Examples
+///
+/// A store of your own keeps each key's [`KeyState`] wherever it likes and calls
+/// [`KeyState::apply`] under its own lock; this one holds every key behind one mutex,
+/// which keeps the contract trivially:
+///
+/// ```
+/// use std::collections::HashMap;
+/// use std::sync::Mutex;
+///
+/// use ratelimit_core::{
+///     Cost, Decision, KeyState, Limit, Limiter, ManualClock, Mode, Store, StoreError, Tier,
+///     TierMap, Timestamp,
+/// };
+///
+/// #[derive(Default)]
+/// struct OneLock(Mutex<HashMap<String, KeyState>>);
+///
+/// impl Store for OneLock {
+///     fn check(
+///         &self,
+///         key: &str,
+///         limits: &[Limit],
+///         cost: Cost,
+///         now: Timestamp,
+///         mode: Mode,
+///     ) -> Result<Decision, StoreError> {
+///         let mut states = self.0.lock().map_err(|_| StoreError::Unavailable("poisoned".into()))?;
+///         let state = states.entry(key.to_string()).or_default();
+///         Ok(state.apply(limits, cost, now, mode))
+///     }
+/// }
+///
+/// let tiers = TierMap::new(Tier::new("default", ["1/1m".parse().unwrap()]).unwrap());
+/// let clock = ManualClock::new(Timestamp::from_millis(1_700_000_000_000));
+/// let limiter = Limiter::new(OneLock::default(), tiers, clock);
+/// assert!(limiter.acquire("alice", Cost::message(1, 0)).unwrap().is_allowed());
+/// assert!(!limiter.acquire("alice", Cost::message(1, 0)).unwrap().is_allowed());
+/// ```
 pub trait Store: Send + Sync {
     /// Checks `cost` for `key` against `limits` at `now`; in [`Mode::Acquire`],
     /// records it on every limit if all admit.

@@ -22,6 +22,33 @@
 //!
 //! Timestamps are wall-clock, so a snapshot restored after a restart is read at the
 //! current time: what has decayed meanwhile is gone, the rest still counts.
+//!
+//! # Examples
+//!
+//! Save a store before stopping, restore it into the next one:
+//!
+//! ```
+//! use ratelimit_core::{Cost, Limit, MemoryStore, Mode, Store, Timestamp};
+//! use std::time::Duration;
+//!
+//! let path = std::env::temp_dir().join(format!("ratelimit-doc-{}.snap", std::process::id()));
+//! let limits = ["2/1h".parse::<Limit>().unwrap()];
+//! let now = Timestamp::from_millis(1_700_000_000_000);
+//!
+//! let before = MemoryStore::new();
+//! let _ = before.check("alice", &limits, Cost::units(2), now, Mode::Acquire).unwrap();
+//! let saved = before.save_snapshot(&path, now).unwrap();
+//! assert_eq!(saved.keys, 1);
+//!
+//! // A minute later, in a new process: alice has still used her two.
+//! let later = now.saturating_add(Duration::from_secs(60));
+//! let after = MemoryStore::new();
+//! let restored = after.load_snapshot(&path, later).unwrap();
+//! assert_eq!(restored.restored, 1);
+//! let d = after.check("alice", &limits, Cost::units(1), later, Mode::Peek).unwrap();
+//! assert!(!d.is_allowed());
+//! # std::fs::remove_file(&path).unwrap();
+//! ```
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
@@ -40,6 +67,7 @@ pub const VERSION: u32 = 1;
 
 /// Why a snapshot could not be written or read.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SnapshotError {
     /// Reading or writing the file failed.
     #[error("snapshot {path}: {source}")]
@@ -318,6 +346,11 @@ impl<'a> Reader<'a> {
 }
 
 /// Decodes a whole snapshot image; never panics on any input.
+///
+/// Not part of the API (hidden from the docs, may change in any release): public
+/// only so the `snapshot_decode` fuzz target and `tests/snapshot.rs` can feed it
+/// bytes. Embedders read snapshots with [`MemoryStore::load_snapshot`].
+#[doc(hidden)]
 pub fn decode(bytes: &[u8], path: &Path) -> Result<Vec<(String, KeyState)>, SnapshotError> {
     let mut r = Reader {
         buf: bytes,

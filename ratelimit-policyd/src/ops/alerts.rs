@@ -1,7 +1,7 @@
 //! Alerts on the first refusal of a user for a limit (an incident): run a command
 //! and/or POST a JSON webhook.
 //!
-//! Off the request path: [`Queue::offer`] only `try_send`s into a bounded channel
+//! Off the request path: [`Alerts::offer`] only `try_send`s into a bounded channel
 //! (full: the alert is dropped and counted in `ratelimit_alerts_total{result="dropped"}`);
 //! one worker task delivers them in order, each command and POST bounded by
 //! `[alerts] timeout`. The policy opens at most one incident per user per limit until

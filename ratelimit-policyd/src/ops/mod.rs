@@ -1,7 +1,7 @@
 //! Operations: incident log lines and alerts, Prometheus metrics, request
 //! recording. They observe the policy and the server; neither imports them.
 //!
-//! [`Ops`] is the policy's [`Observer`]: for every verdict it records the request
+//! [`Ops`] is the policy's [`Observer`](crate::policy::Observer): for every verdict it records the request
 //! (when `[record]` is on) and, for each incident the verdict opened, logs one line,
 //! counts it, and queues an alert. It only bumps atomics and `try_send`s into
 //! bounded channels on the request's thread. [`start`] (called by the daemon)

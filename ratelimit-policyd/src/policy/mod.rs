@@ -7,13 +7,13 @@
 //!   the body is sent; nothing is recorded); END-OF-MESSAGE *acquires* (the only stage
 //!   with the real size and accepted recipient count), once per `instance`. Every other
 //!   stage answers `DUNNO`.
-//! - **Volume** ([`volume`]): all limits of the user's tier; recorded only if all
+//! - **Volume** (`volume.rs`): all limits of the user's tier; recorded only if all
 //!   admit. Over a limit: the tier's action with a text that says which limit and when
 //!   to retry. A store failure gets the configured fail-open (`DUNNO`) or fail-closed
 //!   (defer) answer, within `decision_timeout`. A full key table is not a failure:
 //!   the store evicts to make room, and a new user it has no room for is deferred
 //!   (`4.7.1`), whatever `on_store_error` says.
-//! - **Networks** ([`networks`]): the compromise signal, observed before the volume
+//! - **Networks** (`networks.rs`): the compromise signal, observed before the volume
 //!   limits so a refused request still reveals its address; while a user is flagged,
 //!   the networks action replaces the volume decision.
 //!

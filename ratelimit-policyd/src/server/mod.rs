@@ -62,7 +62,7 @@ const EVICTED_WAIT: Duration = Duration::from_secs(1);
 
 /// Serves `listeners` with `policy` until `shutdown` completes, then stops accepting
 /// and lets every connection finish the request it is on (connections stop only
-/// between requests), waiting at most [`SHUTDOWN_GRACE`].
+/// between requests), waiting at most `SHUTDOWN_GRACE` (10 s).
 pub async fn serve(
     listeners: Vec<Listener>,
     policy: Arc<Policy>,

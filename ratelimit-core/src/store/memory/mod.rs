@@ -95,7 +95,19 @@ use shard::{Evicted, Shard};
 use table::TableHint;
 
 /// How a [`MemoryStore`] is built.
+///
+/// `#[non_exhaustive]`, so settings can be added: start from `Default` and change
+/// what you need.
+///
+/// # Examples
+///
+/// ```
+/// use ratelimit_core::{MemoryStore, MemoryStoreConfig};
+/// let store = MemoryStore::with_config(MemoryStoreConfig::default().with_max_keys(1_000));
+/// assert_eq!(store.max_keys(), 1_000);
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct MemoryStoreConfig {
     /// Number of lock shards; rounded up to a power of two. Default: 4 per available
     /// CPU (as `dashmap`), so that two running threads rarely want the same lock
@@ -118,6 +130,20 @@ impl Default for MemoryStoreConfig {
             shards: cpus * 4,
             max_keys: 4_000_000,
         }
+    }
+}
+
+impl MemoryStoreConfig {
+    /// This configuration with [`shards`](Self::shards) set.
+    pub fn with_shards(mut self, shards: usize) -> Self {
+        self.shards = shards;
+        self
+    }
+
+    /// This configuration with [`max_keys`](Self::max_keys) set.
+    pub fn with_max_keys(mut self, max_keys: usize) -> Self {
+        self.max_keys = max_keys;
+        self
     }
 }
 

@@ -2,6 +2,10 @@
 //! of a state, and the store held to [`KeyState::apply`] through random
 //! histories (which covers [`super::packed::apply`], the packed fast path).
 
+// Many tests record events only to set up a state; the decisions they need, they
+// assert. One allow here instead of `let _ =` on each setup line.
+#![allow(unused_must_use)]
+
 use super::packed::GENERAL;
 use super::table::{Bucket, WAYS};
 use super::*;

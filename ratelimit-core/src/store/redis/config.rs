@@ -11,6 +11,7 @@ use crate::store::Store;
 
 /// Whose clock decides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum TimeSource {
     /// The Redis server's `TIME`: every host sharing the store agrees. The `now`
     /// passed to [`Store::check`] is ignored.
@@ -22,17 +23,24 @@ pub enum TimeSource {
 
 /// How a [`RedisStore`] connects and lays out its keys.
 ///
-/// `Debug` never shows the password in the URL.
+/// `Debug` never shows the password in the URL. `#[non_exhaustive]`, so settings can
+/// be added: start from [`RedisStoreConfig::new`] and change what you need.
 ///
 /// # Examples
 ///
 /// ```
-/// use ratelimit_core::store::RedisStoreConfig;
-/// let c = RedisStoreConfig::new("redis://:s3cret@10.0.0.5:6379/2");
+/// use ratelimit_core::store::{RedisStoreConfig, TimeSource};
+/// use std::time::Duration;
+///
+/// let c = RedisStoreConfig::new("redis://:s3cret@10.0.0.5:6379/2")
+///     .with_key_prefix("mx1:")
+///     .with_command_timeout(Duration::from_millis(200))
+///     .with_time_source(TimeSource::Server);
 /// assert_eq!(c.redacted_url(), "redis://:***@10.0.0.5:6379/2");
 /// assert!(!format!("{c:?}").contains("s3cret"));
 /// ```
 #[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RedisStoreConfig {
     /// `redis://[[user]:password@]host[:port][/db]` or `redis+unix:///path[?db=N&pass=P]`.
     pub url: String,
@@ -66,6 +74,42 @@ impl RedisStoreConfig {
             ttl_grace: Duration::from_secs(60),
             max_idle_connections: 16,
         }
+    }
+
+    /// This configuration with [`key_prefix`](Self::key_prefix) set.
+    pub fn with_key_prefix(mut self, key_prefix: impl Into<String>) -> Self {
+        self.key_prefix = key_prefix.into();
+        self
+    }
+
+    /// This configuration with [`connect_timeout`](Self::connect_timeout) set.
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// This configuration with [`command_timeout`](Self::command_timeout) set.
+    pub fn with_command_timeout(mut self, timeout: Duration) -> Self {
+        self.command_timeout = timeout;
+        self
+    }
+
+    /// This configuration with [`time_source`](Self::time_source) set.
+    pub fn with_time_source(mut self, time_source: TimeSource) -> Self {
+        self.time_source = time_source;
+        self
+    }
+
+    /// This configuration with [`ttl_grace`](Self::ttl_grace) set.
+    pub fn with_ttl_grace(mut self, grace: Duration) -> Self {
+        self.ttl_grace = grace;
+        self
+    }
+
+    /// This configuration with [`max_idle_connections`](Self::max_idle_connections) set.
+    pub fn with_max_idle_connections(mut self, n: usize) -> Self {
+        self.max_idle_connections = n;
+        self
     }
 
     /// The URL with any password (and a bare user-info part, which some clients
