@@ -274,3 +274,37 @@ async fn the_cli_finds_the_socket_from_the_config_and_reports_a_dead_one() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect to the admin socket"));
 }
+
+/// Names are client text: the CLI's human-readable output writes their control
+/// characters as escapes (an `ESC [` sequence must not drive the operator's
+/// terminal); `--json` keeps the original, which JSON escapes by itself.
+#[tokio::test]
+async fn the_cli_escapes_control_characters_in_the_names_it_prints() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = socket(dir.path());
+    let srv = Server::start_in(dir.path(), &config()).await;
+    let mut c = srv.client().await;
+    let evil = "ev\x1b[2jil\rx\u{9b}y";
+    let shown = r"ev\x1b[2jil\rx\u{9b}y";
+    for i in 0..3 {
+        c.eom(evil, &format!("m{i}"), "192.0.2.1").await;
+    }
+    let raw: &[char] = &['\x1b', '\r', '\u{9b}'];
+    for args in [
+        &["show", evil][..],
+        &["top"][..],
+        &["tier", "alice", evil][..],
+        &["reset", evil][..],
+    ] {
+        let out = cli(&sock, args).await;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(text.contains(shown), "admin {args:?}: {text:?}");
+        assert!(!text.contains(raw), "admin {args:?}: {text:?}");
+    }
+    let json = ok(&sock, &["--json", "show", evil]).await;
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["user"], evil);
+    drop(c);
+    srv.stop().await;
+}

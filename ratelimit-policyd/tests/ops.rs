@@ -108,6 +108,53 @@ async fn json_logs_carry_the_incident_fields() {
     srv.stop().await;
 }
 
+/// A user name is client text: a CR or an escape sequence in it must not forge a
+/// line or drive the operator's terminal in a text log; JSON keeps the original.
+#[tokio::test]
+async fn control_characters_in_a_user_name_are_escaped_in_text_logs_and_kept_in_json() {
+    let evil = "mal\x1b[2jlory\rfake\u{85}x";
+    for json in [false, true] {
+        let logs = Logs::default();
+        let _guard = if json {
+            logs.capture_json(tracing::Level::INFO)
+        } else {
+            logs.capture(tracing::Level::INFO)
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let srv = Server::start_in(dir.path(), &config("")).await;
+        let mut c = srv.client().await;
+        for i in 0..3 {
+            c.eom(evil, &format!("m{i}"), "192.0.2.1").await;
+        }
+        drop(c);
+        srv.stop().await;
+        let text = logs.text();
+        let line = text
+            .lines()
+            .find(|l| l.contains("incident"))
+            .unwrap_or_else(|| panic!("no incident line in {text:?}"));
+        if json {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert_eq!(v["fields"]["user"], evil, "{line}");
+        } else {
+            assert!(
+                line.contains(r"user=mal\x1b[2jlory\rfake\u{85}x"),
+                "{line:?}"
+            );
+        }
+        // JSON escapes C0 controls itself; C1 (U+0085) is valid JSON text and stays.
+        let raw: &[char] = if json {
+            &['\x1b', '\r']
+        } else {
+            &['\x1b', '\r', '\u{85}']
+        };
+        assert!(
+            !text.contains(raw),
+            "a raw control character reached the log: {text:?}"
+        );
+    }
+}
+
 fn parse_env_blocks(text: &str) -> Vec<BTreeMap<String, String>> {
     text.split("---\n")
         .filter(|b| !b.trim().is_empty())

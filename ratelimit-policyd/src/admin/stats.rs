@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use serde::{Deserialize, Serialize};
 
 use super::context::Context;
+use crate::escape::Escaped;
 use crate::policy::{Counted, Outcome};
 
 /// `{"cmd":"stats"}`
@@ -114,7 +115,7 @@ pub fn render(r: &StatsReply) -> String {
             .filter(|(_, n)| **n > 0)
             .map(|(k, v)| (k.clone(), *v))
             .collect();
-        let _ = writeln!(s, "tier {tier}: {}", join(&by));
+        let _ = writeln!(s, "tier {}: {}", Escaped(tier), join(&by));
     }
     let _ = writeln!(
         s,

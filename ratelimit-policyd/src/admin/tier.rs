@@ -6,6 +6,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::context::Context;
+use crate::escape::Escaped;
 use crate::policy::Policy;
 
 /// `{"cmd":"tier","user":"alice@example.com","tier":"bulk"}`
@@ -79,6 +80,9 @@ fn set(policy: &Policy, key: &str, tier: &str) -> Result<TierReply, String> {
 pub fn render(r: &TierReply) -> String {
     format!(
         "{}: tier {} (was {}); saved in {}\n",
-        r.user, r.tier, r.previous, r.persisted_in
+        Escaped(&r.user),
+        Escaped(&r.tier),
+        Escaped(&r.previous),
+        Escaped(&r.persisted_in)
     )
 }
