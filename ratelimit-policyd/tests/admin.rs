@@ -308,3 +308,42 @@ async fn the_cli_escapes_control_characters_in_the_names_it_prints() {
     drop(c);
     srv.stop().await;
 }
+
+/// `admin tier` never writes a line the next start could not read, and a bad line
+/// written by hand is skipped with a warning naming file:line, not a failed start.
+#[tokio::test]
+async fn a_bad_overrides_line_is_skipped_and_admin_tier_refuses_names_the_file_cannot_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = socket(dir.path());
+    let overrides = dir.path().join("state/overrides");
+    std::fs::create_dir_all(overrides.parent().unwrap()).unwrap();
+    std::fs::write(&overrides, "alice bulk\njohn smith bulk\nbob bulk\n").unwrap();
+    let logs = support::logs::Logs::default();
+    let guard = logs.capture(tracing::Level::WARN);
+    let srv = Server::start_in(dir.path(), &config()).await;
+    drop(guard);
+    let text = logs.text();
+    assert!(
+        text.contains(&format!(
+            "{}:2: expected \"user tier\"",
+            overrides.display()
+        )),
+        "{text}"
+    );
+    let map = &srv.daemon.policy.config().tiers.map;
+    assert_eq!(map.tier_of("alice").name(), "bulk");
+    assert_eq!(map.tier_of("bob").name(), "bulk");
+
+    let before = std::fs::read_to_string(&overrides).unwrap();
+    for user in ["john smith", "a#b", "eve\nmallory"] {
+        let bad = cli(&sock, &["tier", user, "bulk"]).await;
+        assert!(!bad.status.success(), "{user:?}");
+        let err = String::from_utf8_lossy(&bad.stderr);
+        assert!(
+            err.contains("cannot be kept in the tier overrides file"),
+            "{err}"
+        );
+    }
+    assert_eq!(std::fs::read_to_string(&overrides).unwrap(), before);
+    srv.stop().await;
+}

@@ -328,3 +328,39 @@ fn reply_codes_pick_the_action() {
     assert_eq!(action("action = \"dry-run\"\n"), ActionKind::Warn);
     assert_eq!(action("action = \"hold\"\n"), ActionKind::Hold);
 }
+
+/// Tier names are written in `user tier` lines (tier map, overrides), log lines and
+/// metric labels: one that needs quoting in any of them is refused at load.
+#[test]
+fn tier_names_that_a_map_file_could_not_hold_are_refused() {
+    for name in [
+        "big customers",
+        "a#b",
+        "new\\nline",
+        "tab\\tbed",
+        "",
+        "ünicode",
+    ] {
+        let text = format!("[tiers.default]\nlimits = []\n\n[tiers.\"{name}\"]\nlimits = []\n");
+        let e = err(&text);
+        assert!(e.starts_with("test.toml:4: tiers."), "{name:?}: {e}");
+        assert!(
+            e.contains("a tier name is 1 to 64 ASCII letters"),
+            "{name:?}: {e}"
+        );
+        assert!(!e.contains(['\n', '\t']), "{name:?}: {e:?}");
+    }
+    let long = "x".repeat(65);
+    assert!(
+        err(&format!(
+            "default_tier = \"{long}\"\n[tiers.{long}]\nlimits = []\n"
+        ))
+        .contains("a tier name")
+    );
+    let ok = parse(
+        "default_tier = \"std-1.0_a\"\n[tiers.\"std-1.0_a\"]\nlimits = []\n",
+        "test.toml",
+        None,
+    );
+    assert!(ok.is_ok(), "{ok:?}");
+}

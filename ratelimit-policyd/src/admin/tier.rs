@@ -38,6 +38,8 @@ impl SetTier {
         if key.is_empty() || key == "@" {
             return Err("tier needs a user (or @domain) and a tier".into());
         }
+        // The move is persisted as a `user tier` line: refuse what the file cannot hold.
+        super::overrides::check_user(&key)?;
         let policy = Arc::clone(&ctx.view.policy);
         let tier = self.tier.trim().to_string();
         super::context::blocking(move || set(&policy, &key, &tier)).await?

@@ -44,7 +44,7 @@ pub use self::defaults::{
 };
 pub use self::describe::{describe, redact_url};
 pub use self::ops::OpsConfig;
-pub use self::tiers::apply_map_file;
+pub use self::tiers::{MAX_TIER_NAME, apply_map_file, check_tier_name};
 
 /// The built-in default configuration (used when no `--config` is given).
 pub const DEFAULT_CONFIG: &str = include_str!("../../config/default.toml");
