@@ -642,3 +642,50 @@ async fn replaying_a_recorded_session_gives_the_live_refusals() {
     let out = replay::render(&report, "loose.toml");
     assert!(out.contains("nobody would have been refused"), "{out}");
 }
+
+/// Reads until the peer closes; how long that took (`None`: still open after `limit`).
+async fn closed_within(s: &mut tokio::net::TcpStream, limit: Duration) -> Option<Duration> {
+    let t = Instant::now();
+    let mut buf = [0u8; 256];
+    loop {
+        match tokio::time::timeout(limit.saturating_sub(t.elapsed()), s.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(t.elapsed()),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// A flood of idle connections cannot hold the metrics endpoint: beyond
+/// `MAX_SCRAPES` a connection is closed at once, and one that sends no request head
+/// is closed after the 1 s header timeout, after which scrapes work again.
+#[tokio::test]
+async fn the_metrics_endpoint_caps_scrapes_and_closes_silent_connections() {
+    use ratelimit_policyd::ops::metrics::MAX_SCRAPES;
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start_in(dir.path(), &config("[metrics]\nlisten = \"127.0.0.1:0\"\n")).await;
+    let maddr = srv.daemon.ops.metrics_addr().unwrap();
+    let mut idle = Vec::new();
+    for _ in 0..MAX_SCRAPES {
+        idle.push(tokio::net::TcpStream::connect(maddr).await.unwrap());
+    }
+    // Let the accept loop take them all before the one over the cap.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut over = tokio::net::TcpStream::connect(maddr).await.unwrap();
+    let closed = closed_within(&mut over, Duration::from_millis(700)).await;
+    assert!(
+        closed.is_some(),
+        "a connection over the cap is closed at once"
+    );
+
+    let waited = closed_within(&mut idle[0], Duration::from_secs(4)).await;
+    let waited = waited.expect("a connection that sends nothing is closed");
+    assert!(waited < Duration::from_secs(3), "closed after {waited:?}");
+    for s in &mut idle[1..] {
+        assert!(closed_within(s, Duration::from_secs(2)).await.is_some());
+    }
+    let (head, body) = get(maddr, "/metrics").await;
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert!(body.contains("ratelimit_uptime_seconds"), "{body}");
+    srv.stop().await;
+}
