@@ -185,12 +185,14 @@ impl Backend {
             }
             BackendConfig::Redis {
                 url,
+                password,
                 key_prefix,
                 connect_timeout,
                 command_timeout,
                 server_time,
             } => {
                 let mut rc = RedisStoreConfig::new(url.clone());
+                rc.password = password.as_ref().map(|p| p.expose().to_string());
                 rc.key_prefix = key_prefix.clone();
                 rc.connect_timeout = *connect_timeout;
                 rc.command_timeout = *command_timeout;

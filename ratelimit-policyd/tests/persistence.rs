@@ -150,6 +150,10 @@ struct RedisProc {
 
 impl RedisProc {
     fn start(port: u16) -> RedisProc {
+        RedisProc::start_with(port, &[])
+    }
+
+    fn start_with(port: u16, extra: &[&str]) -> RedisProc {
         let bin = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
         let child = Command::new(bin)
             .args([
@@ -162,6 +166,7 @@ impl RedisProc {
                 "--appendonly",
                 "no",
             ])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -268,4 +273,28 @@ fn redis_down_gets_the_fail_answer_in_time_and_recovery_needs_no_restart() {
             "{mode}: errors are logged"
         );
     }
+}
+
+/// The password from `redis_password_file` (relative to the configuration file) is
+/// what the server authenticates with, and it is never logged.
+#[test]
+#[ignore = "needs redis-server; scripts/test installs it"]
+fn the_redis_password_is_read_from_a_file_and_never_logged() {
+    let rport = free_port();
+    let _redis = RedisProc::start_with(rport, &["--requirepass", "pw-from-a-file"]);
+    let dir = tempdir("redis-pw");
+    std::fs::write(dir.join("redis.pw"), "pw-from-a-file\n").unwrap();
+    let port = free_port();
+    let url = format!("redis://127.0.0.1:{rport}/");
+    let cfg = dir.join("r.toml");
+    redis_config(&cfg, port, &url, "rl-pw:", "");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("[store]\n", "[store]\nredis_password_file = \"redis.pw\"\n");
+    std::fs::write(&cfg, text).unwrap();
+    let d = Daemon::start(&["--config", cfg.to_str().unwrap()], port);
+    d.wait_for_log("connected to Redis");
+    let mut s = d.connect();
+    assert_eq!(ask(&mut s, "pw@example.com", "p1"), "action=DUNNO");
+    assert_eq!(d.count_in_log("pw-from-a-file"), 0);
 }

@@ -62,6 +62,7 @@ pub(super) struct RawStore {
     pub(super) on_bad_snapshot: Option<Spanned<String>>,
     pub(super) sweep_interval: Option<Spanned<String>>,
     pub(super) redis_url: Option<String>,
+    pub(super) redis_password_file: Option<Spanned<String>>,
     pub(super) redis_key_prefix: Option<String>,
     pub(super) redis_connect_timeout: Option<Spanned<String>>,
     pub(super) redis_command_timeout: Option<Spanned<String>>,
@@ -143,6 +144,7 @@ pub struct RawAlerts {
     pub(super) command: Option<Spanned<String>>,
     pub(super) webhook_url: Option<Spanned<String>>,
     pub(super) webhook_token: Option<Spanned<String>>,
+    pub(super) webhook_token_file: Option<Spanned<String>>,
     pub(super) timeout: Option<Spanned<String>>,
     pub(super) queue: Option<Spanned<usize>>,
 }
