@@ -159,6 +159,7 @@ pub fn set(path: &Path, user: &str, tier: &str) -> io::Result<()> {
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -170,7 +171,15 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
         .unwrap_or_else(|| "tier-overrides".into());
     let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
+        // 0600: the file names users. A temporary file left by a crash keeps its old
+        // mode through `open`, so the mode is set on the open file too.
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
         f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
@@ -196,6 +205,9 @@ mod tests {
         set(&p, "alice@example.com", "bulk").unwrap();
         set(&p, "bob@example.com", "trial").unwrap();
         set(&p, "alice@example.com", "default").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the file names users: {mode:o}");
         let all = read(&p).unwrap();
         assert_eq!(all.tiers.len(), 2);
         assert_eq!(all.tiers["alice@example.com"], "default");

@@ -57,7 +57,7 @@ pub(super) struct RawServer {
 pub(super) struct RawStore {
     pub(super) backend: Option<Spanned<String>>,
     pub(super) max_keys: Option<Spanned<usize>>,
-    pub(super) snapshot_path: Option<String>,
+    pub(super) snapshot_path: Option<Spanned<String>>,
     pub(super) snapshot_interval: Option<Spanned<String>>,
     pub(super) on_bad_snapshot: Option<Spanned<String>>,
     pub(super) sweep_interval: Option<Spanned<String>>,

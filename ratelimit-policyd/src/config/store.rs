@@ -1,7 +1,5 @@
 //! `[store]`: where counters live, snapshots of the memory store, sweeps.
 
-use std::path::PathBuf;
-
 use super::ops::Secret;
 use super::raw::RawStore;
 use super::{Backend, ConfigError, Ctx, SnapshotConfig, StoreConfig, defaults};
@@ -118,8 +116,16 @@ pub(super) fn build(cx: &Ctx<'_>, raw: &RawStore) -> Result<StoreConfig, ConfigE
                 &[("refuse", false), ("start-empty", true)],
                 "expected \"refuse\" or \"start-empty\"",
             )?;
+            if path.get_ref().trim().is_empty() {
+                return cx.err(
+                    Some(path.span()),
+                    "store.snapshot_path",
+                    "must not be empty",
+                );
+            }
             Some(SnapshotConfig {
-                path: PathBuf::from(path),
+                // Relative to the configuration's directory, like every other path.
+                path: cx.resolve(path.get_ref()),
                 interval: cx.duration(
                     &raw.snapshot_interval,
                     "store.snapshot_interval",
