@@ -103,7 +103,7 @@ pub fn render(r: &StatsReply) -> String {
     let mut s = String::new();
     let join = |m: &BTreeMap<String, u64>| {
         m.iter()
-            .map(|(k, v)| format!("{k} {v}"))
+            .map(|(k, v)| format!("{} {v}", Escaped(k)))
             .collect::<Vec<_>>()
             .join(", ")
     };
