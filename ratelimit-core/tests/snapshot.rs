@@ -175,3 +175,18 @@ fn decoding_never_panics_on_garbage() {
         let _ = ratelimit_core::store::snapshot::decode(&b, &path);
     }
 }
+
+/// A snapshot names every user: it is readable by its owner only, whatever the
+/// umask, and even over a temporary file left (0644) by a crash.
+#[test]
+fn snapshots_are_written_mode_0600() {
+    use std::os::unix::fs::PermissionsExt;
+    let path = tmp("mode");
+    let leftover = path.with_file_name(format!("counters.snap.tmp.{}", std::process::id()));
+    std::fs::write(&leftover, b"old").unwrap();
+    std::fs::set_permissions(&leftover, std::fs::Permissions::from_mode(0o644)).unwrap();
+    populated().save_snapshot(&path, at(0)).unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}

@@ -190,12 +190,14 @@ impl Backend {
             }
             BackendConfig::Redis {
                 url,
+                password,
                 key_prefix,
                 connect_timeout,
                 command_timeout,
                 server_time,
             } => {
                 let mut rc = RedisStoreConfig::new(url.clone());
+                rc.password = password.as_ref().map(|p| p.expose().to_string());
                 rc.key_prefix = key_prefix.clone();
                 rc.connect_timeout = *connect_timeout;
                 rc.command_timeout = *command_timeout;
@@ -341,11 +343,13 @@ fn restore(
     start_empty_if_bad: bool,
     now: Timestamp,
 ) -> Result<(), SnapshotError> {
-    if !path.exists() {
-        tracing::info!(path = %path.display(), "no snapshot yet: starting with empty counters");
-        return Ok(());
-    }
     match store.load_snapshot(path, now) {
+        // Only a snapshot that is not there is "none yet": one that cannot be read
+        // (permissions, a symlink loop, a path through a file) is an error below.
+        Err(SnapshotError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            tracing::info!(path = %path.display(), "no snapshot yet: starting with empty counters");
+            Ok(())
+        }
         Ok(stats) => {
             tracing::info!(path = %path.display(), keys = stats.keys, restored = stats.restored, "counters restored from snapshot");
             Ok(())

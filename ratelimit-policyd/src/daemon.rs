@@ -309,7 +309,10 @@ pub async fn serve(
         "ratelimit-policyd {} started",
         env!("CARGO_PKG_VERSION")
     );
-    tracing::info!("{}", postfix_wiring(&addrs));
+    // One line each: text logs escape a newline inside a message.
+    for line in postfix_wiring(&addrs).lines() {
+        tracing::info!("{line}");
+    }
     let on_hup = daemon.clone();
     tokio::spawn(async move {
         let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())

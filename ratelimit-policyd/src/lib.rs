@@ -20,12 +20,13 @@
 //! - [`config`]: TOML configuration, validated once per section.
 //! - Leaves: [`protocol`] (the request parser and reply encoder), [`key`] (the user-key
 //!   normalizer), [`template`] (reply texts and time formats), [`logthrottle`],
-//!   [`striped`] (per-thread counters).
+//!   [`striped`] (per-thread counters), [`escape`] (client text made safe to print).
 
 pub mod admin;
 pub mod backend;
 pub mod config;
 pub mod daemon;
+pub mod escape;
 pub mod key;
 pub mod logthrottle;
 pub mod ops;

@@ -128,7 +128,11 @@ fn init_logging(json: bool) {
     if json {
         let _ = builder.json().try_init();
     } else {
-        let _ = builder.try_init();
+        // Text lines escape control characters in every field (a user name with a CR
+        // cannot forge a line); JSON escapes them by itself and keeps the original.
+        let _ = builder
+            .fmt_fields(ratelimit_policyd::escape::TextFields)
+            .try_init();
     }
 }
 

@@ -31,6 +31,7 @@ use ratelimit_core::{Clock, ManualClock, Timestamp};
 
 use crate::backend::Backend;
 use crate::config::{Backend as BackendConfig, Config};
+use crate::escape::Escaped;
 use crate::ops::record::{Record, action_label};
 use crate::policy::{ConnState, Incident, NoObserver, Policy};
 use crate::protocol::{Attribute, PolicyRequest};
@@ -179,7 +180,7 @@ pub fn render(report: &Report, config: &str) -> String {
     }
     s.push('\n');
     for (line, why) in report.bad_lines.iter().take(5) {
-        let _ = writeln!(s, "skipped line {line}: {why}");
+        let _ = writeln!(s, "skipped line {line}: {}", Escaped(why));
     }
     if report.bad_lines.len() > 5 {
         let _ = writeln!(s, "skipped {} more lines", report.bad_lines.len() - 5);
@@ -205,9 +206,9 @@ pub fn render(report: &Report, config: &str) -> String {
                 s,
                 "  {}  {}  limit {} (tier {}{})  used {}  clears {}",
                 rfc3339(t.at),
-                i.key,
+                Escaped(&i.key),
                 i.limit,
-                i.tier,
+                Escaped(&i.tier),
                 if i.dry_run { ", warn" } else { "" },
                 i.used,
                 i.clears_at.map_or_else(|| "never".into(), rfc3339)
@@ -223,7 +224,8 @@ pub fn render(report: &Report, config: &str) -> String {
         for (user, (count, a, b)) in &per_user {
             let _ = writeln!(
                 s,
-                "  {user}  {count} refused, {} to {}",
+                "  {}  {count} refused, {} to {}",
+                Escaped(user),
                 rfc3339(*a),
                 rfc3339(*b)
             );

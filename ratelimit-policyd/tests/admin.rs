@@ -274,3 +274,76 @@ async fn the_cli_finds_the_socket_from_the_config_and_reports_a_dead_one() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect to the admin socket"));
 }
+
+/// Names are client text: the CLI's human-readable output writes their control
+/// characters as escapes (an `ESC [` sequence must not drive the operator's
+/// terminal); `--json` keeps the original, which JSON escapes by itself.
+#[tokio::test]
+async fn the_cli_escapes_control_characters_in_the_names_it_prints() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = socket(dir.path());
+    let srv = Server::start_in(dir.path(), &config()).await;
+    let mut c = srv.client().await;
+    let evil = "ev\x1b[2jil\rx\u{9b}y";
+    let shown = r"ev\x1b[2jil\rx\u{9b}y";
+    for i in 0..3 {
+        c.eom(evil, &format!("m{i}"), "192.0.2.1").await;
+    }
+    let raw: &[char] = &['\x1b', '\r', '\u{9b}'];
+    for args in [
+        &["show", evil][..],
+        &["top"][..],
+        &["tier", "alice", evil][..],
+        &["reset", evil][..],
+    ] {
+        let out = cli(&sock, args).await;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(text.contains(shown), "admin {args:?}: {text:?}");
+        assert!(!text.contains(raw), "admin {args:?}: {text:?}");
+    }
+    let json = ok(&sock, &["--json", "show", evil]).await;
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["user"], evil);
+    drop(c);
+    srv.stop().await;
+}
+
+/// `admin tier` never writes a line the next start could not read, and a bad line
+/// written by hand is skipped with a warning naming file:line, not a failed start.
+#[tokio::test]
+async fn a_bad_overrides_line_is_skipped_and_admin_tier_refuses_names_the_file_cannot_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = socket(dir.path());
+    let overrides = dir.path().join("state/overrides");
+    std::fs::create_dir_all(overrides.parent().unwrap()).unwrap();
+    std::fs::write(&overrides, "alice bulk\njohn smith bulk\nbob bulk\n").unwrap();
+    let logs = support::logs::Logs::default();
+    let guard = logs.capture(tracing::Level::WARN);
+    let srv = Server::start_in(dir.path(), &config()).await;
+    drop(guard);
+    let text = logs.text();
+    assert!(
+        text.contains(&format!(
+            "{}:2: expected \"user tier\"",
+            overrides.display()
+        )),
+        "{text}"
+    );
+    let map = &srv.daemon.policy.config().tiers.map;
+    assert_eq!(map.tier_of("alice").name(), "bulk");
+    assert_eq!(map.tier_of("bob").name(), "bulk");
+
+    let before = std::fs::read_to_string(&overrides).unwrap();
+    for user in ["john smith", "a#b", "eve\nmallory"] {
+        let bad = cli(&sock, &["tier", user, "bulk"]).await;
+        assert!(!bad.status.success(), "{user:?}");
+        let err = String::from_utf8_lossy(&bad.stderr);
+        assert!(
+            err.contains("cannot be kept in the tier overrides file"),
+            "{err}"
+        );
+    }
+    assert_eq!(std::fs::read_to_string(&overrides).unwrap(), before);
+    srv.stop().await;
+}

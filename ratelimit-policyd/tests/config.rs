@@ -232,6 +232,7 @@ fn redis_and_snapshot_defaults_come_from_the_table() {
         c.store.backend,
         Backend::Redis {
             url: defaults::REDIS_URL.into(),
+            password: None,
             key_prefix: defaults::REDIS_KEY_PREFIX.into(),
             connect_timeout: defaults::REDIS_CONNECT_TIMEOUT,
             command_timeout: defaults::REDIS_COMMAND_TIMEOUT,
@@ -327,4 +328,98 @@ fn reply_codes_pick_the_action() {
     assert_eq!(action("action = \"reject\"\n"), ActionKind::Reject(None));
     assert_eq!(action("action = \"dry-run\"\n"), ActionKind::Warn);
     assert_eq!(action("action = \"hold\"\n"), ActionKind::Hold);
+}
+
+/// Tier names are written in `user tier` lines (tier map, overrides), log lines and
+/// metric labels: one that needs quoting in any of them is refused at load.
+#[test]
+fn tier_names_that_a_map_file_could_not_hold_are_refused() {
+    for name in [
+        "big customers",
+        "a#b",
+        "new\\nline",
+        "tab\\tbed",
+        "",
+        "ünicode",
+    ] {
+        let text = format!("[tiers.default]\nlimits = []\n\n[tiers.\"{name}\"]\nlimits = []\n");
+        let e = err(&text);
+        assert!(e.starts_with("test.toml:4: tiers."), "{name:?}: {e}");
+        assert!(
+            e.contains("a tier name is 1 to 64 ASCII letters"),
+            "{name:?}: {e}"
+        );
+        assert!(!e.contains(['\n', '\t']), "{name:?}: {e:?}");
+    }
+    let long = "x".repeat(65);
+    assert!(
+        err(&format!(
+            "default_tier = \"{long}\"\n[tiers.{long}]\nlimits = []\n"
+        ))
+        .contains("a tier name")
+    );
+    let ok = parse(
+        "default_tier = \"std-1.0_a\"\n[tiers.\"std-1.0_a\"]\nlimits = []\n",
+        "test.toml",
+        None,
+    );
+    assert!(ok.is_ok(), "{ok:?}");
+}
+
+#[test]
+fn secret_files_are_read_relative_to_the_config_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("pw"), "s3cret\r\n").unwrap();
+    std::fs::write(dir.path().join("empty"), "\n").unwrap();
+    std::fs::write(dir.path().join("ctl"), "a\x1bb\n").unwrap();
+    let load_text = |text: &str| {
+        let p = dir.path().join("t.toml");
+        std::fs::write(&p, text).unwrap();
+        load(&p)
+    };
+    let redis = "[store]\nbackend = \"redis\"\n";
+    let c = load_text(&format!("{redis}redis_password_file = \"pw\"\n")).unwrap();
+    let Backend::Redis { password, .. } = &c.store.backend else {
+        panic!("not redis");
+    };
+    assert_eq!(password.as_ref().map(|p| p.expose()), Some("s3cret"));
+    assert!(!format!("{:?}", c.store).contains("s3cret"));
+    let e = load_text(&format!("{redis}redis_password_file = \"empty\"\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("t.toml:3: store.redis_password_file: ") && e.ends_with("empty is empty"),
+        "{e}"
+    );
+    let e = load_text(
+        "[store]\nbackend = \"redis\"\nredis_url = \"redis://:pw@h/\"\nredis_password_file = \"pw\"\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains(":4: store.redis_password_file: redis_url has a password too"),
+        "{e}"
+    );
+    let hook = "[alerts]\nwebhook_url = \"http://h/x\"\n";
+    let c = load_text(&format!("{hook}webhook_token_file = \"pw\"\n")).unwrap();
+    assert_eq!(
+        c.ops.alerts.webhook_token.as_ref().map(|t| t.expose()),
+        Some("s3cret")
+    );
+    let e = load_text(&format!("{hook}webhook_token_file = \"ctl\"\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(":3: alerts.webhook_token_file: the token must not contain control"),
+        "{e}"
+    );
+    let e = load_text(&format!(
+        "{hook}webhook_token = \"x\"\nwebhook_token_file = \"pw\"\n"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains(":4: alerts.webhook_token_file: set webhook_token or"),
+        "{e}"
+    );
 }

@@ -138,3 +138,81 @@ fn check_config_never_prints_the_redis_password() {
     assert!(!all.contains("s3cret"), "{all}");
     assert!(all.contains("redis://:***@127.0.0.1:6379/"), "{all}");
 }
+
+/// check-config runs at every start under systemd (ExecStartPre), into the journal:
+/// it says that an alert command is set, never what it is (it may carry a token).
+#[test]
+fn check_config_prints_only_that_an_alert_command_is_set() {
+    let dir = tempdir("command");
+    let cfg = dir.join("alerts.toml");
+    std::fs::write(
+        &cfg,
+        "[alerts]\ncommand = \"curl -H 'Authorization: Bearer t0ken-in-a-command' https://x/\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check-config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("t0ken-in-a-command"), "{text}");
+    assert!(text.contains("alerts: a command (set)"), "{text}");
+}
+
+/// `redis_password_file` and `webhook_token_file`: relative to the configuration
+/// file, or a systemd credential name (no slash) when `$CREDENTIALS_DIRECTORY` is
+/// set; a file that cannot be read is `file:line: field: cannot read PATH: ...`.
+#[test]
+fn secrets_are_read_from_files_or_systemd_credentials() {
+    let dir = tempdir("secret-files");
+    let creds = dir.join("creds");
+    std::fs::create_dir_all(dir.join("etc")).unwrap();
+    std::fs::create_dir_all(&creds).unwrap();
+    std::fs::write(dir.join("etc/redis.pw"), "pw-in-etc\n").unwrap();
+    std::fs::write(creds.join("hook-token"), "token-in-creds\n").unwrap();
+    let cfg = dir.join("etc/r.toml");
+    std::fs::write(
+        &cfg,
+        "[store]\nbackend = \"redis\"\nredis_password_file = \"./redis.pw\"\n\n\
+         [alerts]\nwebhook_url = \"http://127.0.0.1:9/hook\"\nwebhook_token_file = \"hook-token\"\n",
+    )
+    .unwrap();
+    let run = |creds: Option<&Path>| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["check-config", cfg.to_str().unwrap()]);
+        match creds {
+            Some(c) => cmd.env("CREDENTIALS_DIRECTORY", c),
+            None => cmd.env_remove("CREDENTIALS_DIRECTORY"),
+        };
+        let out = cmd.output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let (ok, text) = run(Some(&creds));
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("with the password from redis_password_file"),
+        "{text}"
+    );
+    assert!(text.contains("with a bearer token"), "{text}");
+    assert!(
+        !text.contains("pw-in-etc") && !text.contains("token-in-creds"),
+        "{text}"
+    );
+
+    // Without $CREDENTIALS_DIRECTORY the name is a path relative to etc/.
+    let (ok, text) = run(None);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains(&format!(
+            "r.toml:7: alerts.webhook_token_file: cannot read {}: ",
+            dir.join("etc/hook-token").display()
+        )),
+        "{text}"
+    );
+}

@@ -108,6 +108,53 @@ async fn json_logs_carry_the_incident_fields() {
     srv.stop().await;
 }
 
+/// A user name is client text: a CR or an escape sequence in it must not forge a
+/// line or drive the operator's terminal in a text log; JSON keeps the original.
+#[tokio::test]
+async fn control_characters_in_a_user_name_are_escaped_in_text_logs_and_kept_in_json() {
+    let evil = "mal\x1b[2jlory\rfake\u{85}x";
+    for json in [false, true] {
+        let logs = Logs::default();
+        let _guard = if json {
+            logs.capture_json(tracing::Level::INFO)
+        } else {
+            logs.capture(tracing::Level::INFO)
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let srv = Server::start_in(dir.path(), &config("")).await;
+        let mut c = srv.client().await;
+        for i in 0..3 {
+            c.eom(evil, &format!("m{i}"), "192.0.2.1").await;
+        }
+        drop(c);
+        srv.stop().await;
+        let text = logs.text();
+        let line = text
+            .lines()
+            .find(|l| l.contains("incident"))
+            .unwrap_or_else(|| panic!("no incident line in {text:?}"));
+        if json {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert_eq!(v["fields"]["user"], evil, "{line}");
+        } else {
+            assert!(
+                line.contains(r"user=mal\x1b[2jlory\rfake\u{85}x"),
+                "{line:?}"
+            );
+        }
+        // JSON escapes C0 controls itself; C1 (U+0085) is valid JSON text and stays.
+        let raw: &[char] = if json {
+            &['\x1b', '\r']
+        } else {
+            &['\x1b', '\r', '\u{85}']
+        };
+        assert!(
+            !text.contains(raw),
+            "a raw control character reached the log: {text:?}"
+        );
+    }
+}
+
 fn parse_env_blocks(text: &str) -> Vec<BTreeMap<String, String>> {
     text.split("---\n")
         .filter(|b| !b.trim().is_empty())
@@ -633,4 +680,51 @@ async fn replaying_a_recorded_session_gives_the_live_refusals() {
     assert_eq!(report.differences(), live_refused);
     let out = replay::render(&report, "loose.toml");
     assert!(out.contains("nobody would have been refused"), "{out}");
+}
+
+/// Reads until the peer closes; how long that took (`None`: still open after `limit`).
+async fn closed_within(s: &mut tokio::net::TcpStream, limit: Duration) -> Option<Duration> {
+    let t = Instant::now();
+    let mut buf = [0u8; 256];
+    loop {
+        match tokio::time::timeout(limit.saturating_sub(t.elapsed()), s.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(t.elapsed()),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// A flood of idle connections cannot hold the metrics endpoint: beyond
+/// `MAX_SCRAPES` a connection is closed at once, and one that sends no request head
+/// is closed after the 1 s header timeout, after which scrapes work again.
+#[tokio::test]
+async fn the_metrics_endpoint_caps_scrapes_and_closes_silent_connections() {
+    use ratelimit_policyd::ops::metrics::MAX_SCRAPES;
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start_in(dir.path(), &config("[metrics]\nlisten = \"127.0.0.1:0\"\n")).await;
+    let maddr = srv.daemon.ops.metrics_addr().unwrap();
+    let mut idle = Vec::new();
+    for _ in 0..MAX_SCRAPES {
+        idle.push(tokio::net::TcpStream::connect(maddr).await.unwrap());
+    }
+    // Let the accept loop take them all before the one over the cap.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut over = tokio::net::TcpStream::connect(maddr).await.unwrap();
+    let closed = closed_within(&mut over, Duration::from_millis(700)).await;
+    assert!(
+        closed.is_some(),
+        "a connection over the cap is closed at once"
+    );
+
+    let waited = closed_within(&mut idle[0], Duration::from_secs(4)).await;
+    let waited = waited.expect("a connection that sends nothing is closed");
+    assert!(waited < Duration::from_secs(3), "closed after {waited:?}");
+    for s in &mut idle[1..] {
+        assert!(closed_within(s, Duration::from_secs(2)).await.is_some());
+    }
+    let (head, body) = get(maddr, "/metrics").await;
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert!(body.contains("ratelimit_uptime_seconds"), "{body}");
+    srv.stop().await;
 }

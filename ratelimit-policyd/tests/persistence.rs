@@ -150,6 +150,10 @@ struct RedisProc {
 
 impl RedisProc {
     fn start(port: u16) -> RedisProc {
+        RedisProc::start_with(port, &[])
+    }
+
+    fn start_with(port: u16, extra: &[&str]) -> RedisProc {
         let bin = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
         let child = Command::new(bin)
             .args([
@@ -162,6 +166,7 @@ impl RedisProc {
                 "--appendonly",
                 "no",
             ])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -268,4 +273,86 @@ fn redis_down_gets_the_fail_answer_in_time_and_recovery_needs_no_restart() {
             "{mode}: errors are logged"
         );
     }
+}
+
+/// The password from `redis_password_file` (relative to the configuration file) is
+/// what the server authenticates with, and it is never logged.
+#[test]
+#[ignore = "needs redis-server; scripts/test installs it"]
+fn the_redis_password_is_read_from_a_file_and_never_logged() {
+    let rport = free_port();
+    let _redis = RedisProc::start_with(rport, &["--requirepass", "pw-from-a-file"]);
+    let dir = tempdir("redis-pw");
+    std::fs::write(dir.join("redis.pw"), "pw-from-a-file\n").unwrap();
+    let port = free_port();
+    let url = format!("redis://127.0.0.1:{rport}/");
+    let cfg = dir.join("r.toml");
+    redis_config(&cfg, port, &url, "rl-pw:", "");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("[store]\n", "[store]\nredis_password_file = \"redis.pw\"\n");
+    std::fs::write(&cfg, text).unwrap();
+    let d = Daemon::start(&["--config", cfg.to_str().unwrap()], port);
+    d.wait_for_log("connected to Redis");
+    let mut s = d.connect();
+    assert_eq!(ask(&mut s, "pw@example.com", "p1"), "action=DUNNO");
+    assert_eq!(d.count_in_log("pw-from-a-file"), 0);
+}
+
+/// Only a snapshot that is not there means "no snapshot yet": one that cannot be
+/// read (here a symlink loop, and a path through a regular file; for a non-root
+/// user also a directory without permission) refuses the start.
+#[test]
+fn a_snapshot_that_cannot_be_read_is_an_error_not_no_snapshot_yet() {
+    use ratelimit_core::Timestamp;
+    use ratelimit_policyd::backend::Backend;
+    let dir = tempdir("unreadable-snap");
+    let open = |snap: &Path| {
+        let text = format!("[store]\nsnapshot_path = \"{}\"\n", snap.display());
+        let cfg = ratelimit_policyd::config::parse(&text, "t.toml", None).unwrap();
+        Backend::open(&cfg.store, Timestamp::from_millis(1_700_000_000_000))
+    };
+    assert!(
+        open(&dir.join("missing.snap")).is_ok(),
+        "none yet: start empty"
+    );
+
+    let looped = dir.join("loop.snap");
+    std::os::unix::fs::symlink(&looped, &looped).unwrap();
+    let e = open(&looped).unwrap_err().to_string();
+    assert!(e.contains("loop.snap"), "{e}");
+
+    std::fs::write(dir.join("file"), b"").unwrap();
+    assert!(open(&dir.join("file/counters.snap")).is_err());
+
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        use std::os::unix::fs::PermissionsExt;
+        let locked = dir.join("locked");
+        std::fs::create_dir_all(&locked).unwrap();
+        std::fs::write(locked.join("counters.snap"), b"x").unwrap();
+        std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o000)).unwrap();
+        let r = open(&locked.join("counters.snap"));
+        std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let e = r.unwrap_err().to_string();
+        assert!(e.contains("Permission denied"), "{e}");
+    }
+}
+
+/// A relative `snapshot_path` is relative to the configuration file, like every
+/// other path, not to the server's working directory.
+#[test]
+fn a_relative_snapshot_path_is_relative_to_the_configuration_file() {
+    let dir = tempdir("relative-snap");
+    let cfg = dir.join("p.toml");
+    std::fs::write(&cfg, "[store]\nsnapshot_path = \"state/counters.snap\"\n").unwrap();
+    let c = ratelimit_policyd::config::load(&cfg).unwrap();
+    assert_eq!(
+        c.store.snapshot.unwrap().path,
+        dir.join("state/counters.snap")
+    );
+    let e = ratelimit_policyd::config::parse("[store]\nsnapshot_path = \" \"\n", "t.toml", None)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(e, "t.toml:2: store.snapshot_path: must not be empty");
 }

@@ -182,7 +182,8 @@ fn encode_entry(out: &mut Vec<u8>, key: &str, state: &KeyState) {
 impl MemoryStore {
     /// Writes every tracked key to `path` atomically: a temporary file in the same
     /// directory is written, synced, and renamed over `path`, so a crash leaves either
-    /// the old snapshot or the new one. Locks one shard at a time (only while copying
+    /// the old snapshot or the new one. The file is created mode 0600 (it names
+    /// every user). Locks one shard at a time (only while copying
     /// its entries to a buffer), so decisions go on meanwhile.
     pub fn save_snapshot(
         &self,
@@ -194,7 +195,7 @@ impl MemoryStore {
             source,
         };
         let tmp = tmp_path(path);
-        let file = File::create(&tmp).map_err(io_err)?;
+        let file = create_private(&tmp).map_err(io_err)?;
         let mut w = CrcWriter {
             inner: BufWriter::with_capacity(1 << 16, file),
             crc: crc32fast::Hasher::new(),
@@ -287,6 +288,21 @@ impl MemoryStore {
         }
         Ok(stats)
     }
+}
+
+/// Creates (or truncates) `path` for writing, readable and writable by the owner
+/// only (0600): a snapshot names every user. A file left over by a crash keeps its
+/// old mode through `open`, so the mode is set on the open file too.
+fn create_private(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.set_permissions(fs::Permissions::from_mode(0o600))?;
+    Ok(file)
 }
 
 fn tmp_path(path: &Path) -> PathBuf {

@@ -40,7 +40,9 @@ pub fn call(socket: &Path, cmd: &Command) -> Result<Reply, String> {
 pub fn run(socket: &Path, cmd: &Command, json: bool) -> Result<String, String> {
     let reply = call(socket, cmd)?;
     if !reply.ok {
-        return Err(reply.error.unwrap_or_else(|| "failed".into()));
+        // The error may quote what was sent (a user, a tier): printed, so escaped.
+        let error = reply.error.unwrap_or_else(|| "failed".into());
+        return Err(crate::escape::escape(&error).into_owned());
     }
     let result = reply.result.unwrap_or(serde_json::Value::Null);
     if json {

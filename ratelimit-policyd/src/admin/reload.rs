@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::context::Context;
+use crate::escape::Escaped;
 
 /// `{"cmd":"reload"}`
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -29,5 +30,5 @@ impl Reload {
 
 /// Text for the CLI.
 pub fn render(r: &ReloadReply) -> String {
-    format!("{}\n", r.message)
+    format!("{}\n", Escaped(&r.message))
 }

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::context::Context;
+use crate::escape::Escaped;
 
 /// `{"cmd":"reset","user":"alice@example.com"}`
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,8 +44,8 @@ impl Reset {
 /// Text for the CLI.
 pub fn render(r: &ResetReply) -> String {
     if r.had_counters {
-        format!("{}: counters reset (unblocked)\n", r.user)
+        format!("{}: counters reset (unblocked)\n", Escaped(&r.user))
     } else {
-        format!("{}: nothing was recorded\n", r.user)
+        format!("{}: nothing was recorded\n", Escaped(&r.user))
     }
 }

@@ -9,6 +9,7 @@ use ratelimit_core::{Cost, Mode};
 use serde::{Deserialize, Serialize};
 
 use super::context::Context;
+use crate::escape::{Escaped, escape};
 use crate::policy::keying::is_exempt_user;
 use crate::template::{Approx, rfc3339};
 
@@ -117,11 +118,11 @@ impl Show {
 /// Text for the CLI.
 pub fn render(r: &ShowReply) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "user:    {}", r.user);
+    let _ = writeln!(s, "user:    {}", Escaped(&r.user));
     let _ = writeln!(
         s,
         "tier:    {}{}",
-        r.tier,
+        Escaped(&r.tier),
         if r.exempt {
             " (exempt: never limited)"
         } else {
@@ -135,7 +136,7 @@ pub fn render(r: &ShowReply) -> String {
         let _ = writeln!(
             s,
             "limit:   {:<12} used {:>8}  remaining {:>8}{}",
-            l.limit,
+            escape(&l.limit),
             l.used,
             l.remaining,
             if l.refusing { "  <- refusing" } else { "" }
@@ -144,14 +145,15 @@ pub fn render(r: &ShowReply) -> String {
     let status = match (r.blocked, r.retry_after_secs, &r.retry_at) {
         (false, _, _) => "ok (the next message would be accepted)".to_string(),
         (true, Some(secs), Some(at)) => format!(
-            "BLOCKED: retry in {} (at {at})",
-            Approx(Duration::from_secs(secs))
+            "BLOCKED: retry in {} (at {})",
+            Approx(Duration::from_secs(secs)),
+            Escaped(at)
         ),
         (true, _, _) => "BLOCKED".to_string(),
     };
     let _ = writeln!(s, "status:  {status}");
     if !r.clients.is_empty() {
-        let _ = writeln!(s, "clients: {}", r.clients.join(" "));
+        let _ = writeln!(s, "clients: {}", Escaped(&r.clients.join(" ")));
     }
     s
 }

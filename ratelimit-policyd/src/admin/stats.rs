@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use serde::{Deserialize, Serialize};
 
 use super::context::Context;
+use crate::escape::Escaped;
 use crate::policy::{Counted, Outcome};
 
 /// `{"cmd":"stats"}`
@@ -110,7 +111,7 @@ pub fn render(r: &StatsReply) -> String {
     let mut s = String::new();
     let join = |m: &BTreeMap<String, u64>| {
         m.iter()
-            .map(|(k, v)| format!("{k} {v}"))
+            .map(|(k, v)| format!("{} {v}", Escaped(k)))
             .collect::<Vec<_>>()
             .join(", ")
     };
@@ -122,7 +123,7 @@ pub fn render(r: &StatsReply) -> String {
             .filter(|(_, n)| **n > 0)
             .map(|(k, v)| (k.clone(), *v))
             .collect();
-        let _ = writeln!(s, "tier {tier}: {}", join(&by));
+        let _ = writeln!(s, "tier {}: {}", Escaped(tier), join(&by));
     }
     let _ = writeln!(
         s,

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::context::Context;
+use crate::escape::Escaped;
 use crate::policy::Policy;
 
 /// `{"cmd":"tier","user":"alice@example.com","tier":"bulk"}`
@@ -37,6 +38,8 @@ impl SetTier {
         if key.is_empty() || key == "@" {
             return Err("tier needs a user (or @domain) and a tier".into());
         }
+        // The move is persisted as a `user tier` line: refuse what the file cannot hold.
+        super::overrides::check_user(&key)?;
         let policy = Arc::clone(&ctx.view.policy);
         let tier = self.tier.trim().to_string();
         super::context::blocking(move || set(&policy, &key, &tier)).await?
@@ -79,6 +82,9 @@ fn set(policy: &Policy, key: &str, tier: &str) -> Result<TierReply, String> {
 pub fn render(r: &TierReply) -> String {
     format!(
         "{}: tier {} (was {}); saved in {}\n",
-        r.user, r.tier, r.previous, r.persisted_in
+        Escaped(&r.user),
+        Escaped(&r.tier),
+        Escaped(&r.previous),
+        Escaped(&r.persisted_in)
     )
 }

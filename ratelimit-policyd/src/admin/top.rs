@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt::Write;
 
 use super::context::Context;
+use crate::escape::escape;
 
 /// Default number of senders.
 pub const DEFAULT_N: usize = 10;
@@ -66,20 +67,20 @@ pub fn render(r: &TopReply) -> String {
         return "no mail counted in the current windows\n".into();
     }
     let mut s = String::new();
-    let w = r
+    let rows: Vec<_> = r
         .senders
         .iter()
-        .map(|x| x.user.len())
+        .map(|x| (escape(&x.user), escape(&x.tier), x.used, x.limit))
+        .collect();
+    let w = rows
+        .iter()
+        .map(|(user, ..)| user.chars().count())
         .max()
         .unwrap_or(4)
         .max(4);
     let _ = writeln!(s, "{:<w$}  {:<12} {:>8} / LIMIT", "USER", "TIER", "USED");
-    for x in &r.senders {
-        let _ = writeln!(
-            s,
-            "{:<w$}  {:<12} {:>8} / {}",
-            x.user, x.tier, x.used, x.limit
-        );
+    for (user, tier, used, limit) in &rows {
+        let _ = writeln!(s, "{user:<w$}  {tier:<12} {used:>8} / {limit}");
     }
     s
 }

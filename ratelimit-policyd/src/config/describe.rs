@@ -81,14 +81,20 @@ pub fn describe(cfg: &Config) -> String {
         }
         Backend::Redis {
             url,
+            password,
             key_prefix,
             server_time,
             ..
         } => {
             let _ = writeln!(
                 s,
-                "store: redis {} (prefix \"{key_prefix}\", {} time)",
+                "store: redis {}{} (prefix \"{key_prefix}\", {} time)",
                 redact_url(url),
+                if password.is_some() {
+                    " with the password from redis_password_file"
+                } else {
+                    ""
+                },
                 if *server_time { "server" } else { "local" }
             );
         }

@@ -44,7 +44,7 @@ pub use self::defaults::{
 };
 pub use self::describe::{describe, redact_url};
 pub use self::ops::OpsConfig;
-pub use self::tiers::apply_map_file;
+pub use self::tiers::{MAX_TIER_NAME, apply_map_file, check_tier_name};
 
 /// The built-in default configuration (used when no `--config` is given).
 pub const DEFAULT_CONFIG: &str = include_str!("../../config/default.toml");
@@ -190,6 +190,8 @@ pub enum Backend {
     Redis {
         /// `redis://[:password@]host:port/db`.
         url: String,
+        /// The password, read from `redis_password_file` (sent instead of one in the URL).
+        password: Option<ops::Secret>,
         /// Prefix of every key written.
         key_prefix: String,
         /// Connect timeout.
@@ -359,7 +361,15 @@ fn minimal() -> Config {
 /// Parses and validates configuration text. `base` resolves relative paths
 /// (`assign_file`, the admin socket, ...): the configuration file's directory.
 pub fn parse(text: &str, file: &str, base: Option<&Path>) -> Result<Config, ConfigError> {
-    let cx = Ctx { file, text, base };
+    let credentials = std::env::var_os("CREDENTIALS_DIRECTORY")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from);
+    let cx = Ctx {
+        file,
+        text,
+        base,
+        credentials: credentials.as_deref(),
+    };
     let raw: raw::RawConfig = toml::from_str(text).map_err(|e| ConfigError {
         file: file.to_string(),
         line: e.span().map(|s| cx.line_of(s.start)),
@@ -388,11 +398,13 @@ pub fn parse(text: &str, file: &str, base: Option<&Path>) -> Result<Config, Conf
 }
 
 /// What every section builder needs: the file's name and text (to turn a byte span
-/// into `file:line: field: message`) and its directory (to resolve relative paths).
+/// into `file:line: field: message`), its directory (to resolve relative paths), and
+/// systemd's credentials directory (`$CREDENTIALS_DIRECTORY`), if set.
 struct Ctx<'a> {
     file: &'a str,
     text: &'a str,
     base: Option<&'a Path>,
+    credentials: Option<&'a Path>,
 }
 
 impl Ctx<'_> {
@@ -472,6 +484,47 @@ impl Ctx<'_> {
                     })
             })
             .collect()
+    }
+
+    /// A secret read from the file named by `v` (`*_password_file`, `*_token_file`):
+    /// a name without a slash is a systemd credential when `$CREDENTIALS_DIRECTORY`
+    /// is set, else the path is relative to the configuration's directory. One
+    /// trailing line end is removed; an empty or non-UTF-8 file is an error.
+    fn secret_file(&self, v: &Spanned<String>, field: &str) -> Result<String, ConfigError> {
+        let name = v.get_ref();
+        if name.trim().is_empty() {
+            return self.err(Some(v.span()), field, "must not be empty");
+        }
+        let path = match self.credentials {
+            Some(dir) if !name.contains('/') => dir.join(name),
+            _ => self.resolve(name),
+        };
+        let bytes = std::fs::read(&path).or_else(|e| {
+            self.err(
+                Some(v.span()),
+                field,
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })?;
+        let Ok(text) = String::from_utf8(bytes) else {
+            return self.err(
+                Some(v.span()),
+                field,
+                format!("{} is not UTF-8", path.display()),
+            );
+        };
+        let secret = text
+            .strip_suffix('\n')
+            .map(|t| t.strip_suffix('\r').unwrap_or(t))
+            .unwrap_or(&text);
+        if secret.is_empty() {
+            return self.err(
+                Some(v.span()),
+                field,
+                format!("{} is empty", path.display()),
+            );
+        }
+        Ok(secret.to_string())
     }
 
     /// A path from the file, relative to its directory.

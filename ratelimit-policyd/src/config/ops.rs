@@ -19,6 +19,11 @@ use super::{ConfigError, Ctx, defaults};
 pub struct Secret(String);
 
 impl Secret {
+    /// Wraps a secret.
+    pub fn new(secret: impl Into<String>) -> Secret {
+        Secret(secret.into())
+    }
+
     /// The secret itself, for the one place that sends it.
     pub fn expose(&self) -> &str {
         &self.0
@@ -212,6 +217,32 @@ pub(super) fn build(
         }
         a.webhook_token = Some(Secret(t.get_ref().clone()));
     }
+    if let Some(f) = &alerts.webhook_token_file {
+        let field = "alerts.webhook_token_file";
+        if alerts.webhook_token.is_some() {
+            return cx.err(
+                Some(f.span()),
+                field,
+                "set webhook_token or webhook_token_file, not both",
+            );
+        }
+        if a.webhook_url.is_none() {
+            return cx.err(
+                Some(f.span()),
+                field,
+                "set webhook_url too (the token is sent only to it)",
+            );
+        }
+        let token = cx.secret_file(f, field)?;
+        if token.bytes().any(|b| b.is_ascii_control()) {
+            return cx.err(
+                Some(f.span()),
+                field,
+                "the token must not contain control characters (one trailing newline is removed)",
+            );
+        }
+        a.webhook_token = Some(Secret(token));
+    }
     a.timeout = cx.duration(&alerts.timeout, "alerts.timeout", defaults::ALERTS_TIMEOUT)?;
     if let Some(q) = &alerts.queue {
         if *q.get_ref() == 0 {
@@ -257,9 +288,13 @@ pub fn describe(ops: &OpsConfig) -> String {
     if a.enabled() {
         out.push_str(&format!(
             "alerts: {}{}{} (timeout {:?}, queue {})\n",
-            a.command
-                .as_ref()
-                .map_or(String::new(), |c| format!("command `{c}`")),
+            // Only that it is set: a command line may carry a token, and check-config
+            // runs at every start under systemd, into the journal.
+            if a.command.is_some() {
+                "a command (set)"
+            } else {
+                ""
+            },
             if a.command.is_some() && a.webhook_url.is_some() {
                 ", "
             } else {

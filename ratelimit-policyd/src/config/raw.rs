@@ -68,11 +68,12 @@ pub(super) enum RawId {
 pub(super) struct RawStore {
     pub(super) backend: Option<Spanned<String>>,
     pub(super) max_keys: Option<Spanned<usize>>,
-    pub(super) snapshot_path: Option<String>,
+    pub(super) snapshot_path: Option<Spanned<String>>,
     pub(super) snapshot_interval: Option<Spanned<String>>,
     pub(super) on_bad_snapshot: Option<Spanned<String>>,
     pub(super) sweep_interval: Option<Spanned<String>>,
     pub(super) redis_url: Option<String>,
+    pub(super) redis_password_file: Option<Spanned<String>>,
     pub(super) redis_key_prefix: Option<String>,
     pub(super) redis_connect_timeout: Option<Spanned<String>>,
     pub(super) redis_command_timeout: Option<Spanned<String>>,
@@ -154,6 +155,7 @@ pub struct RawAlerts {
     pub(super) command: Option<Spanned<String>>,
     pub(super) webhook_url: Option<Spanned<String>>,
     pub(super) webhook_token: Option<Spanned<String>>,
+    pub(super) webhook_token_file: Option<Spanned<String>>,
     pub(super) timeout: Option<Spanned<String>>,
     pub(super) queue: Option<Spanned<usize>>,
 }

@@ -1,9 +1,31 @@
 //! `[store]`: where counters live, snapshots of the memory store, sweeps.
 
-use std::path::PathBuf;
-
+use super::ops::Secret;
 use super::raw::RawStore;
 use super::{Backend, ConfigError, Ctx, SnapshotConfig, StoreConfig, defaults};
+
+/// Whether a Redis URL carries a password (`redis://user:PASSWORD@host`, or a
+/// `pass=`/`password=` query parameter).
+fn url_has_password(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let (authority, query) = match rest.find(['/', '?']) {
+        Some(i) => (rest.get(..i).unwrap_or(""), rest.get(i..).unwrap_or("")),
+        None => (rest, ""),
+    };
+    let in_userinfo = authority
+        .rsplit_once('@')
+        .and_then(|(userinfo, _)| userinfo.split_once(':'))
+        .is_some_and(|(_, pw)| !pw.is_empty());
+    let in_query = query
+        .split_once('?')
+        .map_or("", |(_, q)| q)
+        .split('&')
+        .filter_map(|p| p.split_once('='))
+        .any(|(k, v)| {
+            (k.eq_ignore_ascii_case("pass") || k.eq_ignore_ascii_case("password")) && !v.is_empty()
+        });
+    in_userinfo || in_query
+}
 
 impl Default for StoreConfig {
     /// Every `[store]` key at its default ([`defaults`]): the memory store, no snapshots.
@@ -39,6 +61,20 @@ pub(super) fn build(cx: &Ctx<'_>, raw: &RawStore) -> Result<StoreConfig, ConfigE
                 .redis_url
                 .clone()
                 .unwrap_or_else(|| defaults::REDIS_URL.into()),
+            password: match &raw.redis_password_file {
+                None => None,
+                Some(f) => {
+                    let field = "store.redis_password_file";
+                    if raw.redis_url.as_deref().is_some_and(url_has_password) {
+                        return cx.err(
+                            Some(f.span()),
+                            field,
+                            "redis_url has a password too: set it in one place",
+                        );
+                    }
+                    Some(Secret::new(cx.secret_file(f, field)?))
+                }
+            },
             key_prefix: raw
                 .redis_key_prefix
                 .clone()
@@ -80,8 +116,16 @@ pub(super) fn build(cx: &Ctx<'_>, raw: &RawStore) -> Result<StoreConfig, ConfigE
                 &[("refuse", false), ("start-empty", true)],
                 "expected \"refuse\" or \"start-empty\"",
             )?;
+            if path.get_ref().trim().is_empty() {
+                return cx.err(
+                    Some(path.span()),
+                    "store.snapshot_path",
+                    "must not be empty",
+                );
+            }
             Some(SnapshotConfig {
-                path: PathBuf::from(path),
+                // Relative to the configuration's directory, like every other path.
+                path: cx.resolve(path.get_ref()),
                 interval: cx.duration(
                     &raw.snapshot_interval,
                     "store.snapshot_interval",

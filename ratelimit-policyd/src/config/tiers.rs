@@ -46,6 +46,28 @@ fn unreachable_tier() -> Tier {
     }
 }
 
+/// Longest tier name.
+pub const MAX_TIER_NAME: usize = 64;
+
+/// Whether `name` is a valid tier name, or why not: 1 to [`MAX_TIER_NAME`] ASCII
+/// letters, digits, `-`, `_` or `.`. Tier names are written in the tier map and
+/// overrides files (`user tier` lines), in log lines and in metric labels; such a
+/// name needs no quoting in any of them.
+pub fn check_tier_name(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > MAX_TIER_NAME
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err(format!(
+            "\"{}\": a tier name is 1 to {MAX_TIER_NAME} ASCII letters, digits, '-', '_' or '.'",
+            crate::escape::Escaped(name)
+        ));
+    }
+    Ok(())
+}
+
 /// Validates `[tiers.*]` and `default_tier` (assignments come later, from
 /// [`assign`]). No `[tiers]` at all is the default tier alone.
 pub(super) fn build(
@@ -79,8 +101,10 @@ pub(super) fn build(
     let mut policies = AHashMap::new();
     let mut built = Vec::new();
     for (name, tier) in raw {
-        let field = format!("tiers.{name}");
+        // Escaped: a name with a newline is refused below, and the error names it.
+        let field = format!("tiers.{}", crate::escape::Escaped(name));
         let span = tier.span();
+        check_tier_name(name).or_else(|e| cx.err(Some(span.clone()), &field, e))?;
         let tier = tier.get_ref();
         let mut limits = Vec::new();
         for l in &tier.limits {

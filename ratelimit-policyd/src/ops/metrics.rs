@@ -30,12 +30,13 @@
 //! | `ratelimit_uptime_seconds` | gauge | |
 
 use std::fmt::Write;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 use super::View;
 use crate::policy::{Counted, Outcome};
@@ -325,11 +326,18 @@ pub fn render(view: &View) -> String {
 
 /// Longest request head accepted.
 const MAX_HEAD: usize = 8192;
-/// Longest a scraper may take to send its request.
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a scraper may take to send its request head.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(1);
+/// Longest writing the answer may take.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most scrapes served at once; a connection beyond it is closed at once. Prometheus
+/// scrapes one at a time; this only keeps a connection flood from holding tasks and
+/// buffers.
+pub const MAX_SCRAPES: usize = 32;
 
 /// Serves `GET /metrics` until `stop`.
 pub async fn serve(listener: TcpListener, view: View, mut stop: watch::Receiver<bool>) {
+    let slots = Arc::new(Semaphore::new(MAX_SCRAPES));
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -337,9 +345,17 @@ pub async fn serve(listener: TcpListener, view: View, mut stop: watch::Receiver<
         };
         match accepted {
             Ok((stream, _)) => {
+                let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                    // Closed at once: dropping the stream.
+                    tracing::debug!(
+                        "metrics: {MAX_SCRAPES} scrapes in progress; connection closed"
+                    );
+                    continue;
+                };
                 let view = view.clone();
                 tokio::spawn(async move {
-                    let _ = tokio::time::timeout(READ_TIMEOUT, answer(stream, &view)).await;
+                    let _ = answer(stream, &view).await;
+                    drop(slot);
                 });
             }
             Err(e) => {
@@ -350,48 +366,88 @@ pub async fn serve(listener: TcpListener, view: View, mut stop: watch::Receiver<
     }
 }
 
-async fn answer(mut stream: TcpStream, view: &View) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(512);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && !buf.windows(2).any(|w| w == b"\n\n") {
-        if buf.len() > MAX_HEAD {
-            return respond(&mut stream, "431 Request Header Fields Too Large", "", "").await;
-        }
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        buf.extend_from_slice(chunk.get(..n).unwrap_or(&[]));
+/// Finds the end of an HTTP request head (an empty line: `\r\n\r\n` or `\n\n`) in
+/// a buffer that grows, looking at each byte once.
+#[derive(Debug, Default)]
+struct HeadEnd {
+    /// Bytes of the buffer already looked at.
+    scanned: usize,
+}
+
+impl HeadEnd {
+    /// The length of the head in `buf`, once it is complete. `buf` must hold what
+    /// it held at the previous call, and maybe more.
+    fn find(&mut self, buf: &[u8]) -> Option<usize> {
+        let from = self.scanned.min(buf.len());
+        self.scanned = buf.len();
+        let new = buf.get(from..).unwrap_or(&[]);
+        memchr::memchr_iter(b'\n', new)
+            .map(|i| from + i)
+            .find(|&i| {
+                let prev = |back: usize| i.checked_sub(back).and_then(|j| buf.get(j)).copied();
+                prev(1) == Some(b'\n') || (prev(1) == Some(b'\r') && prev(2) == Some(b'\n'))
+            })
+            .map(|i| i + 1)
     }
-    let line = buf.split(|b| *b == b'\n').next().unwrap_or(&[]);
+}
+
+/// Reads the request head: at most [`MAX_HEAD`] bytes within [`HEADER_TIMEOUT`].
+/// `Ok(None)`: too long; `Err`: closed, failed or too slow.
+async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
+    let read = async {
+        let mut buf = Vec::with_capacity(512);
+        let mut chunk = [0u8; 1024];
+        let mut end = HeadEnd::default();
+        loop {
+            if let Some(n) = end.find(&buf) {
+                buf.truncate(n);
+                return Ok(Some(buf));
+            }
+            if buf.len() > MAX_HEAD {
+                return Ok(None);
+            }
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            buf.extend_from_slice(chunk.get(..n).unwrap_or(&[]));
+        }
+    };
+    tokio::time::timeout(HEADER_TIMEOUT, read)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
+async fn answer(mut stream: TcpStream, view: &View) -> std::io::Result<()> {
+    let head = read_head(&mut stream).await?;
+    tokio::time::timeout(WRITE_TIMEOUT, route(&mut stream, head.as_deref(), view))
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
+async fn route(stream: &mut TcpStream, head: Option<&[u8]>, view: &View) -> std::io::Result<()> {
+    let Some(head) = head else {
+        return respond(stream, "431 Request Header Fields Too Large", "", "").await;
+    };
+    let line = head.split(|b| *b == b'\n').next().unwrap_or(&[]);
     let line = String::from_utf8_lossy(line);
     let mut words = line.split_whitespace();
     let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
     let path = target.split('?').next().unwrap_or("");
     match (method, path) {
-        ("GET", "/metrics") => respond(&mut stream, "200 OK", CONTENT_TYPE, &render(view)).await,
-        ("HEAD", "/metrics") => respond(&mut stream, "200 OK", CONTENT_TYPE, "").await,
+        ("GET", "/metrics") => respond(stream, "200 OK", CONTENT_TYPE, &render(view)).await,
+        ("HEAD", "/metrics") => respond(stream, "200 OK", CONTENT_TYPE, "").await,
         ("GET", "/") => {
             respond(
-                &mut stream,
+                stream,
                 "200 OK",
                 "text/plain; charset=utf-8",
                 "ratelimit-policyd: metrics at /metrics\n",
             )
             .await
         }
-        ("GET" | "HEAD", _) => {
-            respond(&mut stream, "404 Not Found", "text/plain", "not found\n").await
-        }
-        _ => {
-            respond(
-                &mut stream,
-                "405 Method Not Allowed",
-                "text/plain",
-                "GET only\n",
-            )
-            .await
-        }
+        ("GET" | "HEAD", _) => respond(stream, "404 Not Found", "text/plain", "not found\n").await,
+        _ => respond(stream, "405 Method Not Allowed", "text/plain", "GET only\n").await,
     }
 }
 
@@ -408,4 +464,37 @@ async fn respond(
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(body.as_bytes()).await?;
     stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_end_of_the_head_is_found_looking_at_each_byte_once() {
+        for (head, want) in [
+            (&b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\nrest"[..], 34),
+            (b"GET / HTTP/1.0\n\n", 16),
+            (b"\n\n", 2),
+        ] {
+            // Whole, and one byte at a time.
+            assert_eq!(HeadEnd::default().find(head), Some(want), "{head:?}");
+            let mut end = HeadEnd::default();
+            let found = (1..=head.len()).find_map(|n| {
+                let got = end.find(&head[..n]);
+                assert_eq!(end.scanned, n);
+                got
+            });
+            assert_eq!(found, Some(want), "{head:?}");
+        }
+        let mut end = HeadEnd::default();
+        assert_eq!(end.find(b"GET / HTTP/1.1\r\nA: b\r\n"), None);
+        assert_eq!(
+            end.find(b"GET / HTTP/1.1\r\nA: b\r\n"),
+            None,
+            "no new bytes"
+        );
+        assert_eq!(end.find(b"GET / HTTP/1.1\r\nA: b\r\n\r\n"), Some(24));
+        assert_eq!(HeadEnd::default().find(b"a\rb\r\r\n"), None);
+    }
 }

@@ -130,6 +130,7 @@ impl Logs {
         let logs = self.clone();
         self.capture_with(
             tracing_subscriber::fmt()
+                .fmt_fields(ratelimit_policyd::escape::TextFields)
                 .with_max_level(level)
                 .with_ansi(false)
                 .with_writer(move || logs.clone())

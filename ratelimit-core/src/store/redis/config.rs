@@ -60,6 +60,11 @@ pub struct RedisStoreConfig {
     /// The most idle connections kept for reuse (more are opened under load and
     /// closed after use). Default 16.
     pub max_idle_connections: usize,
+    /// The password sent when connecting (`AUTH`), instead of one in the URL: read
+    /// from a file by the server, so it never appears in a URL, a log or `Debug`.
+    /// It replaces a password in the URL; a user name in the URL is kept. Default
+    /// none.
+    pub password: Option<String>,
 }
 
 impl RedisStoreConfig {
@@ -73,6 +78,7 @@ impl RedisStoreConfig {
             time_source: TimeSource::Server,
             ttl_grace: Duration::from_secs(60),
             max_idle_connections: 16,
+            password: None,
         }
     }
 
@@ -129,6 +135,7 @@ impl fmt::Debug for RedisStoreConfig {
             .field("time_source", &self.time_source)
             .field("ttl_grace", &self.ttl_grace)
             .field("max_idle_connections", &self.max_idle_connections)
+            .field("password", &self.password.as_ref().map(|_| "***"))
             .finish()
     }
 }
@@ -217,5 +224,11 @@ mod tests {
         let store =
             RedisStore::new(RedisStoreConfig::new("redis://:hunter2@127.0.0.1:1/")).unwrap();
         assert!(!format!("{store:?}").contains("hunter2"));
+        let mut c = RedisStoreConfig::new("redis://127.0.0.1:1/");
+        c.password = Some("from-a-file".into());
+        let debug = format!("{c:?}");
+        assert!(debug.contains("password: Some(\"***\")"), "{debug}");
+        let store = RedisStore::new(c).unwrap();
+        assert!(!format!("{store:?}").contains("from-a-file"));
     }
 }

@@ -142,13 +142,22 @@ impl RedisStore {
     /// check (or [`RedisStore::ping`]) does, so a server can start while Redis is down
     /// and apply its failure policy until Redis is back.
     pub fn new(mut config: RedisStoreConfig) -> Result<RedisStore, StoreError> {
-        let client = redis::Client::open(config.url.as_str()).map_err(|e| {
+        let invalid = |e: redis::RedisError| {
             StoreError::Unavailable(format!(
                 "invalid Redis URL {}: {}",
                 config.redacted_url(),
                 e
             ))
-        })?;
+        };
+        let client = match &config.password {
+            None => redis::Client::open(config.url.as_str()).map_err(invalid)?,
+            Some(password) => {
+                let info = redis::IntoConnectionInfo::into_connection_info(config.url.as_str())
+                    .map_err(invalid)?;
+                let settings = info.redis_settings().clone().set_password(password);
+                redis::Client::open(info.set_redis_settings(settings)).map_err(invalid)?
+            }
+        };
         // A zero socket timeout is an error for the OS; treat it as the smallest one.
         let min = Duration::from_millis(1);
         config.connect_timeout = config.connect_timeout.max(min);
