@@ -402,6 +402,36 @@ async fn a_client_stalled_half_way_is_freed_by_the_idle_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_dripped_in_is_cut_off_after_seconds_even_with_a_long_idle_timeout() {
+    // The default idle_timeout (10 minutes): a connection that has begun a request
+    // cannot be given to another client, so a request gets REQUEST_DEADLINE to arrive.
+    let server = Server::start(&config_text("idle_timeout = \"10m\"", "")).await;
+    under_attack(&server, async {
+        let mut slow = TcpStream::connect(server.addr).await.unwrap();
+        let start = Instant::now();
+        let dripped = async {
+            for b in b"request=smtpd_access_policy\nprotocol_state=RCPT\nsasl_username=slow\n"
+                .iter()
+                .cycle()
+            {
+                if slow.write_all(&[*b]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(30), dripped).await;
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_secs(9) && took < Duration::from_secs(20),
+            "a dripped request was cut off after {took:?}, not about 10 s"
+        );
+    })
+    .await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_its_replies_is_cut_off_by_the_idle_timeout() {
     let server = Server::start(&config_text("", "")).await;
     under_attack(&server, async {

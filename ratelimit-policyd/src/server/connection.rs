@@ -14,8 +14,9 @@
 //!
 //! Timeouts are kept by one watchdog thread, not by socket timeouts: each connection
 //! publishes a deadline (waiting for a request, or writing a reply: `idle_timeout`
-//! from when it began; a request that arrives in pieces keeps the deadline of its
-//! first byte), and every 100 ms the watchdog shuts down the sockets whose deadline
+//! from when it began; a request that arrives in pieces must be whole within
+//! [`REQUEST_DEADLINE`] of its first byte, and bytes dripping in never extend it), and
+//! every 100 ms the watchdog shuts down the sockets whose deadline
 //! has passed, so a client that stalls half-way through a request, drips bytes, or
 //! stops reading replies is dropped. (`SO_RCVTIMEO` arms a kernel timer on every
 //! blocking read; measured, it cost about 7% of throughput.) At shutdown every
@@ -62,6 +63,11 @@ fn log_bad_request(peer: &str, e: &ParseError) {
         tracing::warn!(client = peer, error = %e, suppressed, "closing connection: bad request");
     }
 }
+
+/// How long a request may take to arrive once its first bytes have: a client that
+/// drips a request holds a connection slot that cannot be given to another, so it
+/// gets seconds, not `idle_timeout`.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Stack size of a connection thread: the handler keeps its buffers on the heap.
 const STACK_SIZE: usize = 256 * 1024;
@@ -146,6 +152,13 @@ impl Slot {
             .ms_at(now)
             .saturating_add(u64::try_from(within.as_millis()).unwrap_or(u64::MAX));
         self.deadline_ms.store(ms, Ordering::Relaxed);
+    }
+    /// The deadline `within` from `now`, unless the one set is sooner.
+    fn tighten_deadline(&self, workers: &Workers, now: Instant, within: Duration) {
+        let ms = workers
+            .ms_at(now)
+            .saturating_add(u64::try_from(within.as_millis()).unwrap_or(u64::MAX));
+        self.deadline_ms.fetch_min(ms, Ordering::Relaxed);
     }
     fn clear_deadline(&self) {
         self.deadline_ms.store(u64::MAX, Ordering::Relaxed);
@@ -473,8 +486,14 @@ impl Connection<'_> {
                         // A request has begun: never evicted from here until it is
                         // answered; if the evictor came first, stop (it shut the
                         // socket down).
-                        if start == end && !slot.busy() {
-                            return;
+                        if start == end {
+                            if !slot.busy() {
+                                return;
+                            }
+                            // Postfix writes a request at once: one still arriving
+                            // after REQUEST_DEADLINE holds a slot no evictor may take,
+                            // so the watchdog closes it then.
+                            slot.tighten_deadline(workers, Instant::now(), REQUEST_DEADLINE);
                         }
                         end += n;
                     }
