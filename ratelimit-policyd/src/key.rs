@@ -61,7 +61,7 @@ pub fn from_text(text: &str) -> String {
 }
 
 /// `key` (normalized, or built from normalized parts such as `sender:ADDRESS`) cut
-/// to at most [`MAX_KEY_BYTES`]: a longer one becomes a prefix, [`LONG_MARK`] and a
+/// to at most [`MAX_KEY_BYTES`]: a longer one becomes a prefix, `~h` and a
 /// keyed hash of the whole (see the module docs).
 pub fn bound(key: Cow<'_, str>) -> Cow<'_, str> {
     if key.len() <= MAX_KEY_BYTES {

@@ -32,7 +32,7 @@ const EVICT_SAMPLE: usize = 16;
 /// [`crate::distinct`]); at most `max_keys` keys are tracked.
 ///
 /// **Key cap.** A full table never turns the signal off for new users: a new key in
-/// a full shard evicts one. The hand walks the shard's keys [`EVICT_SAMPLE`] at a
+/// a full shard evicts one. The hand walks the shard's keys `EVICT_SAMPLE` at a
 /// time and takes the first idle one (its networks have all aged out: forgetting it
 /// changes nothing), else the one of the sample that becomes idle first: here that
 /// is the least recently observed (a state's idle time is its last observation plus
