@@ -18,6 +18,7 @@
 //! - [`policy`]: request → key → tier → signals → [`Verdict`](policy::Verdict).
 //! - [`backend`]: the store seam, the one module that names the stores.
 //! - [`config`]: TOML configuration, validated once per section.
+//! - [`logging`]: where log lines go (journald, syslog facility `mail`, stderr).
 //! - Leaves: [`protocol`] (the request parser and reply encoder), [`key`] (the user-key
 //!   normalizer), [`template`] (reply texts and time formats), [`logthrottle`],
 //!   [`striped`] (per-thread counters), [`escape`] (client text made safe to print).
@@ -28,6 +29,7 @@ pub mod config;
 pub mod daemon;
 pub mod escape;
 pub mod key;
+pub mod logging;
 pub mod logthrottle;
 pub mod ops;
 pub mod policy;

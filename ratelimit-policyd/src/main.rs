@@ -91,10 +91,10 @@ fn main() -> ExitCode {
         }) => admin(cli.config.as_deref(), socket, json, command),
         Some(Command::Replay { log }) => replay(cli.config.as_deref(), &log),
         None => {
-            let cfg_json = daemon::load_config(cli.config.as_deref(), &cli.listen)
-                .map(|c| c.server.log_json)
-                .unwrap_or(false);
-            init_logging(cfg_json);
+            let server = daemon::load_config(cli.config.as_deref(), &cli.listen)
+                .map(|c| c.server)
+                .unwrap_or_default();
+            ratelimit_policyd::logging::init(&server);
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -114,25 +114,6 @@ fn main() -> ExitCode {
                 }
             }
         }
-    }
-}
-
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RATELIMIT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal: a log file or journald gets plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if json {
-        let _ = builder.json().try_init();
-    } else {
-        // Text lines escape control characters in every field (a user name with a CR
-        // cannot forge a line); JSON escapes them by itself and keeps the original.
-        let _ = builder
-            .fmt_fields(ratelimit_policyd::escape::TextFields)
-            .try_init();
     }
 }
 

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use ratelimit_core::Unit;
 use ratelimit_policyd::config::{
-    self, ActionKind, Backend, DEFAULT_CONFIG, FailMode, ListenAddr, WithoutSasl, apply_map_file,
-    defaults, load, parse, redact_url,
+    self, ActionKind, Backend, DEFAULT_CONFIG, FailMode, ListenAddr, LogTarget, WithoutSasl,
+    apply_map_file, defaults, load, parse, redact_url,
 };
 
 #[test]
@@ -66,6 +66,18 @@ fn errors_name_file_line_and_field() {
         (
             "[server]\nbogus = 1\n",
             "test.toml:2: unknown field `bogus`",
+        ),
+        (
+            "[server]\nlog_target = \"mail.log\"\n",
+            "test.toml:2: server.log_target: \"mail.log\": expected \"auto\"",
+        ),
+        (
+            "[server]\nlog_target = \"journald\"\nsyslog_socket = \"/dev/log\"\n",
+            "test.toml:3: server.syslog_socket: applies to log_target = \"syslog\" only",
+        ),
+        (
+            "[server]\nlog_target = \"syslog\"\nsyslog_socket = \"\"\n",
+            "test.toml:3: server.syslog_socket: is empty",
         ),
         (
             "[tiers.default]\nlimits = [\"100/0h\"]\n",
@@ -186,6 +198,8 @@ fn an_empty_file_is_the_defaults_table() {
     assert_eq!(c.server.decision_timeout, Duration::from_millis(500));
     assert_eq!(c.server.on_store_error, FailMode::Open);
     assert!(!c.server.log_json);
+    assert_eq!(c.server.log_target, LogTarget::Auto);
+    assert_eq!(c.server.syslog_socket, Path::new("/dev/log"));
     assert_eq!(
         c.store.backend,
         Backend::Memory {

@@ -9,7 +9,7 @@
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
-use super::{ActionKind, FailMode, WithoutSasl};
+use super::{ActionKind, FailMode, LogTarget, WithoutSasl};
 
 // ---------------------------------------------------------------- [server]
 
@@ -27,6 +27,10 @@ pub const DECISION_TIMEOUT: Duration = Duration::from_millis(500);
 pub const ON_STORE_ERROR: FailMode = FailMode::Open;
 /// `server.log_format = "json"`: off (text logs).
 pub const LOG_JSON: bool = false;
+/// `server.log_target`: journald under systemd, stderr elsewhere.
+pub const LOG_TARGET: LogTarget = LogTarget::Auto;
+/// `server.syslog_socket`: the local syslog daemon's socket.
+pub const SYSLOG_SOCKET: &str = "/dev/log";
 /// `server.socket_mode`: owner and group may connect to a Unix socket, no one else.
 pub const SOCKET_MODE: u32 = 0o660;
 

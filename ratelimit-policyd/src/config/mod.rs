@@ -236,6 +236,22 @@ pub struct Config {
     pub ops: OpsConfig,
 }
 
+/// `server.log_target`: where log lines go. Read at start only (a reload keeps the
+/// target the server started with).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogTarget {
+    /// journald when the server's stderr is the journal (`$JOURNAL_STREAM` names it,
+    /// as systemd sets it), stderr otherwise.
+    Auto,
+    /// Text or JSON lines on stderr.
+    Stderr,
+    /// journald's native protocol: a priority per level and `SYSLOG_IDENTIFIER`.
+    Journald,
+    /// A syslog datagram socket ([`ServerConfig::syslog_socket`]), facility `mail`,
+    /// so that incidents land in `mail.log` beside Postfix's lines.
+    Syslog,
+}
+
 /// `[server]`.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -253,6 +269,10 @@ pub struct ServerConfig {
     pub on_store_error: FailMode,
     /// Log as JSON lines instead of text.
     pub log_json: bool,
+    /// Where log lines go: stderr, journald or syslog (facility mail).
+    pub log_target: LogTarget,
+    /// The syslog socket for `log_target = "syslog"` (`/dev/log`).
+    pub syslog_socket: PathBuf,
     /// Permission bits of Unix listening sockets (connecting needs write permission).
     pub socket_mode: u32,
     /// Group of Unix listening sockets (Postfix's, so that smtpd may connect).

@@ -49,6 +49,8 @@ pub(super) struct RawServer {
     pub(super) decision_timeout: Option<Spanned<String>>,
     pub(super) on_store_error: Option<Spanned<String>>,
     pub(super) log_format: Option<Spanned<String>>,
+    pub(super) log_target: Option<Spanned<String>>,
+    pub(super) syslog_socket: Option<Spanned<String>>,
     pub(super) socket_mode: Option<Spanned<String>>,
     pub(super) socket_group: Option<Spanned<String>>,
     pub(super) allow_uids: Option<Spanned<Vec<Spanned<RawId>>>>,

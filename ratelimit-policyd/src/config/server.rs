@@ -1,12 +1,16 @@
-//! `[server]`: sockets, clients, timeouts, the failure answer, the log format, and
-//! who may use a Unix socket (mode, group, peer uids).
+//! `[server]`: sockets, clients, timeouts, the failure answer, the log format and
+//! target, and who may use a Unix socket (mode, group, peer uids).
+
+use std::path::PathBuf;
 
 use ipnet::IpNet;
 use nix::unistd::{Group, User};
 use toml::Spanned;
 
 use super::raw::{RawId, RawServer};
-use super::{ConfigError, Ctx, FailMode, ListenAddr, ServerConfig, SocketGroup, defaults};
+use super::{
+    ConfigError, Ctx, FailMode, ListenAddr, LogTarget, ServerConfig, SocketGroup, defaults,
+};
 
 impl Default for ServerConfig {
     /// Every `[server]` key at its default ([`defaults`]).
@@ -19,6 +23,8 @@ impl Default for ServerConfig {
             decision_timeout: defaults::DECISION_TIMEOUT,
             on_store_error: defaults::ON_STORE_ERROR,
             log_json: defaults::LOG_JSON,
+            log_target: defaults::LOG_TARGET,
+            syslog_socket: PathBuf::from(defaults::SYSLOG_SOCKET),
             socket_mode: defaults::SOCKET_MODE,
             socket_group: None,
             allow_uids: None,
@@ -97,6 +103,32 @@ pub(super) fn build(cx: &Ctx<'_>, raw: &RawServer) -> Result<ServerConfig, Confi
         &[("text", false), ("json", true)],
         "expected \"text\" or \"json\"",
     )?;
+    let log_target = cx.keyword(
+        &raw.log_target,
+        "server.log_target",
+        defaults::LOG_TARGET,
+        &[
+            ("auto", LogTarget::Auto),
+            ("stderr", LogTarget::Stderr),
+            ("journald", LogTarget::Journald),
+            ("syslog", LogTarget::Syslog),
+        ],
+        "expected \"auto\" (journald under systemd, else stderr), \"stderr\", \"journald\" or \"syslog\"",
+    )?;
+    let syslog_socket = match &raw.syslog_socket {
+        None => PathBuf::from(defaults::SYSLOG_SOCKET),
+        Some(s) if log_target != LogTarget::Syslog => {
+            return cx.err(
+                Some(s.span()),
+                "server.syslog_socket",
+                "applies to log_target = \"syslog\" only",
+            );
+        }
+        Some(s) if s.get_ref().is_empty() => {
+            return cx.err(Some(s.span()), "server.syslog_socket", "is empty");
+        }
+        Some(s) => cx.resolve(s.get_ref()),
+    };
     let has_unix = listen.iter().any(|l| matches!(l, ListenAddr::Unix(_)));
     let unix_only = |span: std::ops::Range<usize>, field: &str| {
         if has_unix {
@@ -162,6 +194,8 @@ pub(super) fn build(cx: &Ctx<'_>, raw: &RawServer) -> Result<ServerConfig, Confi
         decision_timeout,
         on_store_error,
         log_json,
+        log_target,
+        syslog_socket,
         socket_mode,
         socket_group,
         allow_uids,
