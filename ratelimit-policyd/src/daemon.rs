@@ -262,11 +262,12 @@ fn queue_relative(addr: &str) -> Option<String> {
     (parts.len() > dir + 1).then(|| format!("unix:{}", rel.display()))
 }
 
-/// What the daemon logs at start: how to wire Postfix to this server. A Unix socket
-/// inside Postfix's queue directory comes first, named as smtpd sees it
-/// (`unix:private/NAME`); then the first TCP listener; then any other Unix socket.
-pub fn postfix_wiring(listen: &[String]) -> String {
-    let target = listen
+/// The `check_policy_service` target for a server listening on `listen` (`host:port`
+/// or `unix:/path`): a Unix socket inside Postfix's queue directory comes first,
+/// named as smtpd sees it (`unix:private/NAME`); then the first TCP listener
+/// (`inet:host:port`); then any other Unix socket.
+pub fn postfix_target(listen: &[String]) -> String {
+    listen
         .iter()
         .find_map(|a| queue_relative(a))
         .or_else(|| {
@@ -276,7 +277,13 @@ pub fn postfix_wiring(listen: &[String]) -> String {
                 .map(|a| format!("inet:{a}"))
         })
         .or_else(|| listen.first().cloned())
-        .unwrap_or_else(|| "inet:127.0.0.1:10031".into());
+        .unwrap_or_else(|| "inet:127.0.0.1:10031".into())
+}
+
+/// What the daemon logs at start: how to wire Postfix to this server, at
+/// [`postfix_target`].
+pub fn postfix_wiring(listen: &[String]) -> String {
+    let target = postfix_target(listen);
     let mut out =
         String::from("wire Postfix to this server in main.cf (or per service in master.cf):\n");
     for line in main_cf_lines(&target).lines() {

@@ -9,6 +9,7 @@
 //!
 //! Each layer imports only the ones below it (`ARCHITECTURE.md` has the map and the
 //! path of one request):
+//! - [`cli`]: the command line, for `main`.
 //! - [`daemon`]: start-up, signals, reload, the periodic sweep and snapshot;
 //!   [`Daemon::run`](daemon::Daemon::run) serves listeners until a shutdown future.
 //! - [`admin`] (the admin socket and CLI) and [`ops`] (incident lines, alerts,
@@ -24,6 +25,7 @@
 
 pub mod admin;
 pub mod backend;
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod key;
