@@ -2,6 +2,7 @@
 //! its observers, listeners, signals, reload, and the periodic sweep and snapshot.
 //!
 //! [`Daemon::new`] builds everything but the listeners; [`Daemon::run`] serves them
+//! (telling systemd `READY=1` once it does, when `NOTIFY_SOCKET` is set)
 //! until a shutdown future completes (tests and embedders call it with their own);
 //! [`serve`] is what `main` calls: load, build, bind, run until SIGTERM or SIGINT,
 //! reload on SIGHUP.
@@ -177,6 +178,9 @@ impl Daemon {
         self.start_admin(&view, &mut tasks, stop_rx.clone());
         tasks.spawn(maintenance(Arc::clone(&self.policy), stop_rx));
         ops::set_ready(&self.ops);
+        // Every listener is bound (and the snapshot restored) before `run`: systemd's
+        // Type=notify starts Postfix only now.
+        crate::notify::tell("READY=1");
         let served = server::serve(
             listeners,
             Arc::clone(&self.policy),
@@ -184,6 +188,7 @@ impl Daemon {
             shutdown,
         )
         .await;
+        crate::notify::tell("STOPPING=1");
         let _ = stop_tx.send(true);
         while tasks.join_next().await.is_some() {}
         write_snapshot(&self.policy);

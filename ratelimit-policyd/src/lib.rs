@@ -21,7 +21,7 @@
 //! - [`config`]: TOML configuration, validated once per section.
 //! - Leaves: [`protocol`] (the request parser and reply encoder), [`key`] (the user-key
 //!   normalizer), [`template`] (reply texts and time formats), [`logthrottle`],
-//!   [`striped`] (per-thread counters).
+//!   [`notify`] (systemd readiness), [`striped`] (per-thread counters).
 
 pub mod admin;
 pub mod backend;
@@ -30,6 +30,7 @@ pub mod config;
 pub mod daemon;
 pub mod key;
 pub mod logthrottle;
+pub mod notify;
 pub mod ops;
 pub mod policy;
 pub mod protocol;
