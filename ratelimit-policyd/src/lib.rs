@@ -9,7 +9,8 @@
 //!
 //! Each layer imports only the ones below it (`ARCHITECTURE.md` has the map and the
 //! path of one request):
-//! - [`cli`]: the command line, for `main`.
+//! - [`cli`]: the command line, for `main`; [`manual`]: the man pages and shell
+//!   completions made from it and from docs/configuration.md.
 //! - [`daemon`]: start-up, signals, reload, the periodic sweep and snapshot;
 //!   [`Daemon::run`](daemon::Daemon::run) serves listeners until a shutdown future.
 //! - [`admin`] (the admin socket and CLI) and [`ops`] (incident lines, alerts,
@@ -30,6 +31,7 @@ pub mod config;
 pub mod daemon;
 pub mod key;
 pub mod logthrottle;
+pub mod manual;
 pub mod notify;
 pub mod ops;
 pub mod policy;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use ratelimit_policyd::cli::{AdminCommand, Cli, Command};
+use ratelimit_policyd::cli::{AdminCommand, Cli, Command, Generate};
 use ratelimit_policyd::daemon;
 
 fn main() -> ExitCode {
@@ -17,6 +17,7 @@ fn main() -> ExitCode {
             command,
         }) => admin(cli.config.as_deref(), socket, json, command),
         Some(Command::Replay { log }) => replay(cli.config.as_deref(), &log),
+        Some(Command::Generate { what }) => generate(what),
         Some(Command::PostfixConfig) => postfix_config(cli.config.as_deref()),
         None => {
             let cfg_json = daemon::load_config(cli.config.as_deref(), &cli.listen)
@@ -57,6 +58,28 @@ fn init_logging(json: bool) {
         let _ = builder.json().try_init();
     } else {
         let _ = builder.try_init();
+    }
+}
+
+fn generate(what: Generate) -> ExitCode {
+    use ratelimit_policyd::manual;
+    let written = match what {
+        Generate::Man { dir } => manual::write_man_pages(&dir),
+        Generate::Completions { shell, dir } => {
+            manual::write_completions(shell, &dir).map(|p| vec![p])
+        }
+    };
+    match written {
+        Ok(paths) => {
+            for p in paths {
+                println!("{}", p.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ratelimit-policyd: generate: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
