@@ -2,6 +2,7 @@
 //! its observers, listeners, signals, reload, and the periodic sweep and snapshot.
 //!
 //! [`Daemon::new`] builds everything but the listeners; [`Daemon::run`] serves them
+//! (telling systemd `READY=1` once it does, when `NOTIFY_SOCKET` is set)
 //! until a shutdown future completes (tests and embedders call it with their own);
 //! [`serve`] is what `main` calls: load, build, bind, run until SIGTERM or SIGINT,
 //! reload on SIGHUP.
@@ -177,6 +178,9 @@ impl Daemon {
         self.start_admin(&view, &mut tasks, stop_rx.clone());
         tasks.spawn(maintenance(Arc::clone(&self.policy), stop_rx));
         ops::set_ready(&self.ops);
+        // Every listener is bound (and the snapshot restored) before `run`: systemd's
+        // Type=notify starts Postfix only now.
+        crate::notify::tell("READY=1");
         let served = server::serve(
             listeners,
             Arc::clone(&self.policy),
@@ -184,6 +188,7 @@ impl Daemon {
             shutdown,
         )
         .await;
+        crate::notify::tell("STOPPING=1");
         let _ = stop_tx.send(true);
         while tasks.join_next().await.is_some() {}
         write_snapshot(&self.policy);
@@ -262,11 +267,12 @@ fn queue_relative(addr: &str) -> Option<String> {
     (parts.len() > dir + 1).then(|| format!("unix:{}", rel.display()))
 }
 
-/// What the daemon logs at start: how to wire Postfix to this server. A Unix socket
-/// inside Postfix's queue directory comes first, named as smtpd sees it
-/// (`unix:private/NAME`); then the first TCP listener; then any other Unix socket.
-pub fn postfix_wiring(listen: &[String]) -> String {
-    let target = listen
+/// The `check_policy_service` target for a server listening on `listen` (`host:port`
+/// or `unix:/path`): a Unix socket inside Postfix's queue directory comes first,
+/// named as smtpd sees it (`unix:private/NAME`); then the first TCP listener
+/// (`inet:host:port`); then any other Unix socket.
+pub fn postfix_target(listen: &[String]) -> String {
+    listen
         .iter()
         .find_map(|a| queue_relative(a))
         .or_else(|| {
@@ -276,7 +282,13 @@ pub fn postfix_wiring(listen: &[String]) -> String {
                 .map(|a| format!("inet:{a}"))
         })
         .or_else(|| listen.first().cloned())
-        .unwrap_or_else(|| "inet:127.0.0.1:10031".into());
+        .unwrap_or_else(|| "inet:127.0.0.1:10031".into())
+}
+
+/// What the daemon logs at start: how to wire Postfix to this server, at
+/// [`postfix_target`].
+pub fn postfix_wiring(listen: &[String]) -> String {
+    let target = postfix_target(listen);
     let mut out =
         String::from("wire Postfix to this server in main.cf (or per service in master.cf):\n");
     for line in main_cf_lines(&target).lines() {

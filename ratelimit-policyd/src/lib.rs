@@ -9,6 +9,8 @@
 //!
 //! Each layer imports only the ones below it (`ARCHITECTURE.md` has the map and the
 //! path of one request):
+//! - [`cli`]: the command line, for `main`; [`manual`]: the man pages and shell
+//!   completions made from it and from docs/configuration.md.
 //! - [`daemon`]: start-up, signals, reload, the periodic sweep and snapshot;
 //!   [`Daemon::run`](daemon::Daemon::run) serves listeners until a shutdown future.
 //! - [`admin`] (the admin socket and CLI) and [`ops`] (incident lines, alerts,
@@ -21,16 +23,20 @@
 //! - [`logging`]: where log lines go (journald, syslog facility `mail`, stderr).
 //! - Leaves: [`protocol`] (the request parser and reply encoder), [`key`] (the user-key
 //!   normalizer), [`template`] (reply texts and time formats), [`logthrottle`],
-//!   [`striped`] (per-thread counters), [`escape`] (client text made safe to print).
+//!   [`notify`] (systemd readiness), [`striped`] (per-thread counters), [`escape`]
+//!   (client text made safe to print).
 
 pub mod admin;
 pub mod backend;
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod escape;
 pub mod key;
 pub mod logging;
 pub mod logthrottle;
+pub mod manual;
+pub mod notify;
 pub mod ops;
 pub mod policy;
 pub mod protocol;

@@ -3,82 +3,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-use ratelimit_policyd::config::ListenAddr;
+use clap::Parser;
+use ratelimit_policyd::cli::{AdminCommand, Cli, Command, Generate};
 use ratelimit_policyd::daemon;
-
-/// A Postfix policy server that rate-limits outbound mail per SASL user.
-///
-/// With no arguments it listens on 127.0.0.1:10031 with in-memory counters and one
-/// default tier of 100 messages per hour.
-#[derive(Parser)]
-#[command(version, about)]
-struct Cli {
-    /// Configuration file (TOML). Without it, the built-in default is used.
-    #[arg(short, long, global = true)]
-    config: Option<PathBuf>,
-    /// Listen here instead of the configured addresses (host:port or unix:/path); repeatable.
-    #[arg(short, long)]
-    listen: Vec<ListenAddr>,
-    #[command(subcommand)]
-    command: Option<Command>,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Check a configuration file and print what it sets up.
-    CheckConfig {
-        /// The file.
-        file: PathBuf,
-    },
-    /// Talk to a running server over its admin socket.
-    Admin {
-        /// The admin socket (default: [admin] socket of --config, else the built-in default).
-        #[arg(long)]
-        socket: Option<PathBuf>,
-        /// Print the reply as JSON.
-        #[arg(long)]
-        json: bool,
-        #[command(subcommand)]
-        command: AdminCommand,
-    },
-    /// Run recorded requests ([record] path) through --config offline and print who
-    /// would have been refused, when, and by which limit.
-    Replay {
-        /// The record file (JSON lines).
-        log: PathBuf,
-    },
-}
-
-#[derive(Subcommand)]
-enum AdminCommand {
-    /// A user's tier, usage per limit, and retry time.
-    Show {
-        /// The user (sasl_username).
-        user: String,
-    },
-    /// Forget a user's counters (unblock).
-    Reset {
-        /// The user.
-        user: String,
-    },
-    /// Move a user (or @domain) to a tier; persisted across restarts and reloads.
-    Tier {
-        /// The user.
-        user: String,
-        /// The tier.
-        tier: String,
-    },
-    /// The heaviest senders now.
-    Top {
-        /// How many.
-        n: Option<usize>,
-    },
-    /// Request, decision and connection counters.
-    Stats,
-    /// Re-read the configuration (like SIGHUP).
-    Reload,
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -90,6 +17,8 @@ fn main() -> ExitCode {
             command,
         }) => admin(cli.config.as_deref(), socket, json, command),
         Some(Command::Replay { log }) => replay(cli.config.as_deref(), &log),
+        Some(Command::Generate { what }) => generate(what),
+        Some(Command::PostfixConfig) => postfix_config(cli.config.as_deref()),
         None => {
             let server = daemon::load_config(cli.config.as_deref(), &cli.listen)
                 .map(|c| c.server)
@@ -113,6 +42,49 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+fn generate(what: Generate) -> ExitCode {
+    use ratelimit_policyd::manual;
+    let written = match what {
+        Generate::Man { dir } => manual::write_man_pages(&dir),
+        Generate::Completions { shell, dir } => {
+            manual::write_completions(shell, &dir).map(|p| vec![p])
+        }
+    };
+    match written {
+        Ok(paths) => {
+            for p in paths {
+                println!("{}", p.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ratelimit-policyd: generate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn postfix_config(config: Option<&std::path::Path>) -> ExitCode {
+    let cfg = match config {
+        Some(p) => ratelimit_policyd::config::load(p),
+        None => Ok(ratelimit_policyd::config::builtin()),
+    };
+    match cfg {
+        Ok(cfg) => {
+            let listen: Vec<String> = cfg.server.listen.iter().map(|a| a.to_string()).collect();
+            print!(
+                "{}",
+                daemon::main_cf_lines(&daemon::postfix_target(&listen))
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
         }
     }
 }

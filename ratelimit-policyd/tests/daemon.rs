@@ -1,4 +1,5 @@
-//! The binary itself: start-up, SIGHUP reload (good and bad file), SIGTERM, check-config.
+//! The binary itself: start-up, systemd readiness, SIGHUP and `admin reload` (good and
+//! bad file), SIGTERM, check-config.
 
 mod support;
 
@@ -215,4 +216,93 @@ fn secrets_are_read_from_files_or_systemd_credentials() {
         )),
         "{text}"
     );
+}
+
+#[test]
+fn ready_1_reaches_notify_socket_once_the_listener_accepts() {
+    let dir = tempdir("notify");
+    let notify = dir.join("notify.sock");
+    let manager = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    manager
+        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let port = free_port();
+    let mut child = Command::new(BIN)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env("NOTIFY_SOCKET", &notify)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let got = manager.recv(&mut buf);
+    // READY=1 means served: the first connection, made right away, is answered.
+    let answered = std::net::TcpStream::connect(("127.0.0.1", port))
+        .map(|mut s| ask(&mut s, "n@example.com", "n"));
+    let _ = child.kill();
+    let _ = child.wait();
+    let n = got.expect("READY=1 within 20 s");
+    assert_eq!(&buf[..n], b"READY=1");
+    assert_eq!(answered.expect("connects after READY=1"), "action=DUNNO");
+}
+
+#[test]
+fn admin_reload_exits_0_on_a_good_file_and_non_zero_on_a_bad_one() {
+    let dir = tempdir("admin-reload");
+    let cfg = dir.join("policyd.toml");
+    let port = free_port();
+    let admin = format!(
+        "\n[admin]\nsocket = \"{0}/admin.sock\"\ntier_overrides = \"{0}/overrides\"\n",
+        dir.display()
+    );
+    let write = |limit: &str| {
+        write_config(&cfg, port, limit);
+        let text = std::fs::read_to_string(&cfg).unwrap() + &admin;
+        std::fs::write(&cfg, text).unwrap();
+    };
+    write("2/1h");
+    let d = Daemon::start(&["--config", cfg.to_str().unwrap()], port);
+    d.wait_for_log("admin socket");
+    // As the unit's ExecReload runs it: the socket found through --config.
+    let reload = || {
+        Command::new(BIN)
+            .args(["--config", cfg.to_str().unwrap(), "admin", "reload"])
+            .output()
+            .unwrap()
+    };
+    write("4/1h");
+    let out = reload();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("reloaded "));
+
+    write("4/0h");
+    let out = reload();
+    assert!(
+        !out.status.success(),
+        "a bad file is not reported as reloaded"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("policyd.toml:5: tiers.default.limits: invalid limit \"4/0h\""),
+        "{err}"
+    );
+    // Through the socket alone, the server itself refuses the file, and says why.
+    let out = Command::new(BIN)
+        .args([
+            "admin",
+            "--socket",
+            &format!("{}/admin.sock", dir.display()),
+            "reload",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("invalid limit \"4/0h\""), "{err}");
+    // Still the 4/1h configuration.
+    let mut s = d.connect();
+    assert_eq!(accepted(&mut s, "r@example.com", "r", 6), 4);
 }
