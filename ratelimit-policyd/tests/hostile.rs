@@ -359,6 +359,26 @@ async fn requests_without_stage_or_user_and_unknown_stages_are_answered_dunno_an
     server.stop().await;
 }
 
+/// Drips a request that never ends into a new connection, a byte every `every`,
+/// until the server closes it or `give_up` passes; returns how long that took.
+async fn drip(server: &Server, every: Duration, give_up: Duration) -> Duration {
+    let mut slow = TcpStream::connect(server.addr).await.unwrap();
+    let start = Instant::now();
+    let dripped = async {
+        for b in b"request=smtpd_access_policy\nprotocol_state=RCPT\nsasl_username=slow\n"
+            .iter()
+            .cycle()
+        {
+            if slow.write_all(&[*b]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(every).await;
+        }
+    };
+    let _ = tokio::time::timeout(give_up, dripped).await;
+    start.elapsed()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_stalled_half_way_is_freed_by_the_idle_timeout() {
     let server = Server::start(&config_text("", "")).await;
@@ -378,22 +398,9 @@ async fn a_client_stalled_half_way_is_freed_by_the_idle_timeout() {
 
         // Slowloris: a byte every 50 ms never completes a request, and the timeout
         // bounds the whole request, not each read.
-        let mut slow = TcpStream::connect(server.addr).await.unwrap();
-        let start = Instant::now();
-        let dripped = async {
-            for b in b"request=smtpd_access_policy\nprotocol_state=RCPT\nsasl_username=slow\n"
-                .iter()
-                .cycle()
-            {
-                if slow.write_all(&[*b]).await.is_err() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(5), dripped).await;
+        let took = drip(&server, Duration::from_millis(50), Duration::from_secs(5)).await;
         assert!(
-            start.elapsed() < Duration::from_secs(3),
+            took < Duration::from_secs(3),
             "the slow client was not cut off"
         );
     })
@@ -407,21 +414,7 @@ async fn a_request_dripped_in_is_cut_off_after_seconds_even_with_a_long_idle_tim
     // cannot be given to another client, so a request gets REQUEST_DEADLINE to arrive.
     let server = Server::start(&config_text("idle_timeout = \"10m\"", "")).await;
     under_attack(&server, async {
-        let mut slow = TcpStream::connect(server.addr).await.unwrap();
-        let start = Instant::now();
-        let dripped = async {
-            for b in b"request=smtpd_access_policy\nprotocol_state=RCPT\nsasl_username=slow\n"
-                .iter()
-                .cycle()
-            {
-                if slow.write_all(&[*b]).await.is_err() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(30), dripped).await;
-        let took = start.elapsed();
+        let took = drip(&server, Duration::from_millis(200), Duration::from_secs(30)).await;
         assert!(
             took >= Duration::from_secs(9) && took < Duration::from_secs(20),
             "a dripped request was cut off after {took:?}, not about 10 s"
