@@ -74,15 +74,20 @@ fn sigterm_finishes_and_exits_cleanly() {
     assert!(d.log.lock().unwrap().contains("stopped"));
 }
 
+/// Runs `check-config FILE` and waits for it.
+fn check_config(file: &Path) -> std::process::Output {
+    Command::new(BIN)
+        .args(["check-config", file.to_str().unwrap()])
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn check_config_reports_ok_or_names_file_line_and_field() {
     let dir = tempdir("check");
     let good = dir.join("good.toml");
     write_config(&good, 10031, "100/1h");
-    let out = Command::new(BIN)
-        .args(["check-config", good.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = check_config(&good);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("good.toml: OK"), "{text}");
@@ -94,10 +99,7 @@ fn check_config_reports_ok_or_names_file_line_and_field() {
         "[server]\nlisten = [\"127.0.0.1:10031\"]\nmax_conections = 5\n",
     )
     .unwrap();
-    let out = Command::new(BIN)
-        .args(["check-config", bad.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = check_config(&bad);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -106,10 +108,7 @@ fn check_config_reports_ok_or_names_file_line_and_field() {
     );
 
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/example.toml");
-    let out = Command::new(BIN)
-        .args(["check-config", example.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = check_config(&example);
     assert!(
         out.status.success(),
         "{}",
@@ -126,10 +125,7 @@ fn check_config_never_prints_the_redis_password() {
         "[store]\nbackend = \"redis\"\nredis_url = \"redis://:s3cret@127.0.0.1:6379/\"\n",
     )
     .unwrap();
-    let out = Command::new(BIN)
-        .args(["check-config", cfg.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = check_config(&cfg);
     assert!(out.status.success());
     let all = format!(
         "{}{}",
@@ -151,10 +147,7 @@ fn check_config_prints_only_that_an_alert_command_is_set() {
         "[alerts]\ncommand = \"curl -H 'Authorization: Bearer t0ken-in-a-command' https://x/\"\n",
     )
     .unwrap();
-    let out = Command::new(BIN)
-        .args(["check-config", cfg.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = check_config(&cfg);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!text.contains("t0ken-in-a-command"), "{text}");
