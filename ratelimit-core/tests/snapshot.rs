@@ -3,8 +3,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use ratelimit_core::store::Scan;
 use ratelimit_core::store::SnapshotError;
-use ratelimit_core::{Cost, Limit, MemoryStore, Mode, Store, Timestamp};
+use ratelimit_core::{Cost, Limit, MemoryStore, MemoryStoreConfig, Mode, Store, Timestamp};
 
 const T0: u64 = 1_700_000_000_000;
 
@@ -102,6 +103,45 @@ fn restore_after_restart_keeps_what_still_counts() {
     let stats = c.load_snapshot(&path, at(7 * 86_400_000)).unwrap();
     assert_eq!((stats.keys, stats.restored), (50, 0));
     assert_eq!(c.key_count(), 0);
+}
+
+#[test]
+fn a_snapshot_larger_than_the_table_restores_the_most_recently_active_keys() {
+    let path = tmp("smaller");
+    let a = populated();
+    // user{i} sent its last message at minute i % 9: the most recently active
+    // users are those with i % 9 == 8 (user8, user17, user26, user35, user44).
+    let now = at(10 * 60_000);
+    a.save_snapshot(&path, now).unwrap();
+    let small =
+        MemoryStore::with_config(MemoryStoreConfig::default().with_shards(1).with_max_keys(5));
+    let stats = small.load_snapshot(&path, now).unwrap();
+    assert_eq!((stats.keys, stats.restored), (50, 50));
+    assert_eq!(small.key_count(), 5);
+    assert_eq!(small.evictions().idle + small.evictions().lru, 45);
+    let mut kept = Vec::new();
+    small
+        .scan(&mut |key, _| kept.push(key.to_string()))
+        .unwrap();
+    kept.sort();
+    assert_eq!(
+        kept,
+        [
+            "user17@example.com",
+            "user26@example.com",
+            "user35@example.com",
+            "user44@example.com",
+            "user8@example.com"
+        ]
+    );
+    // What was kept decides exactly as in the store it came from.
+    for user in &kept {
+        let peek = |s: &MemoryStore| {
+            s.check(user, &limits(), Cost::message(3, 0), now, Mode::Peek)
+                .unwrap()
+        };
+        assert_eq!(peek(&a), peek(&small), "{user}");
+    }
 }
 
 #[test]

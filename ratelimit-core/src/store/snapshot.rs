@@ -260,6 +260,11 @@ impl MemoryStore {
     /// version, checksum, structure) before anything is restored: a corrupt,
     /// truncated or other-version file changes nothing and gives an error that says
     /// what is wrong and where.
+    ///
+    /// A snapshot with more live keys than this store has room for (written by a
+    /// store with a larger `max_keys`) still restores: keys make room as new keys
+    /// do, and they are restored least recently active first (by when they would
+    /// have decayed), so the ones kept are the most recently active.
     pub fn load_snapshot(
         &self,
         path: &Path,
@@ -269,7 +274,10 @@ impl MemoryStore {
             path: path.to_path_buf(),
             source,
         })?;
-        let entries = decode(&bytes, path)?;
+        let mut entries = decode(&bytes, path)?;
+        if entries.len().saturating_add(self.key_count()) > self.max_keys() {
+            entries.sort_by_key(|(_, state)| state.idle_at);
+        }
         let mut stats = SnapshotStats {
             keys: entries.len(),
             restored: 0,

@@ -332,12 +332,28 @@ impl MemoryStore {
             return Ok(());
         }
         if !self.reserve(&shard) {
-            return Err(StoreError::Full {
-                max_keys: self.max_keys,
-            });
+            // Full (a snapshot from a larger table, or a lowered `max_keys`): make
+            // room as a new key on the request path does, so a restore never fails
+            // for want of room.
+            self.evict_for_new_key(&mut shard, now)?;
         }
         let pos = shard.insert(hash, key, &self.hasher);
         shard.set_state(pos, state);
+        Ok(())
+    }
+
+    /// Evicts one key of `shard` (idle first, then the least recently used) to make
+    /// room for a new one, counting it; [`StoreError::Full`] if none can go.
+    fn evict_for_new_key(&self, shard: &mut Shard, now: Timestamp) -> Result<(), StoreError> {
+        match shard.evict(now) {
+            Some(Evicted::Idle) => self.evicted_idle.fetch_add(1, Ordering::Relaxed),
+            Some(Evicted::Lru) => self.evicted_lru.fetch_add(1, Ordering::Relaxed),
+            None => {
+                return Err(StoreError::Full {
+                    max_keys: self.max_keys,
+                });
+            }
+        };
         Ok(())
     }
 }
@@ -382,15 +398,7 @@ impl Store for MemoryStore {
         }
         if !self.reserve(&shard) {
             // Full: the new key takes an evicted key's place (the count is unchanged).
-            match shard.evict(now) {
-                Some(Evicted::Idle) => self.evicted_idle.fetch_add(1, Ordering::Relaxed),
-                Some(Evicted::Lru) => self.evicted_lru.fetch_add(1, Ordering::Relaxed),
-                None => {
-                    return Err(StoreError::Full {
-                        max_keys: self.max_keys,
-                    });
-                }
-            };
+            self.evict_for_new_key(&mut shard, now)?;
         }
         let pos = shard.insert(hash, key, &self.hasher);
         if one.present {
