@@ -398,8 +398,15 @@ async fn maintenance(policy: Arc<Policy>, stop: watch::Receiver<bool>) {
         tokio::select! {
             _ = sweep.tick() => {
                 let p = Arc::clone(&policy);
-                let removed = tokio::task::spawn_blocking(move || p.sweep()).await.unwrap_or(0);
-                tracing::debug!(removed, "swept idle keys");
+                let swept = tokio::task::spawn_blocking(move || {
+                    let removed = p.sweep();
+                    let started = std::time::Instant::now();
+                    let trimmed = crate::trim::give_back();
+                    (removed, trimmed, started.elapsed())
+                });
+                if let Ok((removed, trimmed, took)) = swept.await {
+                    tracing::debug!(removed, trimmed, trim_took = ?took, "swept idle keys, gave free memory back");
+                }
             }
             _ = snap.tick() => {
                 let p = Arc::clone(&policy);

@@ -44,3 +44,4 @@ pub mod replay;
 pub mod server;
 pub mod striped;
 pub mod template;
+pub mod trim;
