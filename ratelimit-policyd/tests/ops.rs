@@ -508,6 +508,13 @@ async fn metrics_parse_as_prometheus_text_and_move_with_requests() {
         5.0
     );
     assert_eq!(after["ratelimit_tracked_keys"], 1.0);
+    // The other bounded tables: gina's refusal opened one incident, and her
+    // client address is kept for incident lines.
+    assert_eq!(before["ratelimit_table_entries{table=\"incidents\"}"], 0.0);
+    assert_eq!(after["ratelimit_table_entries{table=\"incidents\"}"], 1.0);
+    assert_eq!(before["ratelimit_table_entries{table=\"clients\"}"], 0.0);
+    assert_eq!(after["ratelimit_table_entries{table=\"clients\"}"], 1.0);
+    assert!(after.contains_key("ratelimit_table_entries{table=\"networks\"}"));
     assert_eq!(after["ratelimit_connections_open"], 1.0);
     assert_eq!(d("ratelimit_connections_total"), 1.0);
     assert_eq!(d("ratelimit_incidents_total"), 1.0);

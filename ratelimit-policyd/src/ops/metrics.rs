@@ -16,6 +16,7 @@
 //! | `ratelimit_messages_charged_total` | counter | |
 //! | `ratelimit_request_duration_seconds` | histogram | request complete → answer written |
 //! | `ratelimit_tracked_keys` | gauge | memory store only |
+//! | `ratelimit_table_entries` | gauge | `table` (`networks`: in-process store only, `incidents`, `clients`) |
 //! | `ratelimit_store_errors_total` | counter | |
 //! | `ratelimit_store_evictions_total` | counter | `store` (`counters`, `networks`), `reason` (`idle`, `lru`); in-process stores only |
 //! | `ratelimit_store_full_refusals_total` | counter | new users deferred: a key table full and nothing to evict |
@@ -174,6 +175,29 @@ pub fn render(view: &View) -> String {
         );
         let _ = writeln!(o, "ratelimit_tracked_keys {keys}");
     }
+    header(
+        &mut o,
+        "ratelimit_table_entries",
+        "gauge",
+        "Entries of the server's other bounded tables: users whose networks are kept (in-process store), incidents remembered, users whose last clients are kept.",
+    );
+    if let Some(usage) = view.policy.backend().network_usage("") {
+        let _ = writeln!(
+            o,
+            "ratelimit_table_entries{{table=\"networks\"}} {}",
+            usage.users
+        );
+    }
+    let _ = writeln!(
+        o,
+        "ratelimit_table_entries{{table=\"incidents\"}} {}",
+        view.policy.incidents_remembered()
+    );
+    let _ = writeln!(
+        o,
+        "ratelimit_table_entries{{table=\"clients\"}} {}",
+        view.policy.clients().users()
+    );
     header(
         &mut o,
         "ratelimit_store_errors_total",

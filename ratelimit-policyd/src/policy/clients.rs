@@ -117,6 +117,11 @@ impl ClientsSeen {
         map.insert(user.into(), recent);
     }
 
+    /// How many users' addresses are kept (at most [`MAX_USERS`]).
+    pub fn users(&self) -> usize {
+        self.shards.iter().map(|s| s.0.lock().len()).sum()
+    }
+
     /// The addresses `user` was last seen from, most recent first.
     pub fn get(&self, user: &str) -> Vec<IpAddr> {
         self.shard(user)

@@ -81,6 +81,16 @@ impl Incidents {
         true
     }
 
+    /// How many incidents are remembered (open, or cleared but not swept yet).
+    pub fn len(&self) -> usize {
+        self.open.lock().len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Forgets the incidents that have cleared by `now_ms`.
     pub fn sweep(&self, now_ms: u64) {
         self.open.lock().retain(|_, until| *until > now_ms);

@@ -238,6 +238,11 @@ impl Policy {
         &self.clients
     }
 
+    /// How many incidents the policy remembers (open or not yet swept).
+    pub fn incidents_remembered(&self) -> usize {
+        self.incidents.len()
+    }
+
     /// The clock.
     pub fn now(&self) -> Timestamp {
         self.clock.now()
