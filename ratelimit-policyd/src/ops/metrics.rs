@@ -4,7 +4,7 @@
 //! `prometheus-client` or `metrics`: every value already lives in a counter of the
 //! policy ([`Tally`](crate::policy::Tally)), the server
 //! ([`ServerStats`](crate::server::ServerStats)) or [`Ops`](super::Ops), so a
-//! registry would only mirror them; there are about twenty series, one histogram and
+//! registry would only mirror them; there are about thirty series, one histogram and
 //! one bounded label set (tiers, from the configuration); and the whole endpoint is
 //! smaller than the glue a crate would need, with no new dependency to build.
 //!
