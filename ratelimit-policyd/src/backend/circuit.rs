@@ -215,7 +215,7 @@ impl Guard {
         let weak = Arc::downgrade(self);
         let spawned = std::thread::Builder::new()
             .name("store-probe".into())
-            .stack_size(128 * 1024)
+            .stack_size(256 * 1024)
             .spawn(move || probe_until_closed(&weak, generation));
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start the store probe thread: closing the circuit again");

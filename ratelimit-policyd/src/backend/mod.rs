@@ -339,7 +339,7 @@ impl Backend {
             return self.volume.check(key, tier.limits(), cost, now, mode);
         }
         let permit = self.guard.admit(bounds.max_in_flight)?;
-        let result = if call_here(self.longest.0, bounds.timeout) {
+        let result = if call_here() {
             let r = self.volume.check(key, tier.limits(), cost, now, mode);
             drop(permit);
             r
@@ -370,7 +370,7 @@ impl Backend {
             return self.networks.observe(key, network, limit, now);
         }
         let permit = self.guard.admit(bounds.max_in_flight)?;
-        let result = if call_here(self.longest.1, bounds.timeout) {
+        let result = if call_here() {
             let r = self.networks.observe(key, network, limit, now);
             drop(permit);
             r
@@ -520,11 +520,14 @@ fn within(longest: Option<Duration>, timeout: Duration) -> bool {
     longest.is_some_and(|l| l <= timeout)
 }
 
-/// Whether a store call may block this thread: its calls end within the caller's
-/// timeout, and the thread is not the runtime's (a connection thread, not a task:
-/// the admin commands run on the runtime, and must not hold one of its threads).
-fn call_here(longest: Option<Duration>, timeout: Duration) -> bool {
-    within(longest, timeout) && tokio::runtime::Handle::try_current().is_err()
+/// Whether a store call is made on this thread: it is not the runtime's. A
+/// connection thread decides without the runtime only when
+/// [`Backend::decides_inline`] said the store's calls end within its timeout (a
+/// reload in between may stretch one decision past a shortened timeout, once);
+/// on the runtime (a connection thread in `block_on`, the admin commands) a call
+/// goes to the blocking pool, so no runtime thread waits on the store.
+fn call_here() -> bool {
+    tokio::runtime::Handle::try_current().is_err()
 }
 
 /// The longest one call of `store` can take: a connection opened (the pooled one
