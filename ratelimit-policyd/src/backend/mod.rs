@@ -45,6 +45,8 @@ use crate::config::{Backend as BackendConfig, ServerConfig, StoreConfig};
 
 mod circuit;
 mod fallback;
+#[cfg(test)]
+mod tests;
 
 use circuit::Guard;
 pub use circuit::{FIRST_OPEN, Health, MAX_OPEN, OPEN_AFTER, REOPEN_WITHIN};
