@@ -28,7 +28,8 @@ impl Policy {
     /// Observes the request's client network for `key`. When the user is flagged,
     /// the verdict gets the networks action (or, with `warn`, only its dry run and
     /// incident, and the volume decision goes on). A store failure is logged and
-    /// counted, and the volume decision (with its own failure policy) decides.
+    /// counted, and the volume decision (with its own failure policy) decides; with
+    /// `on_store_error = "local"` the network is observed by this server's own store.
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn watch_networks(
         &self,
