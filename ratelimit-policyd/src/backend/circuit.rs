@@ -213,10 +213,16 @@ impl Guard {
             "store circuit open: answering per on_store_error without calling the store, and probing it in the background"
         );
         let weak = Arc::downgrade(self);
+        // Log where the tripping thread logs (a scoped subscriber of an embedder).
+        let dispatch = tracing::dispatcher::get_default(|d| d.clone());
         let spawned = std::thread::Builder::new()
             .name("store-probe".into())
             .stack_size(256 * 1024)
-            .spawn(move || probe_until_closed(&weak, generation));
+            .spawn(move || {
+                tracing::dispatcher::with_default(&dispatch, || {
+                    probe_until_closed(&weak, generation);
+                });
+            });
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start the store probe thread: closing the circuit again");
             self.close("no probe thread");
