@@ -16,6 +16,16 @@ use std::time::{Duration, Instant};
 
 use support::proc::{Daemon, ask, free_port, tempdir};
 
+/// The tests measure answer times: they run one at a time, so that they do not
+/// load the machine for each other.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A redis-server of the test's own, keeping its dump file in `dir`.
 struct Redis {
     child: Child,
@@ -175,6 +185,7 @@ const UNAVAILABLE: &str =
 #[test]
 #[ignore = "needs redis-server (scripts/test runs it)"]
 fn while_redis_is_down_each_server_limits_with_its_own_counters() {
+    let _serial = one_at_a_time();
     let dir = tempdir("fallback-local");
     let rport = free_port();
     let redis = Redis::start(rport, &dir);
@@ -250,6 +261,7 @@ fn while_redis_is_down_each_server_limits_with_its_own_counters() {
 /// `decision_timeout` (plus 50 ms for the client and the machine), and once Redis
 /// answers again the server holds no more threads or files than before.
 fn hung_redis_answers_in_time(name: &str, decision_timeout_ms: u64, command_timeout_ms: u64) {
+    let _serial = one_at_a_time();
     let dir = tempdir(name);
     let redis = Redis::start(free_port(), &dir);
     let (d, mport) = start_daemon(
@@ -356,6 +368,7 @@ fn hung_redis_every_answer_within_the_decision_timeout_on_the_connection_thread(
 #[test]
 #[ignore = "needs redis-server (scripts/test runs it)"]
 fn beyond_max_store_calls_in_flight_requests_are_answered_at_once() {
+    let _serial = one_at_a_time();
     let dir = tempdir("fallback-cap");
     let redis = Redis::start(free_port(), &dir);
     // Calls outlive the wait (8 s against 2 s): each holds its place in the cap
@@ -433,6 +446,7 @@ fn beyond_max_store_calls_in_flight_requests_are_answered_at_once() {
 #[test]
 #[ignore = "needs redis-server (scripts/test runs it)"]
 fn after_five_failures_in_a_row_the_circuit_answers_at_once_until_redis_is_back() {
+    let _serial = one_at_a_time();
     let dir = tempdir("fallback-circuit");
     let redis = Redis::start(free_port(), &dir);
     let (d, mport) = start_daemon(
