@@ -268,7 +268,7 @@ fn every_section_reports_file_line_and_field() {
     let cases = [
         (
             "[server]\non_store_error = \"maybe\"\n",
-            "test.toml:2: server.on_store_error: \"maybe\": expected \"open\" (answer DUNNO) or \"closed\" (defer)",
+            "test.toml:2: server.on_store_error: \"maybe\": expected \"open\" (answer DUNNO), \"closed\" (defer) or \"local\" (this server's own counters)",
         ),
         (
             "[server]\nlisten = []\n",

@@ -219,7 +219,7 @@ fn promtool_accepts_the_rules() {
     let path = dist("prometheus-rules.yml");
     let (ok, out) = promtool(&["check", "rules", path.to_str().unwrap()], "");
     assert!(ok, "{out}");
-    assert!(out.contains("SUCCESS: 6 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 7 rules found"), "{out}");
 }
 
 #[tokio::test]

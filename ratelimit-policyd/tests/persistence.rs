@@ -244,9 +244,11 @@ fn redis_down_gets_the_fail_answer_in_time_and_recovery_needs_no_restart() {
             );
         }
     }
-    // Redis comes back on the same port (empty): decisions resume, no restart.
+    // Redis comes back on the same port (empty): decisions resume, no restart (once
+    // the circuit the failures opened is closed by a probe: within seconds).
     let _redis = RedisProc::start(rport);
     for ((d, s), (mode, _)) in daemons.iter_mut().zip(modes) {
+        d.wait_for_log("store circuit closed");
         let start = Instant::now();
         // The fail-open server answers DUNNO either way; wait until the closed one
         // admits, and for both check that limits are enforced again.

@@ -9,6 +9,7 @@ use ratelimit_core::{Cost, Mode};
 use serde::{Deserialize, Serialize};
 
 use super::context::Context;
+use crate::backend::CallBounds;
 use crate::escape::{Escaped, escape};
 use crate::policy::keying::is_exempt_user;
 use crate::template::{Approx, rfc3339};
@@ -77,7 +78,10 @@ impl Show {
                 Cost::message(1, 0),
                 now,
                 Mode::Peek,
-                ADMIN_TIMEOUT,
+                CallBounds {
+                    timeout: ADMIN_TIMEOUT,
+                    max_in_flight: cfg.server.max_store_calls_in_flight,
+                },
             )
             .await
             .map_err(|e| e.to_string())?;

@@ -25,6 +25,10 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 pub const DECISION_TIMEOUT: Duration = Duration::from_millis(500);
 /// `server.on_store_error`: a broken limiter never stops mail.
 pub const ON_STORE_ERROR: FailMode = FailMode::Open;
+/// `server.max_store_calls_in_flight`: Redis calls in flight at once.
+pub const MAX_STORE_CALLS_IN_FLIGHT: usize = 64;
+/// `server.local_fraction`: with `on_store_error = "local"`, the whole limit.
+pub const LOCAL_FRACTION: f64 = 1.0;
 /// `server.log_format = "json"`: off (text logs).
 pub const LOG_JSON: bool = false;
 /// `server.log_target`: journald under systemd, stderr elsewhere.

@@ -17,13 +17,14 @@
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ahash::{AHashMap, AHashSet};
 use ipnet::IpNet;
 use ratelimit_core::distinct::DistinctLimit;
 use ratelimit_core::quota::parse_duration_ms;
-use ratelimit_core::{Limit, TierMap};
+use ratelimit_core::{Limit, Tier, TierMap};
 use toml::Spanned;
 
 use crate::template::Template;
@@ -117,6 +118,9 @@ pub enum FailMode {
     Open,
     /// Defer the mail (`DEFER_IF_PERMIT`): nothing gets out unchecked.
     Closed,
+    /// Decide with this server's own in-process counters
+    /// ([`ServerConfig::local_tiers`]) while the shared store fails.
+    Local,
 }
 
 /// What to do with mail from a user who has no SASL login.
@@ -267,6 +271,15 @@ pub struct ServerConfig {
     pub decision_timeout: Duration,
     /// Answer when the store fails.
     pub on_store_error: FailMode,
+    /// Most calls to a store that waits on the network (Redis) in flight at once;
+    /// a request beyond it gets the `on_store_error` answer at once.
+    pub max_store_calls_in_flight: usize,
+    /// With `on_store_error = "local"`: the share of each limit a server enforces
+    /// on its own (`0 < f <= 1`; several servers share the load).
+    pub local_fraction: f64,
+    /// The tiers with `local_fraction` applied, by name: built once when the file
+    /// is loaded (empty unless `on_store_error = "local"`).
+    pub local_tiers: AHashMap<String, Arc<Tier>>,
     /// Log as JSON lines instead of text.
     pub log_json: bool,
     /// Where log lines go: stderr, journald or syslog (facility mail).
@@ -300,6 +313,9 @@ pub struct StoreConfig {
     pub snapshot: Option<SnapshotConfig>,
     /// How often idle keys are swept from the memory store.
     pub sweep_interval: Duration,
+    /// `max_keys`: the memory store's cap, and with Redis, the cap of the local
+    /// fallback's stores (`on_store_error = "local"`).
+    pub local_max_keys: usize,
 }
 
 /// `[keying]`.
@@ -405,6 +421,8 @@ pub fn parse(text: &str, file: &str, base: Option<&Path>) -> Result<Config, Conf
     let mut tiers = tiers::build(&cx, &raw.tiers, raw.default_tier.as_ref())?;
     let networks = networks::build(&cx, &raw.networks, &raw.tiers, &tiers.map)?;
     tiers::assign(&cx, &raw.assign, raw.assign_file.as_ref(), &mut tiers)?;
+    let mut server = server;
+    server.local_tiers = server::local_tiers(&cx, &server, &tiers.map)?;
     Ok(Config {
         source: file.to_string(),
         server,

@@ -48,6 +48,8 @@ pub(super) struct RawServer {
     pub(super) idle_timeout: Option<Spanned<String>>,
     pub(super) decision_timeout: Option<Spanned<String>>,
     pub(super) on_store_error: Option<Spanned<String>>,
+    pub(super) max_store_calls_in_flight: Option<Spanned<usize>>,
+    pub(super) local_fraction: Option<Spanned<f64>>,
     pub(super) log_format: Option<Spanned<String>>,
     pub(super) log_target: Option<Spanned<String>>,
     pub(super) syslog_socket: Option<Spanned<String>>,

@@ -2,9 +2,13 @@
 //! target, and who may use a Unix socket (mode, group, peer uids).
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
+use ahash::AHashMap;
 use ipnet::IpNet;
 use nix::unistd::{Group, User};
+use ratelimit_core::{Algorithm, Limit, Tier, TierMap};
 use toml::Spanned;
 
 use super::raw::{RawId, RawServer};
@@ -22,6 +26,9 @@ impl Default for ServerConfig {
             idle_timeout: defaults::IDLE_TIMEOUT,
             decision_timeout: defaults::DECISION_TIMEOUT,
             on_store_error: defaults::ON_STORE_ERROR,
+            max_store_calls_in_flight: defaults::MAX_STORE_CALLS_IN_FLIGHT,
+            local_fraction: defaults::LOCAL_FRACTION,
+            local_tiers: AHashMap::new(),
             log_json: defaults::LOG_JSON,
             log_target: defaults::LOG_TARGET,
             syslog_socket: PathBuf::from(defaults::SYSLOG_SOCKET),
@@ -93,9 +100,42 @@ pub(super) fn build(cx: &Ctx<'_>, raw: &RawServer) -> Result<ServerConfig, Confi
             ("dunno", FailMode::Open),
             ("closed", FailMode::Closed),
             ("defer", FailMode::Closed),
+            ("local", FailMode::Local),
         ],
-        "expected \"open\" (answer DUNNO) or \"closed\" (defer)",
+        "expected \"open\" (answer DUNNO), \"closed\" (defer) or \"local\" (this server's own counters)",
     )?;
+    let max_store_calls_in_flight = match &raw.max_store_calls_in_flight {
+        None => defaults::MAX_STORE_CALLS_IN_FLIGHT,
+        Some(m) if *m.get_ref() == 0 => {
+            return cx.err(
+                Some(m.span()),
+                "server.max_store_calls_in_flight",
+                "must be at least 1",
+            );
+        }
+        Some(m) => *m.get_ref(),
+    };
+    let local_fraction = match &raw.local_fraction {
+        None => defaults::LOCAL_FRACTION,
+        Some(f) if on_store_error != FailMode::Local => {
+            return cx.err(
+                Some(f.span()),
+                "server.local_fraction",
+                "applies to on_store_error = \"local\" only",
+            );
+        }
+        Some(f) if !(*f.get_ref() > 0.0 && *f.get_ref() <= 1.0) => {
+            return cx.err(
+                Some(f.span()),
+                "server.local_fraction",
+                format!(
+                    "{}: must be more than 0 and at most 1 (the share of each limit one server enforces on its own)",
+                    f.get_ref()
+                ),
+            );
+        }
+        Some(f) => *f.get_ref(),
+    };
     let log_json = cx.keyword(
         &raw.log_format,
         "server.log_format",
@@ -193,6 +233,9 @@ pub(super) fn build(cx: &Ctx<'_>, raw: &RawServer) -> Result<ServerConfig, Confi
         idle_timeout,
         decision_timeout,
         on_store_error,
+        max_store_calls_in_flight,
+        local_fraction,
+        local_tiers: AHashMap::new(),
         log_json,
         log_target,
         syslog_socket,
@@ -200,6 +243,71 @@ pub(super) fn build(cx: &Ctx<'_>, raw: &RawServer) -> Result<ServerConfig, Confi
         socket_group,
         allow_uids,
     })
+}
+
+/// The tiers of `map` with every limit scaled by `server.local_fraction`, for the
+/// local fallback (`on_store_error = "local"`; empty otherwise). A count (and a
+/// bucket's burst) is rounded down, but never below 1.
+pub(super) fn local_tiers(
+    cx: &Ctx<'_>,
+    server: &ServerConfig,
+    map: &TierMap,
+) -> Result<AHashMap<String, Arc<Tier>>, ConfigError> {
+    if server.on_store_error != FailMode::Local {
+        return Ok(AHashMap::new());
+    }
+    let fraction = server.local_fraction;
+    map.tiers()
+        .map(|tier| {
+            if fraction >= 1.0 {
+                return Ok((tier.name().to_string(), Arc::clone(tier)));
+            }
+            let limits = tier
+                .limits()
+                .iter()
+                .map(|l| scale_limit(l, fraction))
+                .collect::<Result<Vec<_>, _>>();
+            match limits.and_then(|l| Tier::new(tier.name(), l).map_err(|e| e.to_string())) {
+                Ok(scaled) => Ok((tier.name().to_string(), Arc::new(scaled))),
+                Err(e) => cx.err(
+                    None,
+                    "server.local_fraction",
+                    format!("tier \"{}\" cannot be scaled: {e}", tier.name()),
+                ),
+            }
+        })
+        .collect()
+}
+
+/// `n × fraction`, rounded down, at least 1.
+fn scale(n: u64, fraction: f64) -> u64 {
+    // The product of a u32-sized count and a fraction in (0, 1] fits a u64.
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss
+    )]
+    let scaled = (n as f64 * fraction).floor() as u64;
+    scaled.max(1)
+}
+
+/// `limit` with its count (and a bucket's burst) scaled by `fraction`.
+fn scale_limit(limit: &Limit, fraction: f64) -> Result<Limit, String> {
+    let count = scale(limit.count(), fraction);
+    let window: Duration = limit.window();
+    let scaled = match limit.algorithm() {
+        Algorithm::SlidingWindow { precision } => {
+            Limit::sliding(count, window).and_then(|l| l.with_precision(u64::from(precision)))
+        }
+        Algorithm::TokenBucket { burst } => {
+            Limit::token_bucket(count, window, scale(u64::from(burst), fraction))
+        }
+        // An algorithm this build does not know how to scale keeps its count.
+        _ => Ok(*limit),
+    };
+    scaled
+        .map(|l| l.with_unit(limit.unit()))
+        .map_err(|e| e.to_string())
 }
 
 /// An octal mode of at most `0777`: `"0660"`, `"660"`.
@@ -251,5 +359,72 @@ fn uid(cx: &Ctx<'_>, u: &Spanned<RawId>) -> Result<u32, ConfigError> {
                 format!("cannot look up user \"{name}\": {e}"),
             ),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::parse;
+    use ratelimit_core::Algorithm;
+
+    fn err(text: &str) -> String {
+        parse(text, "t.toml", None).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn local_tiers_scale_every_limit_down_but_never_below_one() {
+        let c = parse(
+            "[server]\non_store_error = \"local\"\nlocal_fraction = 0.5\n\n\
+             [tiers.default]\nlimits = [\"11/1h\", \"1/1m\", { limit = \"9/1h\", algorithm = \"bucket\", burst = 5 }]\n\
+             [tiers.free]\nlimits = []\n",
+            "t.toml",
+            None,
+        )
+        .unwrap();
+        let local = &c.server.local_tiers["default"];
+        let texts: Vec<String> = local.limits().iter().map(|l| l.to_string()).collect();
+        assert_eq!(texts[..2], ["5/1h", "1/1m"]);
+        let full = &c.tiers.map.get("default").unwrap().limits()[2];
+        let bucket = local.limits()[2];
+        assert_eq!((bucket.count(), bucket.window()), (4, full.window()));
+        match bucket.algorithm() {
+            Algorithm::TokenBucket { burst } => assert_eq!(burst, 2, "the burst is halved too"),
+            other => panic!("{other:?}"),
+        }
+        assert!(c.server.local_tiers["free"].is_unlimited());
+    }
+
+    #[test]
+    fn local_tiers_are_built_only_for_the_local_fallback() {
+        let c = parse("[tiers.default]\nlimits = [\"10/1h\"]\n", "t.toml", None).unwrap();
+        assert!(c.server.local_tiers.is_empty());
+        let c = parse(
+            "[server]\non_store_error = \"local\"\n[tiers.default]\nlimits = [\"10/1h\"]\n",
+            "t.toml",
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.server.local_fraction, 1.0);
+        assert_eq!(c.server.local_tiers["default"].limits()[0].count(), 10);
+    }
+
+    #[test]
+    fn local_fraction_is_checked() {
+        for f in ["0", "0.0", "-0.5", "1.01", "nan"] {
+            let text = format!("[server]\non_store_error = \"local\"\nlocal_fraction = {f}\n");
+            assert!(
+                err(&text).starts_with("t.toml:3: server.local_fraction: "),
+                "{f}: {}",
+                err(&text)
+            );
+        }
+        assert_eq!(
+            err("[server]\nlocal_fraction = 0.5\n"),
+            "t.toml:2: server.local_fraction: applies to on_store_error = \"local\" only"
+        );
+        assert_eq!(
+            err("[server]\nmax_store_calls_in_flight = 0\n"),
+            "t.toml:2: server.max_store_calls_in_flight: must be at least 1"
+        );
     }
 }

@@ -36,6 +36,7 @@ impl Default for StoreConfig {
             },
             snapshot: None,
             sweep_interval: defaults::SWEEP_INTERVAL,
+            local_max_keys: defaults::MAX_KEYS,
         }
     }
 }
@@ -46,16 +47,16 @@ pub(super) fn build(cx: &Ctx<'_>, raw: &RawStore) -> Result<StoreConfig, ConfigE
         .backend
         .as_ref()
         .map_or(defaults::BACKEND, |b| b.get_ref().as_str());
+    // The memory store's cap; with Redis, the local fallback's.
+    let max_keys = match &raw.max_keys {
+        Some(m) if *m.get_ref() == 0 => {
+            return cx.err(Some(m.span()), "store.max_keys", "must be at least 1");
+        }
+        Some(m) => *m.get_ref(),
+        None => defaults::MAX_KEYS,
+    };
     let backend = match backend {
-        "memory" => Backend::Memory {
-            max_keys: match &raw.max_keys {
-                Some(m) if *m.get_ref() == 0 => {
-                    return cx.err(Some(m.span()), "store.max_keys", "must be at least 1");
-                }
-                Some(m) => *m.get_ref(),
-                None => defaults::MAX_KEYS,
-            },
-        },
+        "memory" => Backend::Memory { max_keys },
         "redis" => Backend::Redis {
             url: raw
                 .redis_url
@@ -144,5 +145,6 @@ pub(super) fn build(cx: &Ctx<'_>, raw: &RawStore) -> Result<StoreConfig, ConfigE
         backend,
         snapshot,
         sweep_interval,
+        local_max_keys: max_keys,
     })
 }

@@ -4,7 +4,7 @@
 //! `prometheus-client` or `metrics`: every value already lives in a counter of the
 //! policy ([`Tally`](crate::policy::Tally)), the server
 //! ([`ServerStats`](crate::server::ServerStats)) or [`Ops`](super::Ops), so a
-//! registry would only mirror them; there are about twenty series, one histogram and
+//! registry would only mirror them; there are about thirty series, one histogram and
 //! one bounded label set (tiers, from the configuration); and the whole endpoint is
 //! smaller than the glue a crate would need, with no new dependency to build.
 //!
@@ -18,6 +18,12 @@
 //! | `ratelimit_tracked_keys` | gauge | memory store only |
 //! | `ratelimit_table_entries` | gauge | `table` (`networks`: in-process store only, `incidents`, `clients`) |
 //! | `ratelimit_store_errors_total` | counter | |
+//! | `ratelimit_store_calls_in_flight` | gauge | calls to a network store (Redis) running now |
+//! | `ratelimit_store_calls_refused_total` | counter | `reason` (`in_flight`, `circuit_open`): answered per on_store_error without a call |
+//! | `ratelimit_store_circuit_open` | gauge | 1 while the store is not called (too many failures in a row) |
+//! | `ratelimit_store_circuit_opens_total` | counter | |
+//! | `ratelimit_store_fallback_active` | gauge | 1 while requests are decided with this server's own counters |
+//! | `ratelimit_store_fallback_seconds_total` | counter | time spent in the local fallback |
 //! | `ratelimit_store_evictions_total` | counter | `store` (`counters`, `networks`), `reason` (`idle`, `lru`); in-process stores only |
 //! | `ratelimit_store_full_refusals_total` | counter | new users deferred: a key table full and nothing to evict |
 //! | `ratelimit_snapshot_age_seconds` | gauge | only once a snapshot was written |
@@ -40,6 +46,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
 use super::View;
+use crate::backend::Health;
 use crate::policy::{Counted, Outcome};
 use crate::server::stats::LATENCY_BUCKETS_US;
 
@@ -209,6 +216,7 @@ pub fn render(view: &View) -> String {
         "ratelimit_store_errors_total {}",
         s.get(Counted::StoreErrors)
     );
+    guarded_store(&mut o, &view.policy.backend().health());
     let (counters, networks) = view.policy.backend().evictions();
     if counters.is_some() || networks.is_some() {
         header(
@@ -346,6 +354,72 @@ pub fn render(view: &View) -> String {
         server.uptime().as_secs_f64()
     );
     o
+}
+
+/// The cap on store calls in flight, the circuit and the local fallback.
+fn guarded_store(o: &mut String, h: &Health) {
+    header(
+        o,
+        "ratelimit_store_calls_in_flight",
+        "gauge",
+        "Calls to a network store (Redis) running now (max_store_calls_in_flight caps them).",
+    );
+    let _ = writeln!(o, "ratelimit_store_calls_in_flight {}", h.in_flight);
+    header(
+        o,
+        "ratelimit_store_calls_refused_total",
+        "counter",
+        "Requests answered per on_store_error without calling the store, by reason.",
+    );
+    for (reason, n) in [
+        ("in_flight", h.refused_in_flight),
+        ("circuit_open", h.refused_circuit_open),
+    ] {
+        let _ = writeln!(
+            o,
+            "ratelimit_store_calls_refused_total{{reason=\"{reason}\"}} {n}"
+        );
+    }
+    header(
+        o,
+        "ratelimit_store_circuit_open",
+        "gauge",
+        "1 while the store is not called after failing repeatedly (probed in the background).",
+    );
+    let _ = writeln!(
+        o,
+        "ratelimit_store_circuit_open {}",
+        u8::from(h.circuit_open)
+    );
+    header(
+        o,
+        "ratelimit_store_circuit_opens_total",
+        "counter",
+        "Times the store's circuit opened.",
+    );
+    let _ = writeln!(o, "ratelimit_store_circuit_opens_total {}", h.circuit_opens);
+    header(
+        o,
+        "ratelimit_store_fallback_active",
+        "gauge",
+        "1 while requests are decided with this server's own counters (on_store_error = \"local\").",
+    );
+    let _ = writeln!(
+        o,
+        "ratelimit_store_fallback_active {}",
+        u8::from(h.local_active)
+    );
+    header(
+        o,
+        "ratelimit_store_fallback_seconds_total",
+        "counter",
+        "Seconds spent deciding with this server's own counters while the shared store failed.",
+    );
+    let _ = writeln!(
+        o,
+        "ratelimit_store_fallback_seconds_total {}",
+        h.local_seconds
+    );
 }
 
 /// Longest request head accepted.

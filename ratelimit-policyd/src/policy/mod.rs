@@ -10,7 +10,9 @@
 //! - **Volume** (`volume.rs`): all limits of the user's tier; recorded only if all
 //!   admit. Over a limit: the tier's action with a text that says which limit and when
 //!   to retry. A store failure gets the configured fail-open (`DUNNO`) or fail-closed
-//!   (defer) answer, within `decision_timeout`. A full key table is not a failure:
+//!   (defer) answer, within `decision_timeout`; with `on_store_error = "local"` the
+//!   request is decided by this server's own counters instead, at `local_fraction`
+//!   of each limit (`Backend::check_local`). A full key table is not a failure:
 //!   the store evicts to make room, and a new user it has no room for is deferred
 //!   (`4.7.1`), whatever `on_store_error` says.
 //! - **Networks** (`networks.rs`): the compromise signal, observed before the volume

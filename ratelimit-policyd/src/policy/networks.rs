@@ -19,7 +19,8 @@ use super::incidents::WhileOpen;
 use super::keying::{canonical_ip, client_network, parse_ip};
 use super::refusal::{action_name, refusal};
 use super::{Counted, Outcome, Policy, Signal, Verdict};
-use crate::config::{ActionKind, Config, NetworksPolicy};
+use crate::backend::CallBounds;
+use crate::config::{ActionKind, Config, FailMode, NetworksPolicy};
 use crate::protocol::PolicyRequest;
 use crate::template::{Fill, NetworksFill};
 
@@ -27,7 +28,8 @@ impl Policy {
     /// Observes the request's client network for `key`. When the user is flagged,
     /// the verdict gets the networks action (or, with `warn`, only its dry run and
     /// incident, and the volume decision goes on). A store failure is logged and
-    /// counted, and the volume decision (with its own failure policy) decides.
+    /// counted, and the volume decision (with its own failure policy) decides; with
+    /// `on_store_error = "local"` the network is observed by this server's own store.
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn watch_networks(
         &self,
@@ -44,12 +46,30 @@ impl Policy {
         };
         let network =
             client_network(ip, cfg.keying.ipv4_prefix, cfg.keying.ipv6_prefix).to_string();
-        let timeout = cfg.server.decision_timeout;
-        let observation = match self
+        let bounds = CallBounds::of(&cfg.server);
+        let observed = match self
             .backend
-            .observe(key, &network, &policy.limit, now, timeout)
+            .observe(key, &network, &policy.limit, now, bounds)
             .await
         {
+            Err(e)
+                if cfg.server.on_store_error == FailMode::Local
+                    && !matches!(e, StoreError::Full { .. }) =>
+            {
+                // The local fallback: this server's own record of the networks.
+                self.tally.add(Counted::StoreErrors);
+                self.store_failed(
+                    key,
+                    &e,
+                    now,
+                    "store failure observing the client network: observed by this server's own store",
+                );
+                self.backend
+                    .observe_local(key, &network, &policy.limit, now)
+            }
+            other => other,
+        };
+        let observation = match observed {
             Ok(o) => o,
             Err(StoreError::Full { max_keys }) => {
                 // Unwatched is not unlimited: a new user waits until there is room.

@@ -9,6 +9,7 @@ use ratelimit_core::{Cost, Decision, Mode, StoreError, Tier, Timestamp};
 use super::incidents::WhileOpen;
 use super::refusal::{action_name, refusal};
 use super::{Counted, Outcome, Policy, Signal, Verdict};
+use crate::backend::CallBounds;
 use crate::config::{ActionKind, Config, FailMode, TierPolicy};
 use crate::protocol::{Action, PolicyRequest, Stage};
 use crate::template::{Fill, Template};
@@ -19,6 +20,18 @@ static DEFAULT_POLICY: LazyLock<TierPolicy> = LazyLock::new(|| TierPolicy {
     message: Template::new(crate::config::DEFAULT_MESSAGE),
     limits: Vec::new(),
 });
+
+/// The answer to a request the store failed, per `on_store_error` (`Local` has
+/// none of its own: when the local store cannot decide either, it defers).
+fn store_error_answer(mode: FailMode, verdict: &mut Verdict<'_>) {
+    verdict.outcome = Some(Outcome::StoreError);
+    verdict.action = match mode {
+        FailMode::Open => Action::Dunno,
+        FailMode::Closed | FailMode::Local => Action::DeferIfPermit(Cow::Borrowed(
+            "4.3.0 Rate limiter temporarily unavailable, try again later",
+        )),
+    };
+}
 
 /// An incident with no retry time (a message larger than the limit) lasts a window;
 /// this long when the limit is unknown.
@@ -44,25 +57,35 @@ impl Policy {
             Stage::Rcpt => Cost::message(1, req.size.unwrap_or(0)),
             _ => Cost::message(recipients, req.size.unwrap_or(0)),
         };
-        let timeout = cfg.server.decision_timeout;
-        match self
-            .backend
-            .check(key, tier, cost, now, mode, timeout)
-            .await
-        {
-            Ok(decision) => self.judge(cfg, key, tier, &decision, now, req, text, verdict),
-            Err(StoreError::Full { max_keys }) => self.table_full(key, max_keys, now, verdict),
-            Err(e) => {
-                self.tally.add(Counted::StoreErrors);
-                self.store_failed(key, &e, now, "store failure");
-                verdict.outcome = Some(Outcome::StoreError);
-                verdict.action = match cfg.server.on_store_error {
-                    FailMode::Open => Action::Dunno,
-                    FailMode::Closed => Action::DeferIfPermit(Cow::Borrowed(
-                        "4.3.0 Rate limiter temporarily unavailable, try again later",
-                    )),
-                };
+        let bounds = CallBounds::of(&cfg.server);
+        let failed = match self.backend.check(key, tier, cost, now, mode, bounds).await {
+            Ok(decision) => {
+                return self.judge(cfg, key, tier, &decision, now, req, text, verdict);
             }
+            Err(StoreError::Full { max_keys }) => {
+                return self.table_full(key, max_keys, now, verdict);
+            }
+            Err(e) => e,
+        };
+        self.tally.add(Counted::StoreErrors);
+        let fail_mode = cfg.server.on_store_error;
+        if fail_mode != FailMode::Local {
+            self.store_failed(key, &failed, now, "store failure");
+            return store_error_answer(fail_mode, verdict);
+        }
+        // The local fallback: this server's own counters, with its share of each limit.
+        self.store_failed(
+            key,
+            &failed,
+            now,
+            "store failure: deciding with this server's own counters",
+        );
+        let local = cfg.server.local_tiers.get(tier.name()).unwrap_or(tier);
+        match self.backend.check_local(key, local, cost, now, mode) {
+            Ok(decision) => self.judge(cfg, key, local, &decision, now, req, text, verdict),
+            Err(StoreError::Full { max_keys }) => self.table_full(key, max_keys, now, verdict),
+            // The memory store fails only when full; were it to, nothing is unchecked.
+            Err(_) => store_error_answer(FailMode::Closed, verdict),
         }
     }
 

@@ -384,16 +384,19 @@ struct Connection<'a> {
 }
 
 impl Connection<'_> {
-    /// Decides on this thread: an in-process store never waits, so one poll completes
-    /// the future; a store with network calls (Redis) is driven by the runtime.
+    /// Decides on this thread: an in-process store never waits, nor does a network
+    /// store whose own timeouts are within `decision_timeout` (it is called on this
+    /// thread), so one poll completes the future; otherwise the runtime drives it
+    /// (its calls go to the blocking pool, bounded by `decision_timeout`).
     fn decide<'c>(
         &self,
         req: &PolicyRequest<'_>,
         state: &'c mut ConnState,
         now: Timestamp,
     ) -> Verdict<'c> {
+        let timeout = self.policy.config_for(state).server.decision_timeout;
         let mut fut = std::pin::pin!(self.policy.decide(req, state, now));
-        if self.policy.backend().decides_inline()
+        if self.policy.backend().decides_inline(timeout)
             && let Poll::Ready(v) = fut.as_mut().poll(&mut Context::from_waker(Waker::noop()))
         {
             return v;

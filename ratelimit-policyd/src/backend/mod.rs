@@ -11,9 +11,19 @@
 //! embedder runs the server's policy unchanged.
 //!
 //! Stores that decide in process ([`Calls::Inline`]) are called on the request's own
-//! thread. Stores that wait on the network ([`Calls::Blocking`]) are called on the
-//! runtime's blocking pool, each call bounded by the caller's timeout, so a hung
-//! backend costs a request at most `decision_timeout`.
+//! thread. Stores that wait on the network ([`Calls::Blocking`]) are guarded
+//! (`circuit.rs`): at most `max_store_calls_in_flight` calls at once, and a circuit
+//! that stops calling a store that keeps failing; a request refused by either gets
+//! the `on_store_error` answer at once. A guarded call runs on the request's own
+//! thread when the store bounds its calls itself within `decision_timeout`
+//! ([`VolumeStore::longest_call`]: Redis with `redis_connect_timeout + 3 ×
+//! redis_command_timeout` within it), and otherwise on the runtime's blocking pool,
+//! bounded by `decision_timeout`; either way a hung backend costs a request at
+//! most `decision_timeout`.
+//!
+//! With `on_store_error = "local"` the policy decides a request the shared store
+//! failed with [`Backend::check_local`] and [`Backend::observe_local`]: this
+//! server's own in-process stores (`fallback.rs`).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -31,7 +41,21 @@ use ratelimit_core::{
     Timestamp,
 };
 
-use crate::config::{Backend as BackendConfig, StoreConfig};
+use crate::config::{Backend as BackendConfig, ServerConfig, StoreConfig};
+
+mod circuit;
+mod fallback;
+#[cfg(test)]
+mod tests;
+
+use circuit::Guard;
+pub use circuit::{FIRST_OPEN, Health, MAX_OPEN, OPEN_AFTER, REOPEN_WITHIN};
+use fallback::Local;
+
+/// How many command round trips one Redis call may take at worst: the script
+/// call, and after a Redis restart its `NOSCRIPT` answer, the `SCRIPT LOAD` and the
+/// call again.
+const REDIS_ROUND_TRIPS: u32 = 3;
 
 /// Where the counters of the tiers' limits live, as the server needs them.
 ///
@@ -70,6 +94,19 @@ pub trait VolumeStore: Store + 'static {
     ) -> Option<Result<SnapshotStats, SnapshotError>> {
         None
     }
+
+    /// Checks that the store answers: the probe of an open circuit (network
+    /// stores). Called on a thread of its own.
+    fn probe(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// The longest one call can take, when the store bounds its calls itself (its
+    /// own connect and command timeouts). `None`: unknown, so a network store is
+    /// called on the blocking pool, where the caller's timeout bounds it.
+    fn longest_call(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// Where the client networks seen per user live.
@@ -86,6 +123,11 @@ pub trait NetworkStore: DistinctStore + 'static {
 
     /// Users evicted to make room for new ones, for stores that evict (in process).
     fn evictions(&self) -> Option<Evictions> {
+        None
+    }
+
+    /// The longest one call can take (see [`VolumeStore::longest_call`]).
+    fn longest_call(&self) -> Option<Duration> {
         None
     }
 }
@@ -106,8 +148,30 @@ pub struct NetworkUsage {
 pub enum Calls {
     /// On the caller's thread: the stores never wait (in process).
     Inline,
-    /// On the blocking pool, bounded by the caller's timeout (network stores).
+    /// Guarded (calls in flight, circuit), and bounded by the caller's timeout:
+    /// on the caller's thread when the store's own timeouts are within it, else on
+    /// the blocking pool (network stores).
     Blocking,
+}
+
+/// What bounds one guarded store call ([`Calls::Blocking`]): `[server]
+/// decision_timeout` and `max_store_calls_in_flight`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallBounds {
+    /// The longest the caller waits.
+    pub timeout: Duration,
+    /// Most calls in flight at once; beyond it a call is refused at once.
+    pub max_in_flight: usize,
+}
+
+impl CallBounds {
+    /// The bounds `[server]` sets.
+    pub fn of(server: &ServerConfig) -> CallBounds {
+        CallBounds {
+            timeout: server.decision_timeout,
+            max_in_flight: server.max_store_calls_in_flight,
+        }
+    }
 }
 
 /// Why a backend could not be opened.
@@ -130,6 +194,12 @@ pub struct Backend {
     name: &'static str,
     /// When the last snapshot was written (ms since the epoch; 0: never).
     last_snapshot_ms: Arc<AtomicU64>,
+    /// The cap on calls in flight and the circuit ([`Calls::Blocking`]).
+    guard: Arc<Guard>,
+    /// The local fallback's stores, made on first use.
+    local: Arc<Local>,
+    /// [`VolumeStore::longest_call`] and [`NetworkStore::longest_call`].
+    longest: (Option<Duration>, Option<Duration>),
 }
 
 impl std::fmt::Debug for Backend {
@@ -149,13 +219,24 @@ impl Backend {
         calls: Calls,
         name: &'static str,
     ) -> Backend {
+        let longest = (volume.longest_call(), networks.longest_call());
+        let probed = Arc::clone(&volume);
         Backend {
             volume,
             networks,
             calls,
             name,
             last_snapshot_ms: Arc::new(AtomicU64::new(0)),
+            guard: Arc::new(Guard::new(name, Box::new(move || probed.probe()))),
+            local: Arc::new(Local::new(crate::config::defaults::MAX_KEYS)),
+            longest,
         }
+    }
+
+    /// The same backend with a local fallback tracking at most `max_keys` users.
+    pub fn with_local_max_keys(mut self, max_keys: usize) -> Backend {
+        self.local = Arc::new(Local::new(max_keys));
+        self
     }
 
     /// In-process stores tracking at most `max_keys` keys each.
@@ -172,8 +253,13 @@ impl Backend {
     /// The backend `[store]` configures. The memory store is restored from its
     /// snapshot when one is configured (an unreadable one is an error unless
     /// `on_bad_snapshot = "start-empty"`). Redis is not required to answer yet:
-    /// decisions fail per `on_store_error` until it does.
+    /// decisions fail per `on_store_error` until it does. The local fallback tracks
+    /// at most `max_keys` users.
     pub fn open(cfg: &StoreConfig, now: Timestamp) -> Result<Backend, OpenError> {
+        Backend::open_stores(cfg, now).map(|b| b.with_local_max_keys(cfg.local_max_keys))
+    }
+
+    fn open_stores(cfg: &StoreConfig, now: Timestamp) -> Result<Backend, OpenError> {
         match &cfg.backend {
             BackendConfig::Memory { max_keys } => {
                 let volume =
@@ -229,12 +315,19 @@ impl Backend {
         self.name
     }
 
-    /// Whether the stores decide on the caller's thread without waiting.
-    pub fn decides_inline(&self) -> bool {
-        self.calls == Calls::Inline
+    /// Whether a decision with `timeout` completes on the caller's thread without a
+    /// runtime: the stores decide in process, or bound their own calls within
+    /// `timeout` (so a call is made on the caller's thread, see [`Calls`]).
+    pub fn decides_inline(&self, timeout: Duration) -> bool {
+        match self.calls {
+            Calls::Inline => true,
+            Calls::Blocking => within(self.longest.0, timeout) && within(self.longest.1, timeout),
+        }
     }
 
-    /// Checks `cost` for `key` against `tier`'s limits (see [`Store::check`]).
+    /// Checks `cost` for `key` against `tier`'s limits (see [`Store::check`]) in
+    /// the shared store. A guarded store may refuse the call at once (too many in
+    /// flight, circuit open): an [`StoreError::Unavailable`] like any other.
     pub async fn check(
         &self,
         key: &str,
@@ -242,38 +335,95 @@ impl Backend {
         cost: Cost,
         now: Timestamp,
         mode: Mode,
-        timeout: Duration,
+        bounds: CallBounds,
     ) -> Result<Decision, StoreError> {
-        match self.calls {
-            Calls::Inline => self.volume.check(key, tier.limits(), cost, now, mode),
-            Calls::Blocking => {
-                let store = Arc::clone(&self.volume);
-                let (key, tier) = (key.to_string(), Arc::clone(tier));
-                bounded(timeout, move || {
-                    store.check(&key, tier.limits(), cost, now, mode)
-                })
-                .await
-            }
+        if self.calls == Calls::Inline {
+            return self.volume.check(key, tier.limits(), cost, now, mode);
         }
+        let permit = self.guard.admit(bounds.max_in_flight)?;
+        let result = if call_here() {
+            let r = self.volume.check(key, tier.limits(), cost, now, mode);
+            drop(permit);
+            r
+        } else {
+            let store = Arc::clone(&self.volume);
+            let (key, tier) = (key.to_string(), Arc::clone(tier));
+            bounded(bounds.timeout, move || {
+                let _permit = permit;
+                store.check(&key, tier.limits(), cost, now, mode)
+            })
+            .await
+        };
+        self.guard.record(&result);
+        result
     }
 
-    /// Notes that `key` sent from `network` (see [`DistinctStore::observe`]).
+    /// Notes that `key` sent from `network` (see [`DistinctStore::observe`]), in
+    /// the shared store, guarded as [`Backend::check`] is.
     pub async fn observe(
         &self,
         key: &str,
         network: &str,
         limit: &DistinctLimit,
         now: Timestamp,
-        timeout: Duration,
+        bounds: CallBounds,
     ) -> Result<Observation, StoreError> {
-        match self.calls {
-            Calls::Inline => self.networks.observe(key, network, limit, now),
-            Calls::Blocking => {
-                let store = Arc::clone(&self.networks);
-                let (key, network, limit) = (key.to_string(), network.to_string(), *limit);
-                bounded(timeout, move || store.observe(&key, &network, &limit, now)).await
-            }
+        if self.calls == Calls::Inline {
+            return self.networks.observe(key, network, limit, now);
         }
+        let permit = self.guard.admit(bounds.max_in_flight)?;
+        let result = if call_here() {
+            let r = self.networks.observe(key, network, limit, now);
+            drop(permit);
+            r
+        } else {
+            let store = Arc::clone(&self.networks);
+            let (key, network, limit) = (key.to_string(), network.to_string(), *limit);
+            bounded(bounds.timeout, move || {
+                let _permit = permit;
+                store.observe(&key, &network, &limit, now)
+            })
+            .await
+        };
+        self.guard.record(&result);
+        result
+    }
+
+    /// [`Backend::check`] on this server's own counters (the local fallback), for
+    /// a request the shared store failed. Never waits.
+    pub fn check_local(
+        &self,
+        key: &str,
+        tier: &Tier,
+        cost: Cost,
+        now: Timestamp,
+        mode: Mode,
+    ) -> Result<Decision, StoreError> {
+        self.guard.decided_locally();
+        self.local.check(key, tier, cost, now, mode)
+    }
+
+    /// [`Backend::observe`] on this server's own client networks (the local
+    /// fallback). Never waits.
+    pub fn observe_local(
+        &self,
+        key: &str,
+        network: &str,
+        limit: &DistinctLimit,
+        now: Timestamp,
+    ) -> Result<Observation, StoreError> {
+        self.guard.decided_locally();
+        self.local.observe(key, network, limit, now)
+    }
+
+    /// The cap on calls in flight, the circuit and the local fallback, now.
+    pub fn health(&self) -> Health {
+        self.guard.health()
+    }
+
+    /// Users the local fallback's counters track.
+    pub fn local_tracked_keys(&self) -> usize {
+        self.local.tracked_keys()
     }
 
     /// Forgets `key`'s counters and networks; whether anything was recorded.
@@ -294,6 +444,10 @@ impl Backend {
         let networks = self.networks.sweep(now);
         if networks > 0 {
             tracing::debug!(users = networks, "swept idle client-network state");
+        }
+        let local = self.local.sweep(now);
+        if local > 0 {
+            tracing::debug!(users = local, "swept idle users of the local fallback");
         }
         self.volume.sweep(now)
     }
@@ -362,6 +516,30 @@ fn restore(
     }
 }
 
+/// Whether a store whose calls take at most `longest` may be called on the
+/// caller's thread when it waits `timeout`.
+fn within(longest: Option<Duration>, timeout: Duration) -> bool {
+    longest.is_some_and(|l| l <= timeout)
+}
+
+/// Whether a store call is made on this thread: it is not the runtime's. A
+/// connection thread decides without the runtime only when
+/// [`Backend::decides_inline`] said the store's calls end within its timeout (a
+/// reload in between may stretch one decision past a shortened timeout, once);
+/// on the runtime (a connection thread in `block_on`, the admin commands) a call
+/// goes to the blocking pool, so no runtime thread waits on the store.
+fn call_here() -> bool {
+    tokio::runtime::Handle::try_current().is_err()
+}
+
+/// The longest one call of `store` can take: a connection opened (the pooled one
+/// may be dead), then [`REDIS_ROUND_TRIPS`] commands.
+fn redis_longest_call(store: &RedisStore) -> Duration {
+    let c = store.config();
+    c.connect_timeout
+        .saturating_add(c.command_timeout.saturating_mul(REDIS_ROUND_TRIPS))
+}
+
 /// Runs a store call on the blocking pool, bounded by `timeout`: a store that hangs,
 /// or a call that panics, is a [`StoreError`] like any other.
 async fn bounded<T: Send + 'static>(
@@ -409,6 +587,12 @@ impl VolumeStore for RedisStore {
     fn forget(&self, key: &str) -> Result<bool, StoreError> {
         Forget::forget(self, key)
     }
+    fn probe(&self) -> Result<(), StoreError> {
+        self.ping()
+    }
+    fn longest_call(&self) -> Option<Duration> {
+        Some(redis_longest_call(self))
+    }
 }
 
 impl NetworkStore for DistinctMemoryStore {
@@ -427,4 +611,8 @@ impl NetworkStore for DistinctMemoryStore {
     }
 }
 
-impl NetworkStore for RedisStore {}
+impl NetworkStore for RedisStore {
+    fn longest_call(&self) -> Option<Duration> {
+        Some(redis_longest_call(self))
+    }
+}
