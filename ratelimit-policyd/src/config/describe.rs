@@ -1,6 +1,6 @@
 //! `check-config`: what a configuration sets up, in a few lines, without secrets.
 
-use super::{Backend, Config, ListenAddr};
+use super::{Backend, Config, FailMode, ListenAddr};
 
 /// A URL with any password replaced by `***` (for logs and `check-config`), as the
 /// Redis client's own logs redact it.
@@ -67,13 +67,18 @@ pub fn describe(cfg: &Config) -> String {
             cfg.server.socket_mode
         );
     }
+    let on_store_error = match cfg.server.on_store_error {
+        FailMode::Open => "open".to_string(),
+        FailMode::Closed => "closed".to_string(),
+        FailMode::Local => format!("local (local_fraction {})", cfg.server.local_fraction),
+    };
     let _ = writeln!(
         s,
-        "max_connections: {}, idle_timeout: {:?}, decision_timeout: {:?}, on_store_error: {:?}",
+        "max_connections: {}, idle_timeout: {:?}, decision_timeout: {:?}, on_store_error: {on_store_error}, max_store_calls_in_flight: {}",
         cfg.server.max_connections,
         cfg.server.idle_timeout,
         cfg.server.decision_timeout,
-        cfg.server.on_store_error
+        cfg.server.max_store_calls_in_flight,
     );
     match &cfg.store.backend {
         Backend::Memory { max_keys } => {
