@@ -10,8 +10,9 @@
 //! [`ttl_grace`](super::RedisStoreConfig::ttl_grace).
 
 use parking_lot::Mutex;
-use redis::{Connection, ErrorKind, ServerErrorKind};
+use redis::{ErrorKind, ServerErrorKind};
 
+use super::connection::Conn;
 use super::{MAX_CALLER_MS, RedisStore, TimeSource};
 use crate::clock::{Timestamp, duration_to_millis};
 use crate::distinct::{DistinctLimit, DistinctStore, Observation};
@@ -47,11 +48,11 @@ impl RedisStore {
 
     fn eval_distinct(
         &self,
-        con: &mut Connection,
+        con: &mut Conn,
         name: &str,
         args: &[String],
     ) -> redis::RedisResult<Vec<String>> {
-        let call = |con: &mut Connection, sha: &str| {
+        let call = |con: &mut Conn, sha: &str| {
             redis::cmd("EVALSHA")
                 .arg(sha)
                 .arg(1)
@@ -59,7 +60,7 @@ impl RedisStore {
                 .arg(args)
                 .query::<Vec<String>>(con)
         };
-        let load = |con: &mut Connection| -> redis::RedisResult<String> {
+        let load = |con: &mut Conn| -> redis::RedisResult<String> {
             let sha: String = redis::cmd("SCRIPT").arg("LOAD").arg(SCRIPT).query(con)?;
             *SHA.lock() = Some(sha.clone());
             Ok(sha)
