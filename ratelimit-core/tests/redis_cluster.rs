@@ -388,8 +388,11 @@ fn a_killed_master_fails_calls_fast_and_its_promoted_replica_decides_exactly() {
         "master {victim} killed: replica promoted after {promoted_after:?}; \
          {ok} calls ok, {failed} failed, the slowest took {slowest:?}"
     );
+    // The margin covers a busy, shared test machine (threads waiting for a core);
+    // the client's own retry policy, which the store turns off, would take many
+    // seconds here (16 retries, waits from 1.28 s).
     assert!(
-        slowest <= timeout + Duration::from_millis(700),
+        slowest <= timeout + Duration::from_millis(1500),
         "a call took {slowest:?} (command_timeout {timeout:?})"
     );
     // The victim's slots had no master for most of `promoted_after` (at least the

@@ -227,6 +227,20 @@ impl Conn {
         }
     }
 
+    /// Sets the read and write timeouts of every node connection.
+    fn set_timeouts(&self, timeout: Duration) -> RedisResult<()> {
+        match self {
+            Conn::Single(con) => {
+                con.set_read_timeout(Some(timeout))?;
+                con.set_write_timeout(Some(timeout))
+            }
+            Conn::Cluster { con, .. } => {
+                con.set_read_timeout(Some(timeout))?;
+                con.set_write_timeout(Some(timeout))
+            }
+        }
+    }
+
     /// `HGETALL` of every name, in one pipelined round trip per node.
     pub(super) fn hgetall_all(
         &mut self,
@@ -497,49 +511,68 @@ impl RedisStore {
         mut op: impl FnMut(&mut Conn) -> RedisResult<T>,
     ) -> Result<T, StoreError> {
         let deadline = Instant::now() + self.config.command_timeout;
+        let mut shortened = None;
         loop {
-            let pooled = self.pool.lock().pop();
-            let attempt = match pooled {
-                Some(con) => Ok(con),
-                None => self.open(),
-            }
-            .map_err(|e| {
-                let retry = cluster_retryable(&e);
-                (self.store_error(&e, Phase::Connect), retry)
-            })
-            .and_then(|mut con| match op(&mut con) {
-                Ok(v) => {
-                    self.give_back(con);
-                    Ok(v)
-                }
-                Err(e) => {
-                    if matches!(e.kind(), ErrorKind::Server(_) | ErrorKind::Extension) {
-                        // An error reply leaves the connections in step.
-                        self.give_back(con);
-                    }
-                    if matches!(
-                        e.kind(),
-                        ErrorKind::Server(ServerErrorKind::Moved | ServerErrorKind::ReadOnly)
-                    ) {
-                        // Every idle connection has the same out-of-date slot map.
-                        self.pool.lock().clear();
-                    }
-                    let retry = cluster_retryable(&e);
-                    Err((self.store_error(&e, Phase::Command), retry))
-                }
-            });
-            match attempt {
+            match self.cluster_attempt(&mut op, shortened) {
                 Ok(v) => return Ok(v),
                 Err((StoreError::Timeout(d), _)) => return Err(StoreError::Timeout(d)),
                 Err((e, retry)) => {
-                    let now = Instant::now();
-                    if !retry || now + CLUSTER_RETRY_PAUSE >= deadline {
+                    if !retry || Instant::now() + CLUSTER_RETRY_PAUSE >= deadline {
                         return Err(e);
                     }
                     thread::sleep(CLUSTER_RETRY_PAUSE);
+                    // A retry may wait on a reply only for what is left of the budget.
+                    shortened = Some(
+                        deadline
+                            .saturating_duration_since(Instant::now())
+                            .max(Duration::from_millis(1)),
+                    );
                 }
             }
         }
+    }
+
+    /// One attempt of [`RedisStore::run_cluster`], with the command timeout
+    /// `shortened` if given; the error says whether to try again.
+    fn cluster_attempt<T>(
+        &self,
+        op: &mut impl FnMut(&mut Conn) -> RedisResult<T>,
+        shortened: Option<Duration>,
+    ) -> Result<T, (StoreError, bool)> {
+        let pooled = self.pool.lock().pop();
+        let mut con = match pooled {
+            Some(con) => Ok(con),
+            None => self.open(),
+        }
+        .and_then(|con| match shortened {
+            Some(left) => con.set_timeouts(left).map(|()| con),
+            None => Ok(con),
+        })
+        .map_err(|e| (self.store_error(&e, Phase::Connect), cluster_retryable(&e)))?;
+        let result = op(&mut con);
+        // An error reply leaves the connections in step; anything else (I/O, a
+        // timeout, a garbled reply) does not: drop them.
+        let in_step = match &result {
+            Ok(_) => true,
+            Err(e) => matches!(e.kind(), ErrorKind::Server(_) | ErrorKind::Extension),
+        };
+        let restored = match shortened {
+            Some(_) if in_step => con.set_timeouts(self.config.command_timeout),
+            _ => Ok(()),
+        };
+        if in_step && restored.is_ok() {
+            self.give_back(con);
+        }
+        result.map_err(|e| {
+            if matches!(
+                e.kind(),
+                ErrorKind::Server(ServerErrorKind::Moved | ServerErrorKind::ReadOnly)
+            ) {
+                // Every idle connection has the same out-of-date slot map.
+                self.pool.lock().clear();
+            }
+            (self.store_error(&e, Phase::Command), cluster_retryable(&e))
+        })
     }
 
     fn finish<T>(&self, con: Conn, result: RedisResult<T>) -> Result<T, StoreError> {
