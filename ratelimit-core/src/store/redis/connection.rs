@@ -640,7 +640,11 @@ impl RedisStore {
         {
             " (the TLS handshake failed: check redis_ca_file, the server's certificate and \
              its host name)"
-        } else if !tls && e.is_connection_dropped() && !e.is_connection_refusal() {
+        } else if !tls
+            && !self.config.is_cluster()
+            && e.is_connection_dropped()
+            && !e.is_connection_refusal()
+        {
             " (the server closed the connection: if it speaks only TLS, use a rediss:// URL)"
         } else {
             ""

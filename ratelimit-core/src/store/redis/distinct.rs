@@ -148,6 +148,28 @@ mod tests {
         assert_eq!(store.distinct_key_name("a}b"), "rl:nets:{a%7Db}");
         assert!(!store.distinct_key_name("alice").starts_with("rl:{"));
         assert_eq!(store.key_from_name(&store.distinct_key_name("alice")), None);
+        // The Redis Cluster slot (CRC16 of the hash tag) is the counters' slot, for
+        // keys with braces, spaces and non-ASCII too.
+        use redis::cluster_routing::Slot;
+        for key in [
+            "alice@example.com",
+            "a}b",
+            "{x}",
+            "odd {user} 100%",
+            "ümlaut",
+            "",
+        ] {
+            assert_eq!(
+                Slot::for_key(store.key_name(key)),
+                Slot::for_key(store.distinct_key_name(key)),
+                "{key:?}"
+            );
+        }
+        // ...and keys do spread over slots.
+        assert_ne!(
+            Slot::for_key(store.key_name("alice")),
+            Slot::for_key(store.key_name("bob"))
+        );
     }
 
     #[test]

@@ -359,6 +359,40 @@ mod tests {
     }
 
     #[test]
+    fn a_cluster_with_no_seed_answering_is_unavailable_within_the_timeout() {
+        let mut config = RedisStoreConfig::cluster(["redis://127.0.0.1:1", "redis://127.0.0.1:2"]);
+        config.connect_timeout = Duration::from_millis(200);
+        config.command_timeout = Duration::from_millis(300);
+        let store = RedisStore::new(config).unwrap();
+        let limits = ["1/1m".parse::<Limit>().unwrap()];
+        let start = std::time::Instant::now();
+        let err = store
+            .check(
+                "a",
+                &limits,
+                Cost::units(1),
+                Timestamp::from_millis(1),
+                Mode::Acquire,
+            )
+            .unwrap_err();
+        // Retried (a node down is retryable) until command_timeout, then given up.
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(
+                "cannot connect to Redis at cluster redis://127.0.0.1:1,redis://127.0.0.1:2"
+            ),
+            "{msg}"
+        );
+        assert!(!msg.contains("rediss"), "{msg}");
+    }
+
+    #[test]
     fn nothing_listening_is_unavailable_not_a_hang() {
         // Port 1 (tcpmux) is closed on any sane test machine: connection refused.
         let mut config = RedisStoreConfig::new("redis://127.0.0.1:1/");
