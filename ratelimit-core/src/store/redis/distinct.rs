@@ -149,7 +149,9 @@ mod tests {
         assert!(!store.distinct_key_name("alice").starts_with("rl:{"));
         assert_eq!(store.key_from_name(&store.distinct_key_name("alice")), None);
         // The Redis Cluster slot (CRC16 of the hash tag) is the counters' slot, for
-        // keys with braces, spaces and non-ASCII too.
+        // keys with braces, spaces and non-ASCII too. (Not for the empty key: Redis
+        // hashes a whole name whose braces are empty. Every script call touches one
+        // hash, so that costs nothing.)
         use redis::cluster_routing::Slot;
         for key in [
             "alice@example.com",
@@ -157,7 +159,7 @@ mod tests {
             "{x}",
             "odd {user} 100%",
             "ümlaut",
-            "",
+            " ",
         ] {
             assert_eq!(
                 Slot::for_key(store.key_name(key)),
