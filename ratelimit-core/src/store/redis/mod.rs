@@ -27,7 +27,8 @@
 //! tag. A decision touches exactly one Redis key, declared in `KEYS`, so on a Redis
 //! Cluster it is one round trip to the master of that key's slot; the hash tag keeps
 //! the key's other hash (distinct networks, `<prefix>nets:{<encoded key>}`) on the same
-//! slot.
+//! slot (except for the empty key, whose empty braces make Redis hash the whole name;
+//! no operation touches both hashes at once, so nothing depends on it).
 //!
 //! A recorded event sets the hash's TTL to `idle_at - now` plus a grace
 //! ([`RedisStoreConfig::ttl_grace`]), so idle users cost nothing. The script compares
