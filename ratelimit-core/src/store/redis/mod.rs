@@ -122,8 +122,9 @@
 //! - `mod.rs`: [`RedisStore`], key naming, and the [`Store`] and [`Forget`]
 //!   implementations;
 //! - `config.rs`: [`RedisStoreConfig`], [`TimeSource`], URLs without passwords;
-//! - `connection.rs`: one server or a cluster, TLS, the connection pool, timeouts,
-//!   retries, error mapping;
+//! - `client.rs`: one server or a cluster's seed nodes, TLS settings checked;
+//! - `connection.rs`: connections (one server's, or a cluster's with its routing),
+//!   the pool, timeouts, retries, error mapping;
 //! - `script.rs`: the decision script, its arguments and its reply;
 //! - `scan.rs`: [`Scan`](super::Scan) and key counting;
 //! - `distinct.rs`: [`DistinctStore`](crate::distinct::DistinctStore), the second script.
@@ -138,6 +139,7 @@ use crate::clock::{Timestamp, duration_to_millis};
 use crate::decision::{Cost, Decision, Mode};
 use crate::quota::Limit;
 
+mod client;
 mod config;
 mod connection;
 mod distinct;
@@ -167,7 +169,7 @@ const MAX_CALLER_MS: u64 = 1 << 52;
 /// let d = limiter.acquire("alice@example.com", Cost::message(1, 0)).unwrap();
 /// ```
 pub struct RedisStore {
-    client: connection::Client,
+    client: client::Client,
     config: RedisStoreConfig,
     /// [`RedisStoreConfig::endpoint`], for error messages.
     endpoint: String,
@@ -201,7 +203,7 @@ impl RedisStore {
         let min = Duration::from_millis(1);
         config.connect_timeout = config.connect_timeout.max(min);
         config.command_timeout = config.command_timeout.max(min);
-        let client = connection::Client::new(&config).map_err(StoreError::Unavailable)?;
+        let client = client::Client::new(&config).map_err(StoreError::Unavailable)?;
         Ok(RedisStore {
             client,
             endpoint: config.endpoint(),
