@@ -424,3 +424,96 @@ fn a_killed_master_fails_calls_fast_and_its_promoted_replica_decides_exactly() {
         .unwrap();
     assert_eq!(exists, 1, "{user} on the promoted node {new_master}");
 }
+
+#[test]
+#[ignore = "needs a Redis Cluster (scripts/test runs it under scripts/with-redis-cluster)"]
+fn a_slot_moving_to_another_master_is_followed_by_ask_then_moved() {
+    use redis::cluster_routing::Slot;
+    let _turn = serial();
+    let store = store_from(config("reshard"));
+    let mut con = any_live_node(None);
+    let ranges = slot_masters(&mut con);
+    let limits: [Limit; 1] = ["100/1h".parse().unwrap()];
+    let used = |user: &str| {
+        store
+            .check(user, &limits, Cost::units(1), now(), Mode::Peek)
+            .unwrap()
+            .statuses()[0]
+            .used
+    };
+    let charge = |user: &str| {
+        let d = store
+            .check(user, &limits, Cost::units(1), now(), Mode::Acquire)
+            .unwrap();
+        assert!(d.is_allowed());
+    };
+    let moved = "mover@example.com";
+    charge(moved); // the store's pooled connection now holds the slot map
+    let name = store.key_name(moved);
+    let slot = keyslot(&mut con, &name);
+    let source = master_of(&ranges, slot);
+    let target = ranges.iter().map(|r| r.2).find(|p| *p != source).unwrap();
+    let id = |port: u16| -> String {
+        redis::cmd("CLUSTER")
+            .arg("MYID")
+            .query(&mut node(port))
+            .unwrap()
+    };
+    let (source_id, target_id) = (id(source), id(target));
+    let (mut src, mut dst) = (node(source), node(target));
+    let setslot = |con: &mut redis::Connection, args: &[&str]| {
+        let _: () = redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg(args)
+            .query(con)
+            .unwrap();
+    };
+
+    // Migrating: the key moves; the source answers ASK for it.
+    setslot(&mut dst, &["IMPORTING", &source_id]);
+    setslot(&mut src, &["MIGRATING", &target_id]);
+    let _: () = redis::cmd("MIGRATE")
+        .arg("127.0.0.1")
+        .arg(target)
+        .arg("")
+        .arg(0)
+        .arg(5000)
+        .arg("KEYS")
+        .arg(&name)
+        .query(&mut src)
+        .unwrap();
+    charge(moved);
+    assert_eq!(used(moved), 2, "followed ASK to the importing node");
+    // A new user in the same slot is created on the importing node.
+    let newcomer = (0..)
+        .map(|i| format!("newcomer{i}@example.com"))
+        .find(|u| Slot::for_key(store.key_name(u)) == Slot::for_key(&name))
+        .unwrap();
+    charge(&newcomer);
+    // Both live on the importing node (asked with ASKING while the slot migrates).
+    let (on_target,): (u32,) = redis::pipe()
+        .cmd("ASKING")
+        .ignore()
+        .cmd("EXISTS")
+        .arg(&name)
+        .arg(store.key_name(&newcomer))
+        .query(&mut dst)
+        .unwrap();
+    assert_eq!(on_target, 2);
+
+    // Migrated: every master learns the slot's new owner; the store's old slot map
+    // now gets MOVED.
+    for (_, _, port) in &ranges {
+        let mut c = node(*port);
+        setslot(&mut c, &["NODE", &target_id]);
+    }
+    charge(moved);
+    assert_eq!(used(moved), 3, "followed MOVED to the new owner");
+    assert_eq!(used(&newcomer), 1);
+    let exists: u32 = redis::cmd("EXISTS")
+        .arg(store.key_name(&newcomer))
+        .query(&mut dst)
+        .unwrap();
+    assert_eq!(exists, 1, "{newcomer} on the new owner");
+}
