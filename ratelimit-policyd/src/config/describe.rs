@@ -97,8 +97,16 @@ pub fn describe(cfg: &Config) -> String {
             let _ = writeln!(
                 s,
                 "store: redis {at}{}{}{} (prefix \"{key_prefix}\", {} time)",
-                if tls.ca.is_some() { " with the CA from redis_ca_file" } else { "" },
-                if tls.client.is_some() { " with a client certificate" } else { "" },
+                if tls.ca.is_some() {
+                    " with the CA from redis_ca_file"
+                } else {
+                    ""
+                },
+                if tls.client.is_some() {
+                    " with a client certificate"
+                } else {
+                    ""
+                },
                 if password.is_some() {
                     " with the password from redis_password_file"
                 } else {
