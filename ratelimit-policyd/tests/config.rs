@@ -246,6 +246,8 @@ fn redis_and_snapshot_defaults_come_from_the_table() {
         c.store.backend,
         Backend::Redis {
             url: defaults::REDIS_URL.into(),
+            cluster_nodes: Vec::new(),
+            tls: Default::default(),
             password: None,
             key_prefix: defaults::REDIS_KEY_PREFIX.into(),
             connect_timeout: defaults::REDIS_CONNECT_TIMEOUT,

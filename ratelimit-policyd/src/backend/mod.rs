@@ -276,13 +276,26 @@ impl Backend {
             }
             BackendConfig::Redis {
                 url,
+                cluster_nodes,
+                tls,
                 password,
                 key_prefix,
                 connect_timeout,
                 command_timeout,
                 server_time,
             } => {
-                let mut rc = RedisStoreConfig::new(url.clone());
+                let mut rc = if cluster_nodes.is_empty() {
+                    RedisStoreConfig::new(url.clone())
+                } else {
+                    RedisStoreConfig::cluster(cluster_nodes.iter().cloned())
+                };
+                rc.tls_ca = tls.ca.clone();
+                rc.tls_client_cert = tls.client.as_ref().map(|(cert, key)| {
+                    ratelimit_core::store::redis::TlsClientCert {
+                        cert_pem: cert.clone(),
+                        key_pem: key.expose().as_bytes().to_vec(),
+                    }
+                });
                 rc.password = password.as_ref().map(|p| p.expose().to_string());
                 rc.key_prefix = key_prefix.clone();
                 rc.connect_timeout = *connect_timeout;
@@ -293,7 +306,7 @@ impl Backend {
                     TimeSource::Caller
                 };
                 let store = Arc::new(RedisStore::new(rc)?);
-                let redis = store.config().redacted_url();
+                let redis = store.config().endpoint();
                 match store.ping() {
                     Ok(()) => tracing::info!(redis = %redis, "connected to Redis"),
                     Err(e) => {

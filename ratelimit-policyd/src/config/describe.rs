@@ -86,15 +86,32 @@ pub fn describe(cfg: &Config) -> String {
         }
         Backend::Redis {
             url,
+            cluster_nodes,
+            tls,
             password,
             key_prefix,
             server_time,
             ..
         } => {
+            let at = if cluster_nodes.is_empty() {
+                redact_url(url)
+            } else {
+                let nodes: Vec<String> = cluster_nodes.iter().map(|n| redact_url(n)).collect();
+                format!("cluster {}", nodes.join(","))
+            };
             let _ = writeln!(
                 s,
-                "store: redis {}{} (prefix \"{key_prefix}\", {} time)",
-                redact_url(url),
+                "store: redis {at}{}{}{} (prefix \"{key_prefix}\", {} time)",
+                if tls.ca.is_some() {
+                    " with the CA from redis_ca_file"
+                } else {
+                    ""
+                },
+                if tls.client.is_some() {
+                    " with a client certificate"
+                } else {
+                    ""
+                },
                 if password.is_some() {
                     " with the password from redis_password_file"
                 } else {

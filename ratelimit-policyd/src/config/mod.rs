@@ -45,6 +45,7 @@ pub use self::defaults::{
 };
 pub use self::describe::{describe, redact_url};
 pub use self::ops::OpsConfig;
+pub use self::store::RedisTls;
 pub use self::tiers::{MAX_TIER_NAME, apply_map_file, check_tier_name};
 
 /// The built-in default configuration (used when no `--config` is given).
@@ -192,8 +193,14 @@ pub enum Backend {
     },
     /// In Redis, shared by every server that uses it.
     Redis {
-        /// `redis://[:password@]host:port/db`.
+        /// `redis://[:password@]host:port/db` or `rediss://...`; empty with
+        /// `cluster_nodes`.
         url: String,
+        /// `redis_cluster_nodes`: the seed nodes of a Redis Cluster; empty for one
+        /// server at `url`.
+        cluster_nodes: Vec<String>,
+        /// `redis_ca_file`, `redis_client_cert_file`, `redis_client_key_file`, read.
+        tls: RedisTls,
         /// The password, read from `redis_password_file` (sent instead of one in the URL).
         password: Option<ops::Secret>,
         /// Prefix of every key written.

@@ -1,5 +1,6 @@
 //! How a [`RedisStore`] connects and lays out its keys:
-//! [`RedisStoreConfig`], [`TimeSource`], and the password-free form of a URL for logs.
+//! [`RedisStoreConfig`], [`TimeSource`], [`TlsClientCert`], and the password-free form
+//! of a URL for logs.
 
 use std::fmt;
 use std::time::Duration;
@@ -42,8 +43,16 @@ pub enum TimeSource {
 #[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RedisStoreConfig {
-    /// `redis://[[user]:password@]host[:port][/db]` or `redis+unix:///path[?db=N&pass=P]`.
+    /// One Redis server: `redis://[[user]:password@]host[:port][/db]`,
+    /// `rediss://...` (TLS), or `redis+unix:///path[?db=N&pass=P]`. Empty when
+    /// [`cluster_nodes`](Self::cluster_nodes) is set ([`RedisStoreConfig::cluster`]).
     pub url: String,
+    /// The seed nodes of a Redis Cluster (`redis://host:port` or `rediss://host:port`,
+    /// all with the same scheme and credentials). When set, the store discovers the
+    /// cluster's slots from whichever seed answers first and sends each decision to
+    /// the master of its key's slot; [`url`](Self::url) must then be empty. Default
+    /// none (one server at `url`).
+    pub cluster_nodes: Vec<String>,
     /// Prepended to every key's hash name, so several deployments (or tests) can
     /// share one Redis. Default `rl:`.
     pub key_prefix: String,
@@ -65,6 +74,32 @@ pub struct RedisStoreConfig {
     /// It replaces a password in the URL; a user name in the URL is kept. Default
     /// none.
     pub password: Option<String>,
+    /// PEM certificates of the certificate authorities trusted to sign the server's
+    /// certificate, for `rediss://` URLs (a private CA). They replace the public roots
+    /// compiled into the client (webpki-roots). A CA with a `redis://` URL is an error
+    /// ([`RedisStore::new`]): TLS is never optional once asked for. Default none.
+    pub tls_ca: Option<Vec<u8>>,
+    /// A client certificate and key presented to a server that asks for one
+    /// (`tls-auth-clients`), for `rediss://` URLs. Default none.
+    pub tls_client_cert: Option<TlsClientCert>,
+}
+
+/// A TLS client certificate and its private key, both PEM. `Debug` shows neither.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TlsClientCert {
+    /// The certificate chain, leaf first.
+    pub cert_pem: Vec<u8>,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_pem: Vec<u8>,
+}
+
+impl fmt::Debug for TlsClientCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsClientCert")
+            .field("cert_pem", &format_args!("{} bytes", self.cert_pem.len()))
+            .field("key_pem", &"***")
+            .finish()
+    }
 }
 
 impl RedisStoreConfig {
@@ -72,6 +107,7 @@ impl RedisStoreConfig {
     pub fn new(url: impl Into<String>) -> Self {
         RedisStoreConfig {
             url: url.into(),
+            cluster_nodes: Vec::new(),
             key_prefix: "rl:".into(),
             connect_timeout: Duration::from_secs(1),
             command_timeout: Duration::from_secs(1),
@@ -79,7 +115,49 @@ impl RedisStoreConfig {
             ttl_grace: Duration::from_secs(60),
             max_idle_connections: 16,
             password: None,
+            tls_ca: None,
+            tls_client_cert: None,
         }
+    }
+
+    /// The defaults, for a Redis Cluster reached through these seed nodes (see
+    /// [`cluster_nodes`](Self::cluster_nodes)).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ratelimit_core::store::RedisStoreConfig;
+    ///
+    /// let c = RedisStoreConfig::cluster(["redis://:pw@10.0.0.1:7000", "redis://:pw@10.0.0.2:7000"]);
+    /// assert_eq!(c.endpoint(), "cluster redis://:***@10.0.0.1:7000,redis://:***@10.0.0.2:7000");
+    /// ```
+    pub fn cluster<S: Into<String>>(nodes: impl IntoIterator<Item = S>) -> Self {
+        let mut c = RedisStoreConfig::new(String::new());
+        c.cluster_nodes = nodes.into_iter().map(Into::into).collect();
+        c
+    }
+
+    /// Whether this configures a Redis Cluster ([`cluster_nodes`](Self::cluster_nodes)
+    /// is not empty).
+    pub fn is_cluster(&self) -> bool {
+        !self.cluster_nodes.is_empty()
+    }
+
+    /// Where the store connects, safe to log: the redacted URL, or `cluster ` and the
+    /// redacted seed nodes.
+    pub fn endpoint(&self) -> String {
+        if self.is_cluster() {
+            let nodes: Vec<String> = self.cluster_nodes.iter().map(|n| redact_url(n)).collect();
+            format!("cluster {}", nodes.join(","))
+        } else {
+            self.redacted_url()
+        }
+    }
+
+    /// This configuration with [`tls_ca`](Self::tls_ca) set (PEM).
+    pub fn with_tls_ca(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_ca = Some(pem.into());
+        self
     }
 
     /// This configuration with [`key_prefix`](Self::key_prefix) set.
@@ -127,8 +205,10 @@ impl RedisStoreConfig {
 
 impl fmt::Debug for RedisStoreConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let nodes: Vec<String> = self.cluster_nodes.iter().map(|n| redact_url(n)).collect();
         f.debug_struct("RedisStoreConfig")
             .field("url", &self.redacted_url())
+            .field("cluster_nodes", &nodes)
             .field("key_prefix", &self.key_prefix)
             .field("connect_timeout", &self.connect_timeout)
             .field("command_timeout", &self.command_timeout)
@@ -136,6 +216,14 @@ impl fmt::Debug for RedisStoreConfig {
             .field("ttl_grace", &self.ttl_grace)
             .field("max_idle_connections", &self.max_idle_connections)
             .field("password", &self.password.as_ref().map(|_| "***"))
+            .field(
+                "tls_ca",
+                &self
+                    .tls_ca
+                    .as_ref()
+                    .map(|pem| format!("{} bytes", pem.len())),
+            )
+            .field("tls_client_cert", &self.tls_client_cert)
             .finish()
     }
 }
@@ -230,5 +318,21 @@ mod tests {
         assert!(debug.contains("password: Some(\"***\")"), "{debug}");
         let store = RedisStore::new(c).unwrap();
         assert!(!format!("{store:?}").contains("from-a-file"));
+
+        let mut c = RedisStoreConfig::cluster(["redis://:pw1@a:7000", "redis://:pw1@b:7001"]);
+        c.tls_client_cert = Some(TlsClientCert {
+            cert_pem: b"CERT".to_vec(),
+            key_pem: b"PRIVATE KEY".to_vec(),
+        });
+        let debug = format!("{c:?}");
+        assert!(
+            !debug.contains("pw1") && !debug.contains("PRIVATE"),
+            "{debug}"
+        );
+        assert!(debug.contains("redis://:***@b:7001"), "{debug}");
+        assert_eq!(
+            c.endpoint(),
+            "cluster redis://:***@a:7000,redis://:***@b:7001"
+        );
     }
 }

@@ -24,8 +24,11 @@
 //!
 //! The key is percent-encoded (`%`, `{`, `}`, spaces and control characters become
 //! `%XX`), so distinct keys never share a hash and the braces always delimit a hash
-//! tag. A decision touches exactly one Redis key, declared in `KEYS`, so it works on
-//! Redis Cluster; the hash tag keeps any future per-user key on the same slot.
+//! tag. A decision touches exactly one Redis key, declared in `KEYS`, so on a Redis
+//! Cluster it is one round trip to the master of that key's slot; the hash tag keeps
+//! the key's other hash (distinct networks, `<prefix>nets:{<encoded key>}`) on the same
+//! slot (except for the empty key, whose empty braces make Redis hash the whole name;
+//! no operation touches both hashes at once, so nothing depends on it).
 //!
 //! A recorded event sets the hash's TTL to `idle_at - now` plus a grace
 //! ([`RedisStoreConfig::ttl_grace`]), so idle users cost nothing. The script compares
@@ -56,7 +59,8 @@
 //!
 //! # Connections
 //!
-//! A [`redis::Client`] and a small pool of idle synchronous connections behind a mutex
+//! A [`redis::Client`] (one server; see "Redis Cluster" below for the other case)
+//! and a small pool of idle synchronous connections behind a mutex
 //! (held only to push or pop). Each check takes a connection, or opens one within
 //! [`RedisStoreConfig::connect_timeout`] (the handshake, `AUTH` and `SELECT`, included);
 //! every command has [`RedisStoreConfig::command_timeout`] as its socket read and write
@@ -70,12 +74,57 @@
 //! its own deadline, and the sync client needs no runtime; `ConnectionManager` is
 //! async-only, and a pool crate would add a dependency for these few lines.
 //!
+//! # Redis Cluster
+//!
+//! With [`RedisStoreConfig::cluster_nodes`] the store uses the `redis` crate's sync
+//! cluster client: each pooled connection is a set of connections, one per node, and
+//! the slot map read (`CLUSTER SLOTS`) from the first seed node that answers. Each
+//! script call goes to the master of its key's slot, in one round trip while the
+//! cluster is stable. The client is built without retries of its own (it would send
+//! a timed-out command again on the same connection); the store handles the cluster
+//! changing instead:
+//! - `MOVED` (a slot now lives elsewhere): the command is sent once to the node
+//!   named, and that connection, and every idle one, is closed afterwards, so the
+//!   next ones read the new slot map. `ASK` (a slot migrating): `ASKING` and the
+//!   command to the node named.
+//! - a node down, `READONLY` (a write reached a demoted master), `CLUSTERDOWN`,
+//!   `TRYAGAIN`, `MASTERDOWN`, `LOADING`: the connection is dropped (unless the answer
+//!   was an error reply) and the command tried again on a fresh one every 25 ms,
+//!   until it succeeds or [`RedisStoreConfig::command_timeout`] has passed since the
+//!   first attempt; then [`StoreError::Unavailable`]. A command that timed out is
+//!   never retried ([`StoreError::Timeout`]). So while a master is down and until
+//!   its replica is promoted, the keys of its slots fail per the caller's failure
+//!   policy, and afterwards the same store decides exactly again with no restart.
+//!   A decision whose connection dropped mid-command is retried: if the dying master
+//!   had recorded it and its replica received it, the event counts twice (erring
+//!   toward limiting).
+//! - `NOSCRIPT` (a promoted replica has no script cache): the script is loaded on
+//!   every master that answers (`SCRIPT LOAD` is routed to all of them) and called
+//!   again.
+//!
+//! Opening a cluster connection connects to every node in the slot map, in turn,
+//! each within [`RedisStoreConfig::connect_timeout`]. [`Scan`](super::Scan) and
+//! [`RedisStore::try_key_count`] walk every master with `SCAN`. A key prefix must not
+//! contain a brace on a cluster (it would become the hash tag).
+//!
+//! # TLS
+//!
+//! `rediss://` URLs (and seed nodes) use rustls, never OpenSSL, and never fall back
+//! to plain text. The server's certificate is checked against the public roots
+//! compiled into the client (webpki-roots), or only against
+//! [`RedisStoreConfig::tls_ca`] when set (a private CA), and must name the host in
+//! the URL. [`RedisStoreConfig::tls_client_cert`] is presented when the server asks
+//! for one. A failed handshake is a connect error ([`StoreError::Unavailable`]) that
+//! names the URL and says the TLS handshake failed.
+//!
 //! # Modules
 //!
 //! - `mod.rs`: [`RedisStore`], key naming, and the [`Store`] and [`Forget`]
 //!   implementations;
 //! - `config.rs`: [`RedisStoreConfig`], [`TimeSource`], URLs without passwords;
-//! - `connection.rs`: the connection pool, timeouts, retry, error mapping;
+//! - `client.rs`: one server or a cluster's seed nodes, TLS settings checked;
+//! - `connection.rs`: connections (one server's, or a cluster's with its routing),
+//!   the pool, timeouts, retries, error mapping;
 //! - `script.rs`: the decision script, its arguments and its reply;
 //! - `scan.rs`: [`Scan`](super::Scan) and key counting;
 //! - `distinct.rs`: [`DistinctStore`](crate::distinct::DistinctStore), the second script.
@@ -84,20 +133,20 @@ use std::fmt;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use redis::Connection;
 
 use super::{Forget, Store, StoreError};
 use crate::clock::{Timestamp, duration_to_millis};
 use crate::decision::{Cost, Decision, Mode};
 use crate::quota::Limit;
 
+mod client;
 mod config;
 mod connection;
 mod distinct;
 mod scan;
 mod script;
 
-pub use config::{RedisStoreConfig, TimeSource, redact_url};
+pub use config::{RedisStoreConfig, TimeSource, TlsClientCert, redact_url};
 
 /// Caller timestamps at or past this are refused: the script's arithmetic on them
 /// (plain doubles) is exact only well below 2^53.
@@ -120,10 +169,12 @@ const MAX_CALLER_MS: u64 = 1 << 52;
 /// let d = limiter.acquire("alice@example.com", Cost::message(1, 0)).unwrap();
 /// ```
 pub struct RedisStore {
-    client: redis::Client,
+    client: client::Client,
     config: RedisStoreConfig,
+    /// [`RedisStoreConfig::endpoint`], for error messages.
+    endpoint: String,
     /// Idle connections; the lock is held only to push or pop one.
-    pool: Mutex<Vec<Connection>>,
+    pool: Mutex<Vec<connection::Conn>>,
     /// The script's SHA once loaded (the same on every server for the same script).
     sha: Mutex<Option<String>>,
 }
@@ -138,32 +189,24 @@ impl fmt::Debug for RedisStore {
 }
 
 impl RedisStore {
-    /// A store for this configuration. Checks the URL but does not connect: the first
-    /// check (or [`RedisStore::ping`]) does, so a server can start while Redis is down
-    /// and apply its failure policy until Redis is back.
+    /// A store for this configuration. Checks the URL (or the cluster's seed nodes)
+    /// and the TLS settings but does not connect: the first check (or
+    /// [`RedisStore::ping`]) does, so a server can start while Redis is down and apply
+    /// its failure policy until Redis is back.
+    ///
+    /// Refused with [`StoreError::Unavailable`] naming the problem: a URL that does not
+    /// parse, both [`url`](RedisStoreConfig::url) and
+    /// [`cluster_nodes`](RedisStoreConfig::cluster_nodes), a TLS CA or client
+    /// certificate with a `redis://` URL, or (on a cluster) a key prefix with a brace.
     pub fn new(mut config: RedisStoreConfig) -> Result<RedisStore, StoreError> {
-        let invalid = |e: redis::RedisError| {
-            StoreError::Unavailable(format!(
-                "invalid Redis URL {}: {}",
-                config.redacted_url(),
-                e
-            ))
-        };
-        let client = match &config.password {
-            None => redis::Client::open(config.url.as_str()).map_err(invalid)?,
-            Some(password) => {
-                let info = redis::IntoConnectionInfo::into_connection_info(config.url.as_str())
-                    .map_err(invalid)?;
-                let settings = info.redis_settings().clone().set_password(password);
-                redis::Client::open(info.set_redis_settings(settings)).map_err(invalid)?
-            }
-        };
         // A zero socket timeout is an error for the OS; treat it as the smallest one.
         let min = Duration::from_millis(1);
         config.connect_timeout = config.connect_timeout.max(min);
         config.command_timeout = config.command_timeout.max(min);
+        let client = client::Client::new(&config).map_err(StoreError::Unavailable)?;
         Ok(RedisStore {
             client,
+            endpoint: config.endpoint(),
             config,
             pool: Mutex::new(Vec::new()),
             sha: Mutex::new(None),
@@ -175,7 +218,8 @@ impl RedisStore {
         &self.config
     }
 
-    /// Checks that Redis answers (and that the credentials are accepted).
+    /// Checks that Redis answers (and that the credentials and, with `rediss://`, the
+    /// server's certificate are accepted). On a cluster, every master must answer.
     pub fn ping(&self) -> Result<(), StoreError> {
         self.run(|con| redis::cmd("PING").query::<String>(con))
             .map(|_| ())
@@ -260,6 +304,95 @@ mod tests {
         let err = RedisStore::new(RedisStoreConfig::new("http://:hunter2@host/")).unwrap_err();
         assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
         assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn tls_and_cluster_settings_that_cannot_work_are_refused_up_front() {
+        let refused = |c: RedisStoreConfig| match RedisStore::new(c) {
+            Err(StoreError::Unavailable(msg)) => msg,
+            other => panic!("accepted: {other:?}"),
+        };
+        // A CA (or a client certificate) asks for TLS: never silently plain text.
+        let msg = refused(RedisStoreConfig::new("redis://:pw@h:6379/").with_tls_ca("PEM"));
+        assert!(
+            msg.contains("not a rediss:// URL") && msg.contains("redis://:***@h:6379/"),
+            "{msg}"
+        );
+        assert!(!msg.contains("pw@"), "{msg}");
+        let mut c = RedisStoreConfig::cluster(["rediss://a:7000", "redis://b:7000"]);
+        c.tls_client_cert = Some(TlsClientCert {
+            cert_pem: b"C".to_vec(),
+            key_pem: b"K".to_vec(),
+        });
+        assert!(refused(c).contains("redis://b:7000"));
+        // Seeds with different schemes.
+        assert!(
+            !refused(RedisStoreConfig::cluster([
+                "rediss://a:7000",
+                "redis://b:7000"
+            ]))
+            .is_empty()
+        );
+        // One server or a cluster, not both.
+        let mut c = RedisStoreConfig::cluster(["redis://a:7000"]);
+        c.url = "redis://b:6379/".into();
+        let msg = refused(c);
+        assert!(
+            msg.contains("both a URL (redis://b:6379/) and cluster nodes"),
+            "{msg}"
+        );
+        // A brace in the prefix would become every key's hash tag on a cluster.
+        let msg = refused(RedisStoreConfig::cluster(["redis://a:7000"]).with_key_prefix("rl{x}:"));
+        assert!(msg.contains("brace"), "{msg}");
+        RedisStore::new(RedisStoreConfig::new("redis://a/").with_key_prefix("rl{x}:")).unwrap();
+        RedisStore::new(RedisStoreConfig::cluster([
+            "redis://a:7000",
+            "redis://b:7000",
+        ]))
+        .unwrap();
+        // PEM that holds no certificate (or no key) would fail every handshake.
+        let msg = refused(RedisStoreConfig::new("rediss://a/").with_tls_ca("not PEM"));
+        assert!(msg.contains("no PEM certificate"), "{msg}");
+        let mut c = RedisStoreConfig::new("rediss://a/");
+        c.tls_client_cert = Some(TlsClientCert {
+            cert_pem: b"-----BEGIN CERTIFICATE-----".to_vec(),
+            key_pem: b"-----BEGIN CERTIFICATE-----".to_vec(),
+        });
+        assert!(refused(c).contains("no PEM private key"));
+    }
+
+    #[test]
+    fn a_cluster_with_no_seed_answering_is_unavailable_within_the_timeout() {
+        let mut config = RedisStoreConfig::cluster(["redis://127.0.0.1:1", "redis://127.0.0.1:2"]);
+        config.connect_timeout = Duration::from_millis(200);
+        config.command_timeout = Duration::from_millis(300);
+        let store = RedisStore::new(config).unwrap();
+        let limits = ["1/1m".parse::<Limit>().unwrap()];
+        let start = std::time::Instant::now();
+        let err = store
+            .check(
+                "a",
+                &limits,
+                Cost::units(1),
+                Timestamp::from_millis(1),
+                Mode::Acquire,
+            )
+            .unwrap_err();
+        // Retried (a node down is retryable) until command_timeout, then given up.
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(
+                "cannot connect to Redis at cluster redis://127.0.0.1:1,redis://127.0.0.1:2"
+            ),
+            "{msg}"
+        );
+        assert!(!msg.contains("rediss"), "{msg}");
     }
 
     #[test]

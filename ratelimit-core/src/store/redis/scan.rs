@@ -31,25 +31,23 @@ impl RedisStore {
             pattern.push(c);
         }
         pattern.push_str("{*");
-        let mut cursor = 0u64;
-        loop {
-            let (next, names): (u64, Vec<String>) = self.run(|con| {
-                redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(1000)
-                    .query(con)
-            })?;
-            if !names.is_empty() {
-                batch(self, &names)?;
+        // One server: one walk. A cluster: one walk per master, each on that node.
+        let masters = self.run(|con| con.masters())?;
+        for master in &masters {
+            let mut cursor = 0u64;
+            loop {
+                let (next, names) =
+                    self.run(|con| con.scan_page(master.as_ref(), cursor, &pattern))?;
+                if !names.is_empty() {
+                    batch(self, &names)?;
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
             }
-            if next == 0 {
-                return Ok(());
-            }
-            cursor = next;
         }
+        Ok(())
     }
 
     /// The key whose hash is `name` (the inverse of [`RedisStore::key_name`]).
@@ -118,11 +116,7 @@ impl Scan for RedisStore {
     /// failure ends the scan with its error, after `f` has seen the keys read so far.
     fn scan(&self, f: &mut dyn FnMut(&str, &KeyState)) -> Result<(), StoreError> {
         self.scan_names(&mut |store, names| {
-            let mut pipe = redis::pipe();
-            for name in names {
-                pipe.cmd("HGETALL").arg(name);
-            }
-            let hashes: Vec<Vec<(String, String)>> = store.run(|con| pipe.query(con))?;
+            let hashes = store.run(|con| con.hgetall_all(names))?;
             for (name, fields) in names.iter().zip(hashes) {
                 // Expired between SCAN and HGETALL, or not one of ours.
                 let Some(key) = store.key_from_name(name) else {

@@ -3,9 +3,10 @@
 
 use std::time::Duration;
 
-use redis::{Connection, ErrorKind, ServerErrorKind};
+use redis::{ErrorKind, ServerErrorKind};
 
 use super::RedisStore;
+use super::connection::Conn as Connection;
 use crate::clock::Timestamp;
 use crate::decision::{Cost, Decision, Denial, LimitStatus, Mode};
 use crate::quota::{Algorithm, Limit};
