@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
 use toml::Spanned;
 
 pub use super::defaults::{
@@ -36,23 +38,33 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// An `http://host:port/path` URL (the built-in webhook client speaks plain HTTP/1.1).
+/// An `http://` or `https://` webhook URL, split for the built-in HTTP/1.1 client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpUrl {
+    /// `https://`: TLS (rustls), the server's certificate verified against the
+    /// system roots or `[alerts] webhook_ca_file`.
+    pub tls: bool,
+    /// The host alone (no port, no brackets around an IPv6 address): the name the
+    /// certificate must be valid for, sent as SNI.
+    pub host: String,
     /// `host` or `host:port`, as sent in the `Host` header.
     pub authority: String,
-    /// What to connect to (`host:port`, port 80 when not given).
+    /// What to connect to (`host:port`; port 80, or 443 for https, when not given).
     pub connect: String,
     /// The path and query (`/` when empty).
     pub path: String,
 }
 
 impl HttpUrl {
-    /// Parses `http://host[:port][/path]`. No userinfo (use `webhook_token`).
+    /// Parses `http[s]://host[:port][/path]`. No userinfo (use `webhook_token`).
     pub fn parse(url: &str) -> Result<HttpUrl, String> {
-        let Some(rest) = url.strip_prefix("http://") else {
+        let (tls, rest) = if let Some(rest) = url.strip_prefix("https://") {
+            (true, rest)
+        } else if let Some(rest) = url.strip_prefix("http://") {
+            (false, rest)
+        } else {
             return Err(format!(
-                "\"{}\": only http:// URLs are supported (for https, run curl from alerts.command)",
+                "\"{}\": only http:// and https:// URLs are supported",
                 redact(url)
             ));
         };
@@ -62,18 +74,31 @@ impl HttpUrl {
         };
         if authority.is_empty() || authority.contains('@') {
             return Err(format!(
-                "\"{}\": expected http://host[:port]/path (put credentials in webhook_token)",
+                "\"{}\": expected http[s]://host[:port]/path (put credentials in webhook_token)",
                 redact(url)
             ));
         }
-        let has_port = match authority.rfind(':') {
-            Some(i) => !authority[i..].contains(']'),
-            None => false,
+        let (host, port) = match authority.rfind(':') {
+            Some(i) if !authority[i..].contains(']') => {
+                (&authority[..i], Some(&authority[i + 1..]))
+            }
+            _ => (authority, None),
         };
-        let connect = if has_port {
-            authority.to_string()
-        } else {
-            format!("{authority}:80")
+        if let Some(p) = port
+            && p.parse::<u16>().is_err()
+        {
+            return Err(format!("\"{}\": the port must be a number", redact(url)));
+        }
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        if host.is_empty() {
+            return Err(format!("\"{}\": no host", redact(url)));
+        }
+        let connect = match port {
+            Some(_) => authority.to_string(),
+            None => format!("{authority}:{}", if tls { 443 } else { 80 }),
         };
         let path = if path.starts_with('?') {
             format!("/{path}")
@@ -84,11 +109,32 @@ impl HttpUrl {
             return Err("the webhook URL must not contain spaces or control characters".into());
         }
         Ok(HttpUrl {
+            tls,
+            host: host.to_string(),
             authority: authority.to_string(),
             connect,
             path,
         })
     }
+
+    /// The URL for logs: scheme and host only (`https://hooks.example/...`).
+    pub fn for_logs(&self) -> String {
+        format!(
+            "{}://{}/...",
+            if self.tls { "https" } else { "http" },
+            self.authority
+        )
+    }
+}
+
+/// `[alerts] webhook_ca_file`: the CA certificates an https webhook's certificate
+/// must chain to, instead of the system's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaFile {
+    /// The file, as resolved (for logs).
+    pub path: PathBuf,
+    /// Its certificates (DER), read when the configuration is loaded.
+    pub certs: Vec<CertificateDer<'static>>,
 }
 
 /// A URL for logs: the scheme and host only (a path or query may carry a token).
@@ -112,6 +158,8 @@ pub struct AlertsConfig {
     pub webhook_url: Option<HttpUrl>,
     /// Sent as `Authorization: Bearer TOKEN`.
     pub webhook_token: Option<Secret>,
+    /// The CAs an https webhook is verified against; `None`: the system's roots.
+    pub webhook_ca: Option<CaFile>,
     /// Longest a command or a POST may take; then it is killed / abandoned.
     pub timeout: Duration,
     /// Alerts waiting to be sent; beyond it new ones are dropped (and counted).
@@ -131,6 +179,7 @@ impl Default for AlertsConfig {
             command: None,
             webhook_url: None,
             webhook_token: None,
+            webhook_ca: None,
             timeout: defaults::ALERTS_TIMEOUT,
             queue: defaults::ALERTS_QUEUE,
         }
@@ -175,6 +224,46 @@ fn path(cx: &Ctx<'_>, v: &Spanned<String>, field: &str) -> Result<PathBuf, Confi
         return cx.err(Some(v.span()), field, "must not be empty");
     }
     Ok(cx.resolve(v.get_ref()))
+}
+
+/// Reads a PEM file of CA certificates: at least one, every one well formed.
+fn ca_file(
+    cx: &Ctx<'_>,
+    v: &Spanned<String>,
+    field: &str,
+    path: PathBuf,
+) -> Result<CaFile, ConfigError> {
+    let bytes = std::fs::read(&path).or_else(|e| {
+        cx.err(
+            Some(v.span()),
+            field,
+            format!("cannot read {}: {e}", path.display()),
+        )
+    })?;
+    let mut certs = Vec::new();
+    for cert in CertificateDer::pem_slice_iter(&bytes) {
+        match cert {
+            Ok(c) => certs.push(c),
+            Err(e) => {
+                return cx.err(
+                    Some(v.span()),
+                    field,
+                    format!("{}: not a PEM certificate file: {e}", path.display()),
+                );
+            }
+        }
+    }
+    if certs.is_empty() {
+        return cx.err(
+            Some(v.span()),
+            field,
+            format!(
+                "{}: no certificate in it (expected PEM, -----BEGIN CERTIFICATE-----)",
+                path.display()
+            ),
+        );
+    }
+    Ok(CaFile { path, certs })
 }
 
 /// Validates the four sections.
@@ -243,6 +332,18 @@ pub(super) fn build(
         }
         a.webhook_token = Some(Secret(token));
     }
+    if let Some(f) = &alerts.webhook_ca_file {
+        let field = "alerts.webhook_ca_file";
+        if !a.webhook_url.as_ref().is_some_and(|u| u.tls) {
+            return cx.err(
+                Some(f.span()),
+                field,
+                "only used for an https:// webhook_url; set one",
+            );
+        }
+        let path = path(cx, f, field)?;
+        a.webhook_ca = Some(ca_file(cx, f, field, path)?);
+    }
     a.timeout = cx.duration(&alerts.timeout, "alerts.timeout", defaults::ALERTS_TIMEOUT)?;
     if let Some(q) = &alerts.queue {
         if *q.get_ref() == 0 {
@@ -301,12 +402,17 @@ pub fn describe(ops: &OpsConfig) -> String {
                 ""
             },
             a.webhook_url.as_ref().map_or(String::new(), |u| format!(
-                "webhook http://{}/...{}",
-                u.authority,
+                "webhook {}{}{}",
+                u.for_logs(),
                 if a.webhook_token.is_some() {
                     " with a bearer token"
                 } else {
                     ""
+                },
+                match (&a.webhook_ca, u.tls) {
+                    (Some(ca), _) => format!(", verified against {}", ca.path.display()),
+                    (None, true) => ", verified against the system's CAs".to_string(),
+                    (None, false) => String::new(),
                 }
             )),
             a.timeout,
@@ -339,17 +445,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn webhook_urls_are_plain_http_with_host_and_path() {
+    fn webhook_urls_are_http_or_https_with_host_and_path() {
         let u = HttpUrl::parse("http://alerts.example:8080/hook?x=1").unwrap();
+        assert!(!u.tls);
+        assert_eq!(u.host, "alerts.example");
         assert_eq!(u.authority, "alerts.example:8080");
         assert_eq!(u.connect, "alerts.example:8080");
         assert_eq!(u.path, "/hook?x=1");
         let u = HttpUrl::parse("http://[::1]").unwrap();
+        assert_eq!(u.host, "::1");
         assert_eq!(u.connect, "[::1]:80");
         assert_eq!(u.path, "/");
-        assert!(HttpUrl::parse("https://x/").is_err());
+        let u = HttpUrl::parse("https://hooks.example?k=v").unwrap();
+        assert!(u.tls);
+        assert_eq!(u.host, "hooks.example");
+        assert_eq!(u.connect, "hooks.example:443");
+        assert_eq!(u.path, "/?k=v");
+        assert_eq!(u.for_logs(), "https://hooks.example/...");
+        let u = HttpUrl::parse("https://[2001:db8::1]:8443/x").unwrap();
+        assert_eq!(u.host, "2001:db8::1");
+        assert_eq!(u.connect, "[2001:db8::1]:8443");
+        assert!(HttpUrl::parse("ftp://x/").is_err());
         assert!(HttpUrl::parse("http://user:pw@x/").is_err());
         assert!(HttpUrl::parse("http:///x").is_err());
+        assert!(HttpUrl::parse("https://x:port/").is_err());
+        assert!(HttpUrl::parse("https://:443/").is_err());
     }
 
     #[test]

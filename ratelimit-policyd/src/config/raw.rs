@@ -164,6 +164,7 @@ pub struct RawAlerts {
     pub(super) webhook_url: Option<Spanned<String>>,
     pub(super) webhook_token: Option<Spanned<String>>,
     pub(super) webhook_token_file: Option<Spanned<String>>,
+    pub(super) webhook_ca_file: Option<Spanned<String>>,
     pub(super) timeout: Option<Spanned<String>>,
     pub(super) queue: Option<Spanned<usize>>,
 }

@@ -23,7 +23,8 @@
 //! | `RATELIMIT_DRY_RUN` | `true` for a warn tier (nothing was refused), else `false` |
 //!
 //! The webhook gets the same fields as JSON, with `Authorization: Bearer TOKEN` when
-//! `webhook_token` is set. The token is never logged; URLs are logged as host only.
+//! `webhook_token` is set, over `http://` or verified `https://` ([`super::webhook`]).
+//! The token is never logged; URLs are logged as host only.
 
 use std::process::Stdio;
 use std::sync::Arc;
@@ -32,10 +33,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use arc_swap::ArcSwapOption;
 
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
-use crate::config::ops::{AlertsConfig, HttpUrl, Secret, redact};
+use super::webhook::{self, TlsClient};
+use crate::config::ops::AlertsConfig;
 use crate::policy::{Incident, SharedConfig};
 
 /// The webhook body (and the source of the command's environment).
@@ -154,6 +155,7 @@ async fn worker(
     mut rx: mpsc::Receiver<AlertBody>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut tls = TlsClient::default();
     loop {
         let alert = tokio::select! {
             a = rx.recv() => match a { Some(a) => a, None => return },
@@ -163,7 +165,7 @@ async fn worker(
         let deliver = async {
             tokio::join!(
                 run_command(&cfg.ops.alerts, &alert),
-                post_webhook(&cfg.ops.alerts, &alert)
+                post_webhook(&cfg.ops.alerts, &alert, &mut tls)
             )
         };
         // At shutdown an alert in progress is abandoned (a command is killed).
@@ -224,7 +226,7 @@ async fn run_command(cfg: &AlertsConfig, alert: &AlertBody) -> Option<bool> {
 }
 
 /// POSTs the webhook, if configured; `Some(true)` when it answered 2xx in time.
-async fn post_webhook(cfg: &AlertsConfig, alert: &AlertBody) -> Option<bool> {
+async fn post_webhook(cfg: &AlertsConfig, alert: &AlertBody, tls: &mut TlsClient) -> Option<bool> {
     let url = cfg.webhook_url.as_ref()?;
     let body = match serde_json::to_vec(alert) {
         Ok(b) => b,
@@ -233,8 +235,20 @@ async fn post_webhook(cfg: &AlertsConfig, alert: &AlertBody) -> Option<bool> {
             return Some(false);
         }
     };
-    let host = redact(&format!("http://{}", url.authority));
-    match tokio::time::timeout(cfg.timeout, post(url, cfg.webhook_token.as_ref(), &body)).await {
+    let host = url.for_logs();
+    let tls = if url.tls {
+        match tls.config(cfg.webhook_ca.as_ref()) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(user = %alert.user, webhook = %host, error = %e, "alert webhook failed");
+                return Some(false);
+            }
+        }
+    } else {
+        None
+    };
+    let token = cfg.webhook_token.as_ref();
+    match tokio::time::timeout(cfg.timeout, webhook::post(url, token, &body, tls)).await {
         Ok(Ok(status)) if (200..300).contains(&status) => {
             tracing::debug!(user = %alert.user, webhook = %host, status, "alert webhook sent");
             Some(true)
@@ -251,52 +265,5 @@ async fn post_webhook(cfg: &AlertsConfig, alert: &AlertBody) -> Option<bool> {
             tracing::warn!(user = %alert.user, webhook = %host, timeout = ?cfg.timeout, "alert webhook timed out");
             Some(false)
         }
-    }
-}
-
-/// Largest response head read from a webhook.
-const MAX_RESPONSE_HEAD: usize = 8192;
-
-/// A minimal HTTP/1.1 POST (`Connection: close`); returns the status code. Enough for
-/// a webhook: one request, read the status line, hang up.
-pub async fn post(url: &HttpUrl, token: Option<&Secret>, body: &[u8]) -> std::io::Result<u16> {
-    let mut stream = tokio::net::TcpStream::connect(&url.connect).await?;
-    let mut head = format!(
-        "POST {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: ratelimit-policyd/{}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
-        url.path,
-        url.authority,
-        env!("CARGO_PKG_VERSION"),
-        body.len()
-    );
-    if let Some(t) = token {
-        head.push_str("Authorization: Bearer ");
-        head.push_str(t.expose());
-        head.push_str("\r\n");
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body).await?;
-    stream.flush().await?;
-    let mut buf = Vec::with_capacity(256);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(2).any(|w| w == b"\r\n") && buf.len() < MAX_RESPONSE_HEAD {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(chunk.get(..n).unwrap_or(&[]));
-    }
-    let line = buf.split(|b| *b == b'\n').next().unwrap_or(&[]);
-    let line = String::from_utf8_lossy(line);
-    let mut words = line.split_whitespace();
-    match (
-        words.next(),
-        words.next().and_then(|c| c.parse::<u16>().ok()),
-    ) {
-        (Some(v), Some(code)) if v.starts_with("HTTP/") => Ok(code),
-        _ => Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "not an HTTP response",
-        )),
     }
 }

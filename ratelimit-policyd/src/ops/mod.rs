@@ -9,6 +9,7 @@
 //!
 //! - [`alerts`]: run a command and/or POST a webhook on each incident, off the
 //!   request path.
+//! - [`webhook`]: the webhook's HTTP/1.1 client, plain or over verified TLS.
 //! - [`metrics`]: the `/metrics` endpoint (Prometheus text format).
 //! - [`record`]: JSON lines of decided requests, for [`replay`](crate::replay).
 
@@ -18,6 +19,7 @@ pub mod alerts;
 pub mod metrics;
 mod observer;
 pub mod record;
+pub mod webhook;
 
 pub use observer::{Ops, View};
 
