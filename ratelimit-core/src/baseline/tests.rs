@@ -2,7 +2,6 @@ use proptest::prelude::*;
 
 use super::*;
 
-const MIN: u64 = 60_000;
 const HOUR: u64 = 3_600_000;
 /// Noon on day 20000 (2024-10-04).
 const T0: u64 = 20_000 * DAY_MS + DAY_MS / 2;
