@@ -410,9 +410,14 @@ pub trait BaselineStore: Send + Sync {
         now: Timestamp,
     ) -> Result<Judgement, StoreError>;
 
-    /// Forgets `key`'s hour volume (its flag), keeping its history; returns whether
-    /// it had any.
-    fn clear_hour(&self, key: &str) -> Result<bool, StoreError>;
+    /// Rolls `key`'s state to `now` and forgets its hour's volume (its flag), keeping
+    /// its history; returns whether the hour had any.
+    fn clear_hour(
+        &self,
+        key: &str,
+        cfg: &BaselineConfig,
+        now: Timestamp,
+    ) -> Result<bool, StoreError>;
 
     /// Forgets everything about `key`, its history too; returns whether anything was
     /// kept.
@@ -430,8 +435,13 @@ impl<S: BaselineStore + ?Sized> BaselineStore for std::sync::Arc<S> {
         (**self).observe(key, accepted, cfg, now)
     }
 
-    fn clear_hour(&self, key: &str) -> Result<bool, StoreError> {
-        (**self).clear_hour(key)
+    fn clear_hour(
+        &self,
+        key: &str,
+        cfg: &BaselineConfig,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        (**self).clear_hour(key, cfg, now)
     }
 
     fn forget(&self, key: &str) -> Result<bool, StoreError> {
