@@ -126,7 +126,8 @@ impl Shard {
         hasher: &ahash::RandomState,
     ) -> usize {
         let before = self.entries.len();
-        self.entries.retain(|e| !rolled_empty(&e.state, now, cfg));
+        self.entries
+            .retain(|e| !rolled_empty(&e.state, now, Some(cfg)));
         let removed = before - self.entries.len();
         if removed > 0 {
             if self.entries.capacity() > 2 * self.entries.len() + 16 {
@@ -152,7 +153,7 @@ impl Shard {
     fn evict(
         &mut self,
         now: Timestamp,
-        cfg: &BaselineConfig,
+        cfg: Option<&BaselineConfig>,
         hasher: &ahash::RandomState,
     ) -> Option<Evicted> {
         let n = self.entries.len();
@@ -189,9 +190,11 @@ impl Shard {
 
 /// Whether `state`, rolled to `now`, is empty. On a copy: the state's newest slot
 /// stays the key's last observation, which eviction goes by.
-fn rolled_empty(state: &BaselineState, now: Timestamp, cfg: &BaselineConfig) -> bool {
+fn rolled_empty(state: &BaselineState, now: Timestamp, cfg: Option<&BaselineConfig>) -> bool {
     let mut s = *state;
-    s.roll(now, cfg);
+    if let Some(cfg) = cfg {
+        s.roll(now, cfg);
+    }
     s.is_empty()
 }
 
@@ -282,10 +285,10 @@ impl BaselineMemoryStore {
         &self,
         key: &str,
         state: BaselineState,
-        cfg: &BaselineConfig,
         now: Timestamp,
     ) -> Result<(), StoreError> {
-        self.update(key, now, cfg, true, |s| *s = state).map(|_| ())
+        self.update(key, now, None, true, |s| *s = state)
+            .map(|_| ())
     }
 
     /// Forgets the keys whose state is empty at `now` (no recent mail, no
@@ -301,11 +304,12 @@ impl BaselineMemoryStore {
 
     /// Runs `f` on `key`'s state under its shard lock, creating it when `create`.
     /// Returns what the state was left as, `None` when absent and not created.
+    /// Eviction judges emptiness at `now` with `cfg` (without one, as kept).
     fn update(
         &self,
         key: &str,
         now: Timestamp,
-        cfg: &BaselineConfig,
+        cfg: Option<&BaselineConfig>,
         create: bool,
         f: impl FnOnce(&mut BaselineState),
     ) -> Result<Option<BaselineState>, StoreError> {
@@ -357,7 +361,7 @@ impl BaselineStore for BaselineMemoryStore {
         cfg: &BaselineConfig,
         now: Timestamp,
     ) -> Result<Judgement, StoreError> {
-        let state = self.update(key, now, cfg, accepted > 0, |s| {
+        let state = self.update(key, now, Some(cfg), accepted > 0, |s| {
             s.record(now, accepted, cfg)
         })?;
         Ok(state.unwrap_or_default().judge(now, cfg))
@@ -371,7 +375,7 @@ impl BaselineStore for BaselineMemoryStore {
         now: Timestamp,
     ) -> Result<bool, StoreError> {
         let mut had = false;
-        self.update(key, now, cfg, false, |s| {
+        self.update(key, now, Some(cfg), false, |s| {
             s.roll(now, cfg);
             had = s.clear_hour();
         })?;

@@ -19,8 +19,8 @@
 //! crc32    u32      over every byte before it
 //! ```
 //!
-//! A state is read at the time it is loaded: slots and days that have passed meanwhile
-//! are rolled as they would have been, so a baseline learned from a month of recorded
+//! A state is restored as it was saved and rolled at its next observation: slots and
+//! days that have passed meanwhile count as they would have, so a baseline learned from a month of recorded
 //! traffic (`ratelimit-policyd replay --write-snapshot`) starts a server with every
 //! user already judged.
 
@@ -30,7 +30,7 @@ use std::path::Path;
 
 use super::BaselineMemoryStore;
 use super::snapshot::{CrcWriter, Reader, SnapshotError, SnapshotStats, create_private, tmp_path};
-use crate::baseline::{BaselineConfig, BaselineState, SLOTS};
+use crate::baseline::{BaselineState, SLOTS};
 use crate::clock::Timestamp;
 
 const MAGIC: &[u8; 8] = b"RLBASE\r\n";
@@ -121,14 +121,14 @@ impl BaselineMemoryStore {
     }
 
     /// Reads a snapshot written by [`BaselineMemoryStore::save_snapshot`] into this
-    /// store at `now`: states empty by now are skipped, the others replace what the
-    /// store holds for their keys. The whole file is checked first; a bad file
-    /// changes nothing and says what is wrong and where.
+    /// store: each state replaces what the store holds for its key, as it was saved
+    /// (the next observation rolls it to its time; `now` only serves eviction if the
+    /// store is full). The whole file is checked first; a bad file changes nothing
+    /// and says what is wrong and where.
     pub fn load_snapshot(
         &self,
         path: &Path,
         now: Timestamp,
-        cfg: &BaselineConfig,
     ) -> Result<SnapshotStats, SnapshotError> {
         let bytes = fs::read(path).map_err(|source| SnapshotError::Io {
             path: path.to_path_buf(),
@@ -140,12 +140,11 @@ impl BaselineMemoryStore {
             restored: 0,
             bytes: bytes.len() as u64,
         };
-        for (key, mut state) in entries {
-            state.roll(now, cfg);
+        for (key, state) in entries {
             if state.is_empty() {
                 continue;
             }
-            self.insert_state(&key, state, cfg, now)
+            self.insert_state(&key, state, now)
                 .map_err(|source| SnapshotError::Store {
                     path: path.to_path_buf(),
                     source,
@@ -234,7 +233,7 @@ pub fn decode_baselines(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::baseline::BaselineStore;
+    use crate::baseline::{BaselineConfig, BaselineStore};
     use std::time::Duration;
 
     #[test]
@@ -252,7 +251,7 @@ mod tests {
         let saved = store.save_snapshot(&path, now).unwrap();
         assert_eq!(saved.keys, 2);
         let restored = BaselineMemoryStore::new(100);
-        let stats = restored.load_snapshot(&path, now, &cfg).unwrap();
+        let stats = restored.load_snapshot(&path, now).unwrap();
         assert_eq!((stats.keys, stats.restored), (2, 2));
         for k in ["alice", "bob"] {
             assert_eq!(
