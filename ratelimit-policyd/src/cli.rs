@@ -178,10 +178,13 @@ pub enum AdminCommand {
         /// The user (sasl_username).
         user: String,
     },
-    /// Forget a user's counters (unblock).
+    /// Forget a user's counters (unblock) and baseline flag; the baseline history stays.
     Reset {
         /// The user.
         user: String,
+        /// Also forget the user's baseline history (they learn again from nothing).
+        #[arg(long)]
+        baseline: bool,
     },
     /// Move a user (or @domain) to a tier; persisted across restarts and reloads.
     Tier {

@@ -137,7 +137,7 @@ fn admin(
     };
     let cmd = match command {
         AdminCommand::Show { user } => C::Show(admin::show::Show { user }),
-        AdminCommand::Reset { user } => C::Reset(admin::reset::Reset { user }),
+        AdminCommand::Reset { user, baseline } => C::Reset(admin::reset::Reset { user, baseline }),
         AdminCommand::Tier { user, tier } => C::Tier(admin::tier::SetTier { user, tier }),
         AdminCommand::Top { n } => C::Top(admin::top::Top { n }),
         AdminCommand::Stats => C::Stats(admin::stats::Stats {}),
