@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ratelimit_policyd::policy::{Incident, Signal};
+use ratelimit_policyd::{daemon, replay};
 use support::server::{Client, Incidents, Req, Server, T0};
 
 const CONFIG: &str = r#"
@@ -195,4 +196,83 @@ async fn refused_mail_is_not_learned() {
             .hour,
         0
     );
+}
+
+#[tokio::test]
+async fn replay_json_agrees_with_the_live_run_and_its_snapshot_judges_from_day_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!("{CONFIG}\n[record]\npath = \"requests.jsonl\"\n");
+    let srv = Server::start_in(dir.path(), &text).await;
+    let mut c = srv.client().await;
+    let alice = "alice@example.com";
+    let mut n = learn(&srv, &mut c, &[alice]).await;
+    let mut live = Vec::new();
+    for _ in 0..5 {
+        n += 1;
+        live.push(send(&mut c, alice, n).await);
+    }
+    assert_eq!(live.iter().filter(|a| *a == "DUNNO").count(), 4, "{live:?}");
+    for _ in 0..3 {
+        n += 1;
+        assert_eq!(send(&mut c, "bob@example.com", n).await, "DUNNO");
+    }
+    drop(c);
+    let cfg_path = srv.config_path.clone();
+    srv.stop().await;
+
+    let cfg = daemon::load_config(Some(&cfg_path), &[]).unwrap();
+    let log = dir.path().join("requests.jsonl");
+    let snap = dir.path().join("learned.baseline");
+    let report = replay::replay_to(
+        cfg,
+        std::io::BufReader::new(std::fs::File::open(&log).unwrap()),
+        Some(&snap),
+    )
+    .await
+    .unwrap();
+    assert!(report.bad_lines.is_empty(), "{:?}", report.bad_lines);
+    assert_eq!(report.differences(), 0, "{:#?}", report.requests);
+    let json: serde_json::Value =
+        serde_json::from_str(&replay::render_json(&report, "t.toml")).unwrap();
+    let users = json["users"].as_array().unwrap();
+    assert_eq!(users.len(), 2);
+    assert_eq!(users[0]["user"], alice);
+    assert_eq!(users[0]["accepted"], 7);
+    let first = &users[0]["first_refusal"];
+    assert_eq!(first["signal"], "baseline");
+    assert_eq!(first["limit"], "baseline4/1h");
+    assert_eq!(first["action"], "HOLD");
+    assert_eq!(first["accepted_before"], 7);
+    assert_eq!(
+        first["at"],
+        T0 + 2 * 86_400_000 + 12 * 3_600_000,
+        "the fifth message, at 10:00 on the third day"
+    );
+    assert_eq!(users[1]["user"], "bob@example.com");
+    assert_eq!(users[1]["accepted"], 3);
+    assert!(users[1]["first_refusal"].is_null());
+    assert_eq!(
+        json["incidents"][0]["detail"]
+            .as_str()
+            .unwrap()
+            .split(';')
+            .next(),
+        Some("alice@example.com sent 5 in the last hour")
+    );
+
+    // Day one: a new server restores the learned baselines from beside its counters'
+    // snapshot and judges alice at once; bob (three hours of history) is learning.
+    let day_one = tempfile::tempdir().unwrap();
+    std::fs::copy(&snap, day_one.path().join("counters.snap.baseline")).unwrap();
+    let text = format!("{CONFIG}\n[store]\nsnapshot_path = \"counters.snap\"\n");
+    let srv = Server::start_in(day_one.path(), &text).await;
+    srv.advance(2 * DAY + Duration::from_secs(15 * 3600));
+    let mut c = srv.client().await;
+    for i in 0..4 {
+        assert_eq!(send(&mut c, alice, 1000 + i).await, "DUNNO", "{i}");
+    }
+    assert!(send(&mut c, alice, 2000).await.starts_with("HOLD "));
+    for i in 0..10 {
+        assert_eq!(send(&mut c, "bob@example.com", 3000 + i).await, "DUNNO");
+    }
 }

@@ -144,6 +144,15 @@ impl Backend {
             .save_snapshot(&baseline_snapshot_path(counters), now)
     }
 
+    /// Writes the baselines' snapshot to `path` itself (`replay --write-snapshot`).
+    pub fn save_baselines_to(
+        &self,
+        path: &Path,
+        now: Timestamp,
+    ) -> Option<Result<SnapshotStats, SnapshotError>> {
+        self.baseline.save_snapshot(path, now)
+    }
+
     /// Restores the baselines' snapshot from beside the counters' (`PATH.baseline`):
     /// none there is no error (nothing learned yet); an unreadable one is, unless
     /// `start_empty_if_bad`.
