@@ -69,8 +69,28 @@ async fn learn(srv: &Server, c: &mut Client, users: &[&str]) -> u64 {
 
 #[tokio::test]
 async fn a_user_is_held_past_their_threshold_and_others_are_not() {
+    held_past_the_threshold("").await;
+}
+
+#[tokio::test]
+#[ignore = "needs redis-server; scripts/test installs and starts it"]
+async fn redis_a_user_is_held_past_their_threshold_and_others_are_not() {
+    let url = std::env::var("RATELIMIT_TEST_REDIS_URL")
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
+    held_past_the_threshold(&format!(
+        "\n[store]\nbackend = \"redis\"\nredis_url = \"{url}\"\n\
+         redis_key_prefix = \"rltest:{}:baseline:\"\nredis_time = \"local\"\n\
+         redis_command_timeout = \"2s\"\n",
+        std::process::id()
+    ))
+    .await;
+}
+
+/// The scenario of the module docs, with `extra` after [`CONFIG`] (a `[store]`).
+async fn held_past_the_threshold(extra: &str) {
     let incidents = Incidents::default();
-    let srv = Server::with(CONFIG)
+    let text = format!("{CONFIG}{extra}");
+    let srv = Server::with(&text)
         .observer(Arc::new(incidents.clone()))
         .start()
         .await;
