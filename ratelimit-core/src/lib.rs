@@ -29,6 +29,9 @@
 //! [`distinct`] counts distinct values per key per window with bounded memory (the
 //! compromise signal: how many client networks one user sends from).
 //!
+//! [`baseline`] learns each user's usual busiest hour and flags an hour far above
+//! it (the second compromise signal: a phished account sending from one host).
+//!
 //! [`decision`] holds what a check returns: a denial is data ([`Decision`]); a store
 //! failure is an error ([`StoreError`]).
 //!
@@ -65,6 +68,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod algorithm;
+pub mod baseline;
 pub mod clock;
 pub mod decision;
 pub mod distinct;

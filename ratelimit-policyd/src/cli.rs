@@ -150,6 +150,14 @@ pub enum Command {
     Replay {
         /// The record file (JSON lines).
         log: PathBuf,
+        /// Print one JSON document (per user: accepted messages, the first refusal,
+        /// by which limit or signal, and the messages accepted before it).
+        #[arg(long)]
+        json: bool,
+        /// Write the baselines learned to FILE (restored at start from
+        /// [store] snapshot_path + ".baseline"), so [baseline] judges from day one.
+        #[arg(long, value_name = "FILE")]
+        write_snapshot: Option<PathBuf>,
     },
 }
 
@@ -178,10 +186,13 @@ pub enum AdminCommand {
         /// The user (sasl_username).
         user: String,
     },
-    /// Forget a user's counters (unblock).
+    /// Forget a user's counters (unblock) and baseline flag; the baseline history stays.
     Reset {
         /// The user.
         user: String,
+        /// Also forget the user's baseline history (they learn again from nothing).
+        #[arg(long)]
+        baseline: bool,
     },
     /// Move a user (or @domain) to a tier; persisted across restarts and reloads.
     Tier {

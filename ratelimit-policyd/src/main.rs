@@ -16,7 +16,11 @@ fn main() -> ExitCode {
             json,
             command,
         }) => admin(cli.config.as_deref(), socket, json, command),
-        Some(Command::Replay { log }) => replay(cli.config.as_deref(), &log),
+        Some(Command::Replay {
+            log,
+            json,
+            write_snapshot,
+        }) => replay(cli.config.as_deref(), &log, json, write_snapshot.as_deref()),
         Some(Command::Generate { what }) => generate(what),
         Some(Command::PostfixConfig) => postfix_config(cli.config.as_deref()),
         None => {
@@ -137,7 +141,7 @@ fn admin(
     };
     let cmd = match command {
         AdminCommand::Show { user } => C::Show(admin::show::Show { user }),
-        AdminCommand::Reset { user } => C::Reset(admin::reset::Reset { user }),
+        AdminCommand::Reset { user, baseline } => C::Reset(admin::reset::Reset { user, baseline }),
         AdminCommand::Tier { user, tier } => C::Tier(admin::tier::SetTier { user, tier }),
         AdminCommand::Top { n } => C::Top(admin::top::Top { n }),
         AdminCommand::Stats => C::Stats(admin::stats::Stats {}),
@@ -155,7 +159,12 @@ fn admin(
     }
 }
 
-fn replay(config: Option<&std::path::Path>, log: &std::path::Path) -> ExitCode {
+fn replay(
+    config: Option<&std::path::Path>,
+    log: &std::path::Path,
+    json: bool,
+    write_snapshot: Option<&std::path::Path>,
+) -> ExitCode {
     let cfg = match daemon::load_config(config, &[]) {
         Ok(c) => c,
         Err(e) => {
@@ -171,7 +180,14 @@ fn replay(config: Option<&std::path::Path>, log: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match ratelimit_policyd::replay::run(cfg, file) {
+    match ratelimit_policyd::replay::run_to(cfg, file, write_snapshot) {
+        Ok(report) if json => {
+            print!(
+                "{}",
+                ratelimit_policyd::replay::render_json(&report, &source)
+            );
+            ExitCode::SUCCESS
+        }
         Ok(report) => {
             print!("{}", ratelimit_policyd::replay::render(&report, &source));
             ExitCode::SUCCESS

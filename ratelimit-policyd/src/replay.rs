@@ -24,6 +24,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::io::BufRead;
+use std::path::Path;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -33,7 +34,7 @@ use crate::backend::Backend;
 use crate::config::{Backend as BackendConfig, Config};
 use crate::escape::Escaped;
 use crate::ops::record::{Record, action_label};
-use crate::policy::{ConnState, Incident, NoObserver, Policy};
+use crate::policy::{ConnState, Incident, NoObserver, Policy, Signal};
 use crate::protocol::{Attribute, PolicyRequest};
 
 /// One replayed request.
@@ -51,6 +52,13 @@ pub struct Replayed {
     pub action: String,
     /// The answer the live server gave.
     pub live_action: String,
+    /// What refused (or would have): `limit`, `networks` or `baseline`.
+    pub signal: Option<&'static str>,
+    /// The limit or signal as incidents name it (`100/1h`, `networks>5/1h`,
+    /// `baseline10/1h`), when this request opened an incident.
+    pub limit: Option<String>,
+    /// A message accepted at END-OF-MESSAGE (answered `DUNNO`).
+    pub accepted: bool,
 }
 
 /// An incident (first refusal of a user for a limit) and when it opened.
@@ -97,8 +105,31 @@ pub fn run(cfg: Config, input: impl BufRead) -> std::io::Result<Report> {
     rt.block_on(replay(cfg, input))
 }
 
+/// [`run`], writing the baselines learned to `write_snapshot` (see [`replay_to`]).
+pub fn run_to(
+    cfg: Config,
+    input: impl BufRead,
+    write_snapshot: Option<&Path>,
+) -> std::io::Result<Report> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()?;
+    rt.block_on(replay_to(cfg, input, write_snapshot))
+}
+
 /// Replays the JSON lines of `input` through `cfg`.
 pub async fn replay(cfg: Config, input: impl BufRead) -> std::io::Result<Report> {
+    replay_to(cfg, input, None).await
+}
+
+/// Replays the JSON lines of `input` through `cfg`; then, with `write_snapshot`,
+/// writes the baselines learned to that file (the memory store's baseline snapshot,
+/// which a server restores from `snapshot_path` + `.baseline`).
+pub async fn replay_to(
+    cfg: Config,
+    input: impl BufRead,
+    write_snapshot: Option<&Path>,
+) -> std::io::Result<Report> {
     let max_keys = match &cfg.store.backend {
         BackendConfig::Memory { max_keys } => *max_keys,
         BackendConfig::Redis { .. } => crate::config::defaults::MAX_KEYS,
@@ -153,16 +184,137 @@ pub async fn replay(cfg: Config, input: impl BufRead) -> std::io::Result<Report>
                 at: now.as_millis(),
                 incident: i.clone(),
             }));
+        let action = action_label(&verdict.action);
         report.requests.push(Replayed {
             ts: rec.ts,
             user: rec.attrs.get("sasl_username").cloned(),
             stage: req.protocol_state.to_string(),
             refused: verdict.is_refusal(),
-            action: action_label(&verdict.action),
+            accepted: req.protocol_state == crate::protocol::Stage::EndOfMessage
+                && action == "DUNNO",
+            action,
             live_action: rec.action,
+            signal: verdict.signal.map(|s| match s {
+                Signal::Limit(_) => "limit",
+                Signal::Networks => "networks",
+                Signal::Baseline => "baseline",
+            }),
+            limit: verdict.incidents.first().map(|i| i.limit.clone()),
         });
     }
+    if let Some(path) = write_snapshot {
+        match policy.backend().save_baselines_to(path, clock.now()) {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(std::io::Error::other(e.to_string())),
+            None => {
+                return Err(std::io::Error::other(
+                    "this backend keeps no baseline snapshot",
+                ));
+            }
+        }
+    }
     Ok(report)
+}
+
+/// One user in the `--json` report.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct UserReport {
+    /// The user (`sasl_username` as recorded).
+    pub user: String,
+    /// Messages accepted at END-OF-MESSAGE in the whole replay.
+    pub accepted: u64,
+    /// Requests refused (or, with warn, that would have been).
+    pub refused: u64,
+    /// The first refusal, if any.
+    pub first_refusal: Option<FirstRefusal>,
+}
+
+/// When and why a user was first refused.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FirstRefusal {
+    /// When (ms since the epoch).
+    pub at: u64,
+    /// The same, RFC 3339.
+    pub time: String,
+    /// `limit`, `networks` or `baseline`.
+    pub signal: Option<&'static str>,
+    /// The limit or signal as incidents name it (`100/1h`, `baseline10/1h`).
+    pub limit: Option<String>,
+    /// The answer (`HOLD`, `DEFER_IF_PERMIT`, ...; `DUNNO` for a warn).
+    pub action: String,
+    /// Messages of the user accepted before it.
+    pub accepted_before: u64,
+}
+
+/// The per-user report, users in name order.
+pub fn users(report: &Report) -> Vec<UserReport> {
+    let mut by: BTreeMap<&str, UserReport> = BTreeMap::new();
+    for r in &report.requests {
+        let Some(user) = r.user.as_deref() else {
+            continue;
+        };
+        let u = by.entry(user).or_insert_with(|| UserReport {
+            user: user.to_string(),
+            accepted: 0,
+            refused: 0,
+            first_refusal: None,
+        });
+        if r.refused {
+            u.refused += 1;
+            if u.first_refusal.is_none() {
+                u.first_refusal = Some(FirstRefusal {
+                    at: r.ts,
+                    time: crate::template::rfc3339(r.ts),
+                    signal: r.signal,
+                    limit: r.limit.clone(),
+                    action: r.action.clone(),
+                    accepted_before: u.accepted,
+                });
+            }
+        }
+        if r.accepted {
+            u.accepted += 1;
+        }
+    }
+    by.into_values().collect()
+}
+
+/// The report as one JSON document: the requests replayed, the incidents, and per
+/// user the messages accepted and the first refusal (when, by what, and how many
+/// messages were accepted before it).
+pub fn render_json(report: &Report, config: &str) -> String {
+    let incidents: Vec<serde_json::Value> = report
+        .incidents
+        .iter()
+        .map(|t| {
+            let i = &t.incident;
+            serde_json::json!({
+                "at": t.at,
+                "user": i.key,
+                "tier": i.tier,
+                "limit": i.limit,
+                "used": i.used,
+                "dry_run": i.dry_run,
+                "action": i.action,
+                "clears_at": i.clears_at,
+                "detail": i.detail,
+            })
+        })
+        .collect();
+    let doc = serde_json::json!({
+        "config": config,
+        "requests": report.requests.len(),
+        "from": report.requests.first().map(|r| r.ts),
+        "to": report.requests.last().map(|r| r.ts),
+        "bad_lines": report.bad_lines.len(),
+        "refused": report.refused().count(),
+        "differences": report.differences(),
+        "incidents": incidents,
+        "users": users(report),
+    });
+    let mut s = doc.to_string();
+    s.push('\n');
+    s
 }
 
 /// The report as text: incidents (who, when, which limit), then refusals per user.

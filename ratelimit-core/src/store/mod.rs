@@ -18,13 +18,17 @@
 //!
 //! Distinct-value state (the compromise signal, [`crate::distinct`]) has its own
 //! trait, [`DistinctStore`](crate::distinct::DistinctStore): [`DistinctMemoryStore`] in
-//! process, and [`RedisStore`] with the feature `redis`.
+//! process, and [`RedisStore`] with the feature `redis`. So do per-user baselines
+//! ([`crate::baseline`]): [`BaselineMemoryStore`] (with its own snapshot file) and
+//! [`RedisStore`].
 
 use crate::algorithm::KeyState;
 use crate::clock::Timestamp;
 use crate::decision::{Cost, Decision, Mode};
 use crate::quota::Limit;
 
+mod baseline_memory;
+mod baseline_snapshot;
 mod distinct_memory;
 mod huge;
 mod memory;
@@ -33,6 +37,8 @@ mod memory;
 pub mod redis;
 pub mod snapshot;
 
+pub use baseline_memory::BaselineMemoryStore;
+pub use baseline_snapshot::{BASELINE_VERSION, decode_baselines};
 pub use distinct_memory::DistinctMemoryStore;
 pub use memory::{MemoryStore, MemoryStoreConfig};
 #[cfg(feature = "redis")]

@@ -130,10 +130,10 @@ pub struct SnapshotStats {
     pub bytes: u64,
 }
 
-struct CrcWriter<W: Write> {
-    inner: W,
-    crc: crc32fast::Hasher,
-    written: u64,
+pub(super) struct CrcWriter<W: Write> {
+    pub(super) inner: W,
+    pub(super) crc: crc32fast::Hasher,
+    pub(super) written: u64,
 }
 
 impl<W: Write> Write for CrcWriter<W> {
@@ -301,7 +301,7 @@ impl MemoryStore {
 /// Creates (or truncates) `path` for writing, readable and writable by the owner
 /// only (0600): a snapshot names every user. A file left over by a crash keeps its
 /// old mode through `open`, so the mode is set on the open file too.
-fn create_private(path: &Path) -> io::Result<File> {
+pub(super) fn create_private(path: &Path) -> io::Result<File> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let file = fs::OpenOptions::new()
         .write(true)
@@ -313,7 +313,7 @@ fn create_private(path: &Path) -> io::Result<File> {
     Ok(file)
 }
 
-fn tmp_path(path: &Path) -> PathBuf {
+pub(super) fn tmp_path(path: &Path) -> PathBuf {
     let mut name = path
         .file_name()
         .map(|n| n.to_os_string())
@@ -322,14 +322,14 @@ fn tmp_path(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
-struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
-    path: &'a Path,
+pub(super) struct Reader<'a> {
+    pub(super) buf: &'a [u8],
+    pub(super) pos: usize,
+    pub(super) path: &'a Path,
 }
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], SnapshotError> {
+    pub(super) fn take(&mut self, n: usize) -> Result<&'a [u8], SnapshotError> {
         let end = self.pos.checked_add(n).filter(|e| *e <= self.buf.len());
         match end {
             Some(end) => {
@@ -348,19 +348,19 @@ impl<'a> Reader<'a> {
         a.copy_from_slice(self.take(N)?);
         Ok(a)
     }
-    fn u8(&mut self) -> Result<u8, SnapshotError> {
+    pub(super) fn u8(&mut self) -> Result<u8, SnapshotError> {
         Ok(self.array::<1>()?[0])
     }
-    fn u16(&mut self) -> Result<u16, SnapshotError> {
+    pub(super) fn u16(&mut self) -> Result<u16, SnapshotError> {
         Ok(u16::from_le_bytes(self.array()?))
     }
-    fn u32(&mut self) -> Result<u32, SnapshotError> {
+    pub(super) fn u32(&mut self) -> Result<u32, SnapshotError> {
         Ok(u32::from_le_bytes(self.array()?))
     }
-    fn u64(&mut self) -> Result<u64, SnapshotError> {
+    pub(super) fn u64(&mut self) -> Result<u64, SnapshotError> {
         Ok(u64::from_le_bytes(self.array()?))
     }
-    fn corrupt(&self, what: impl Into<String>) -> SnapshotError {
+    pub(super) fn corrupt(&self, what: impl Into<String>) -> SnapshotError {
         SnapshotError::Corrupt {
             path: self.path.to_path_buf(),
             offset: self.pos,

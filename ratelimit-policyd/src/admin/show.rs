@@ -56,6 +56,26 @@ pub struct ShowReply {
     pub retry_at: Option<String>,
     /// Last client addresses seen, most recent first.
     pub clients: Vec<String>,
+    /// The user's baseline, when the baseline signal judges them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<BaselineShow>,
+}
+
+/// A user's baseline in `show`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaselineShow {
+    /// Messages accepted in the last hour.
+    pub hour: u32,
+    /// The usual busiest hour, in messages (one decimal).
+    pub usual: String,
+    /// Today's busiest hour so far.
+    pub today_max: u32,
+    /// Whole days of history.
+    pub learned_days: u64,
+    /// The threshold (`None`: still learning, not judged).
+    pub threshold: Option<u32>,
+    /// The next message would be flagged.
+    pub flagged: bool,
 }
 
 impl Show {
@@ -101,6 +121,19 @@ impl Show {
             })
             .collect();
         let retry = denial.and_then(|d| d.retry_after);
+        let p = Arc::clone(policy);
+        let k = key.clone();
+        let baseline = super::context::blocking(move || p.baseline_of(&k))
+            .await?
+            .map_err(|e| e.to_string())?
+            .map(|j| BaselineShow {
+                hour: j.hour,
+                usual: format!("{:.1}", j.usual_messages()),
+                today_max: j.day_max,
+                learned_days: j.learned_days(),
+                threshold: j.threshold,
+                flagged: j.flagged,
+            });
         Ok(ShowReply {
             user: key.clone(),
             tier: tier.name().to_string(),
@@ -115,6 +148,7 @@ impl Show {
                 .iter()
                 .map(|c| c.to_string())
                 .collect(),
+            baseline,
         })
     }
 }
@@ -158,6 +192,21 @@ pub fn render(r: &ShowReply) -> String {
     let _ = writeln!(s, "status:  {status}");
     if !r.clients.is_empty() {
         let _ = writeln!(s, "clients: {}", Escaped(&r.clients.join(" ")));
+    }
+    if let Some(b) = &r.baseline {
+        let judged = match b.threshold {
+            Some(t) => format!("flagged above {t}"),
+            None => "learning, not judged yet".to_string(),
+        };
+        let _ = writeln!(
+            s,
+            "baseline: {} in the last hour, usual busiest hour {} (learned over {} days, today's busiest {}); {judged}{}",
+            b.hour,
+            Escaped(&b.usual),
+            b.learned_days,
+            b.today_max,
+            if b.flagged { "  <- FLAGGED" } else { "" }
+        );
     }
     s
 }

@@ -57,6 +57,15 @@ use fallback::Local;
 /// call again.
 const REDIS_ROUND_TRIPS: u32 = 3;
 
+// Per-user baselines: their store trait and the backend's methods for them.
+mod baseline;
+pub use baseline::{BaselineKeeper, baseline_snapshot_path};
+use ratelimit_core::store::BaselineMemoryStore;
+
+/// Users an embedder's backend ([`Backend::new`]) keeps baselines for, in process,
+/// until [`Backend::with_baseline`] gives it another store.
+const EMBEDDED_BASELINE_KEYS: usize = 100_000;
+
 /// Where the counters of the tiers' limits live, as the server needs them.
 ///
 /// [`Store::check`] decides; the rest serves the admin commands and maintenance.
@@ -190,6 +199,8 @@ pub enum OpenError {
 pub struct Backend {
     volume: Arc<dyn VolumeStore>,
     networks: Arc<dyn NetworkStore>,
+    /// Per-user baselines (see `backend/baseline.rs`).
+    baseline: Arc<dyn BaselineKeeper>,
     calls: Calls,
     name: &'static str,
     /// When the last snapshot was written (ms since the epoch; 0: never).
@@ -224,6 +235,7 @@ impl Backend {
         Backend {
             volume,
             networks,
+            baseline: Arc::new(BaselineMemoryStore::new(EMBEDDED_BASELINE_KEYS)),
             calls,
             name,
             last_snapshot_ms: Arc::new(AtomicU64::new(0)),
@@ -239,6 +251,12 @@ impl Backend {
         self
     }
 
+    /// This backend with `baseline` as its store of per-user baselines.
+    pub fn with_baseline(mut self, baseline: Arc<dyn BaselineKeeper>) -> Backend {
+        self.baseline = baseline;
+        self
+    }
+
     /// In-process stores tracking at most `max_keys` keys each.
     pub fn memory(max_keys: usize) -> Backend {
         let volume = MemoryStore::with_config(MemoryStoreConfig::default().with_max_keys(max_keys));
@@ -248,6 +266,7 @@ impl Backend {
             Calls::Inline,
             "memory",
         )
+        .with_baseline(Arc::new(BaselineMemoryStore::new(max_keys)))
     }
 
     /// The backend `[store]` configures. The memory store is restored from its
@@ -267,12 +286,17 @@ impl Backend {
                 if let Some(snap) = &cfg.snapshot {
                     restore(&volume, &snap.path, snap.start_empty_if_bad, now)?;
                 }
-                Ok(Backend::new(
+                let backend = Backend::new(
                     Arc::new(volume),
                     Arc::new(DistinctMemoryStore::new(*max_keys)),
                     Calls::Inline,
                     "memory",
-                ))
+                )
+                .with_baseline(Arc::new(BaselineMemoryStore::new(*max_keys)));
+                if let Some(snap) = &cfg.snapshot {
+                    backend.restore_baselines(&snap.path, snap.start_empty_if_bad, now)?;
+                }
+                Ok(backend)
             }
             BackendConfig::Redis {
                 url,
@@ -315,10 +339,11 @@ impl Backend {
                 }
                 Ok(Backend::new(
                     Arc::clone(&store) as Arc<dyn VolumeStore>,
-                    store,
+                    Arc::clone(&store) as Arc<dyn NetworkStore>,
                     Calls::Blocking,
                     "redis",
-                ))
+                )
+                .with_baseline(store))
             }
         }
     }
@@ -488,6 +513,9 @@ impl Backend {
         now: Timestamp,
     ) -> Option<Result<SnapshotStats, SnapshotError>> {
         let saved = self.volume.save_snapshot(path, now)?;
+        if let Some(Err(e)) = self.save_baselines(path, now) {
+            tracing::warn!(error = %e, "the baselines' snapshot could not be written");
+        }
         if saved.is_ok() {
             self.last_snapshot_ms
                 .store(now.as_millis().max(1), Ordering::Relaxed);

@@ -99,6 +99,25 @@ pub const NETWORKS_MESSAGE: &str =
 pub const NETWORKS_REFUSAL: &str =
     "{user} sent from more than {max} networks within {window}, try again in {retry}";
 
+// ---------------------------------------------------------------- [baseline]
+
+/// `baseline.learn`: history needed before a user is judged.
+pub const BASELINE_LEARN: Duration = Duration::from_secs(7 * 86_400);
+/// `baseline.factor`.
+pub const BASELINE_FACTOR: f64 = 5.0;
+/// `baseline.min`: never flag at this many messages in the hour or fewer.
+pub const BASELINE_MIN: u32 = 10;
+/// `baseline.half_life`: how fast the usual busiest hour forgets a busy day.
+pub const BASELINE_HALF_LIFE: Duration = Duration::from_secs(7 * 86_400);
+/// `baseline.action`.
+pub const BASELINE_ACTION: ActionKind = ActionKind::Hold;
+/// The text of `hold` (and `warn`) for a user far above their baseline.
+pub const BASELINE_MESSAGE: &str =
+    "triggers HOLD action: {user} sent more than {limit}, far above their usual";
+/// The text of `defer` and `reject` for a user far above their baseline.
+pub const BASELINE_REFUSAL: &str =
+    "{user} sent more than {limit}, far above their usual; try again in {retry}";
+
 // ---------------------------------------------------------------- [alerts], [admin]
 
 /// `alerts.timeout`.

@@ -166,6 +166,25 @@ pub fn describe(cfg: &Config) -> String {
     for (tier, n) in watched {
         let _ = writeln!(s, "tier {tier}: networks {} -> {:?}", n.limit, n.action);
     }
+    let mut judged: Vec<_> = cfg.baseline.by_tier.iter().collect();
+    judged.sort_by(|a, b| a.0.cmp(b.0));
+    for (tier, b) in judged {
+        let _ = writeln!(
+            s,
+            "tier {tier}: baseline > max({}, {} x usual) after {}s -> {:?}",
+            b.cfg.min(),
+            b.cfg.factor(),
+            b.cfg.learn().as_secs(),
+            b.action
+        );
+    }
+    if !cfg.exempt.baseline_users.is_empty() {
+        let _ = writeln!(
+            s,
+            "baseline-exempt users: {}",
+            cfg.exempt.baseline_users.len()
+        );
+    }
     let mut assigned: Vec<_> = cfg.tiers.map.assignments().collect();
     assigned.sort();
     let _ = writeln!(s, "assignments: {}", assigned.len());

@@ -72,5 +72,10 @@ pub(super) fn build_exempt(cx: &Ctx<'_>, raw: &RawExempt) -> Result<ExemptConfig
             .iter()
             .map(|u| key::from_text(u))
             .collect(),
+        baseline_users: raw
+            .baseline_users
+            .iter()
+            .map(|u| key::from_text(u))
+            .collect(),
     })
 }

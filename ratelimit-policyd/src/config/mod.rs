@@ -29,6 +29,7 @@ use toml::Spanned;
 
 use crate::template::Template;
 
+mod baseline;
 pub mod defaults;
 mod describe;
 mod keying;
@@ -183,6 +184,41 @@ pub struct NetworksPolicy {
     pub message: Template,
 }
 
+/// The baseline signal of a tier: flag a user whose hour is far above their usual
+/// busiest hour ([`ratelimit_core::baseline`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaselinePolicy {
+    /// Learning time, factor (the tier's `baseline_factor` or `[baseline] factor`),
+    /// minimum and half-life.
+    pub cfg: ratelimit_core::baseline::BaselineConfig,
+    /// What to do while the user is flagged (default hold; `Warn` only logs).
+    pub action: ActionKind,
+    /// The text (`{user}`, `{tier}`, `{limit}`, `{retry}`, `{retry_at}`).
+    pub message: Template,
+}
+
+/// The baseline signal of each tier that has one (none without `[baseline]`).
+#[derive(Debug, Clone, Default)]
+pub struct BaselineSignal {
+    /// By tier name (tiers without one are not judged).
+    pub by_tier: AHashMap<String, BaselinePolicy>,
+    /// `[baseline] half_life` in days (0 when the signal is off).
+    pub half_life_days: u32,
+}
+
+impl BaselineSignal {
+    /// Whether any tier is judged.
+    pub fn is_on(&self) -> bool {
+        !self.by_tier.is_empty()
+    }
+
+    /// The configuration maintenance rolls states with (any tier's: they differ only
+    /// in the factor), when the signal is on.
+    pub fn any(&self) -> Option<ratelimit_core::baseline::BaselineConfig> {
+        self.by_tier.values().next().map(|p| p.cfg)
+    }
+}
+
 /// Where counters live.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Backend {
@@ -243,6 +279,8 @@ pub struct Config {
     pub tiers: TiersConfig,
     /// `[networks]` and the tiers' `networks_*` keys: the compromise signal.
     pub networks: NetworksConfig,
+    /// `[baseline]` and the tiers' `baseline_*` keys: each user against their past.
+    pub baseline: BaselineSignal,
     /// Alerts, metrics, admin socket, recording (`[alerts]`, `[metrics]`, `[admin]`, `[record]`).
     pub ops: OpsConfig,
 }
@@ -347,6 +385,8 @@ pub struct ExemptConfig {
     pub clients: Vec<IpNet>,
     /// Users never watched for the networks they send from (normalized).
     pub roaming_users: AHashSet<String>,
+    /// Users never judged against their baseline (normalized).
+    pub baseline_users: AHashSet<String>,
 }
 
 /// The tiers: limits, who is in which, and what each does to a user over its limits.
@@ -397,6 +437,7 @@ fn minimal() -> Config {
         exempt: ExemptConfig::default(),
         tiers: TiersConfig::default(),
         networks: NetworksConfig::default(),
+        baseline: BaselineSignal::default(),
         ops: OpsConfig::default(),
     }
 }
@@ -427,6 +468,7 @@ pub fn parse(text: &str, file: &str, base: Option<&Path>) -> Result<Config, Conf
     let exempt = keying::build_exempt(&cx, &raw.exempt)?;
     let mut tiers = tiers::build(&cx, &raw.tiers, raw.default_tier.as_ref())?;
     let networks = networks::build(&cx, &raw.networks, &raw.tiers, &tiers.map)?;
+    let baseline = baseline::build(&cx, raw.baseline.as_ref(), &raw.tiers, &tiers.map)?;
     tiers::assign(&cx, &raw.assign, raw.assign_file.as_ref(), &mut tiers)?;
     let mut server = server;
     server.local_tiers = server::local_tiers(&cx, &server, &tiers.map)?;
@@ -438,6 +480,7 @@ pub fn parse(text: &str, file: &str, base: Option<&Path>) -> Result<Config, Conf
         exempt,
         tiers,
         networks,
+        baseline,
         ops,
     })
 }

@@ -22,6 +22,7 @@ pub(super) struct RawConfig {
     pub(super) exempt: RawExempt,
     #[serde(default)]
     pub(super) networks: RawNetworks,
+    pub(super) baseline: Option<RawBaseline>,
     #[serde(default)]
     pub(super) tiers: BTreeMap<String, Spanned<RawTier>>,
     pub(super) default_tier: Option<Spanned<String>>,
@@ -109,6 +110,8 @@ pub(super) struct RawExempt {
     pub(super) clients: Vec<Spanned<String>>,
     #[serde(default)]
     pub(super) roaming_users: Vec<String>,
+    #[serde(default)]
+    pub(super) baseline_users: Vec<String>,
 }
 
 /// `[networks]` as written: the compromise signal's defaults for every tier.
@@ -117,6 +120,18 @@ pub(super) struct RawExempt {
 pub(super) struct RawNetworks {
     pub(super) max: Option<Spanned<u32>>,
     pub(super) window: Option<Spanned<String>>,
+    pub(super) action: Option<Spanned<String>>,
+    pub(super) message: Option<String>,
+}
+
+/// `[baseline]` as written: the baseline signal (on when the section is present).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBaseline {
+    pub(super) learn: Option<Spanned<String>>,
+    pub(super) factor: Option<Spanned<f64>>,
+    pub(super) min: Option<Spanned<u32>>,
+    pub(super) half_life: Option<Spanned<String>>,
     pub(super) action: Option<Spanned<String>>,
     pub(super) message: Option<String>,
 }
@@ -135,6 +150,8 @@ pub(super) struct RawTier {
     pub(super) networks_action: Option<Spanned<String>>,
     pub(super) networks_message: Option<String>,
     pub(super) networks_exempt: Option<Spanned<bool>>,
+    pub(super) baseline_factor: Option<Spanned<f64>>,
+    pub(super) baseline_exempt: Option<Spanned<bool>>,
 }
 
 /// One entry of a tier's `limits`: `"100/1h"` or a table.

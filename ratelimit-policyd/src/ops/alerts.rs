@@ -60,6 +60,10 @@ pub struct AlertBody {
     pub clears_at: Option<String>,
     /// A warn tier: logged only.
     pub dry_run: bool,
+    /// Why, in words and numbers, for signals that say more (the baseline); empty
+    /// otherwise.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub detail: String,
 }
 
 impl AlertBody {
@@ -75,6 +79,7 @@ impl AlertBody {
             clients: incident.clients.clone(),
             clears_at: incident.clears_at.map(crate::template::rfc3339),
             dry_run: incident.dry_run,
+            detail: incident.detail.clone(),
         }
     }
 
@@ -93,6 +98,7 @@ impl AlertBody {
                 self.clears_at.clone().unwrap_or_default(),
             ),
             ("RATELIMIT_DRY_RUN", self.dry_run.to_string()),
+            ("RATELIMIT_DETAIL", self.detail.clone()),
         ]
     }
 }

@@ -124,5 +124,17 @@ fn log_incident(incident: &Incident, at: Timestamp) {
             dry_run = incident.dry_run,
             "incident: user sending from too many networks (compromised account?)"
         ),
+        Signal::Baseline => tracing::warn!(
+            user = %incident.key,
+            tier = %incident.tier,
+            limit = %incident.limit,
+            sent = incident.used,
+            client,
+            clients_seen = %clients_seen,
+            action = incident.action,
+            clears_at = %incident.clears_at.map(rfc3339).unwrap_or_else(|| "never".into()),
+            dry_run = incident.dry_run,
+            "incident: {} (compromised account?)", incident.detail
+        ),
     }
 }

@@ -13,6 +13,8 @@ pub const MAX_INCIDENTS: usize = 100_000;
 
 /// The networks signal's index beside the tier's limit positions.
 const NETWORKS: usize = usize::MAX;
+/// The baseline signal's.
+const BASELINE: usize = usize::MAX - 1;
 
 /// Until when (ms since the epoch) each incident is open, by key and signal.
 type Table = hashbrown::HashMap<(String, usize), u64, ahash::RandomState>;
@@ -32,6 +34,7 @@ fn index(signal: Signal) -> usize {
     match signal {
         Signal::Limit(i) => i,
         Signal::Networks => NETWORKS,
+        Signal::Baseline => BASELINE,
     }
 }
 

@@ -38,6 +38,7 @@ use crate::config::Config;
 use crate::logthrottle::{LOG_EVERY, LogThrottle};
 use crate::protocol::{Action, PolicyRequest, Stage};
 
+mod baseline;
 pub mod clients;
 pub mod incidents;
 pub mod keying;
@@ -47,6 +48,7 @@ pub mod tally;
 pub mod verdict;
 mod volume;
 
+pub use baseline::explain as explain_baseline;
 pub use clients::ClientsSeen;
 pub use tally::{Counted, Tally, TierDecisions};
 pub use verdict::{Incident, Outcome, Signal, Verdict};
@@ -291,7 +293,8 @@ impl Policy {
             .by_tier
             .get(tier.name())
             .filter(|_| !cfg.exempt.roaming_users.contains(key.as_ref()));
-        if tier.is_unlimited() && watch.is_none() {
+        let judged = baseline::judged(cfg, &key, tier);
+        if tier.is_unlimited() && watch.is_none() && judged.is_none() {
             return self.skip();
         }
         self.clients.note(&key, req.client_address);
@@ -307,10 +310,21 @@ impl Policy {
             self.watch_networks(cfg, &key, tier, policy, now, req, &mut verdict)
                 .await;
         }
+        if verdict.outcome.is_none()
+            && let Some(b) = judged
+        {
+            self.judge_baseline(cfg, &key, tier, b, now, req, &mut verdict)
+                .await;
+        }
         if verdict.outcome.is_none() {
             if tier.is_unlimited() {
                 // Not counted, but what a warn signal found stays in the verdict.
                 self.tally.add(Counted::Skipped);
+                if mode == Mode::Acquire
+                    && let Some(b) = judged
+                {
+                    self.feed_baseline(cfg, &key, b, now, &verdict).await;
+                }
                 return verdict;
             }
             self.volume(
@@ -324,6 +338,11 @@ impl Policy {
                 &mut verdict,
             )
             .await;
+        }
+        if mode == Mode::Acquire
+            && let Some(b) = judged
+        {
+            self.feed_baseline(cfg, &key, b, now, &verdict).await;
         }
         if let Some(outcome) = verdict.outcome {
             match &conn.decisions {
@@ -384,6 +403,7 @@ impl Policy {
                 .collect(),
             dry_run,
             action,
+            detail: String::new(),
         }
     }
 
@@ -427,14 +447,20 @@ impl Policy {
     pub fn sweep(&self) -> usize {
         let now = self.clock.now();
         self.incidents.sweep(now.as_millis());
+        let baselines = self.sweep_baselines(now);
+        if baselines > 0 {
+            tracing::debug!(users = baselines, "swept baselines decayed to nothing");
+        }
         self.backend.sweep(now)
     }
 
-    /// Forgets a key's counters and client networks (unblocks it), and its open
-    /// incidents. Blocking: call it off the async threads.
+    /// Forgets a key's counters and client networks (unblocks it), its open
+    /// incidents and its baseline flag (the hour's volume; the history stays, see
+    /// [`Policy::forget_baseline`]). Blocking: call it off the async threads.
     pub fn forget(&self, key: &str) -> Result<bool, ratelimit_core::StoreError> {
         self.incidents.forget(key);
-        self.backend.forget(key)
+        let flag = self.clear_baseline_flag(key)?;
+        Ok(self.backend.forget(key)? || flag)
     }
 
     /// Tracked keys with their use of their tier's first limit, heaviest first:

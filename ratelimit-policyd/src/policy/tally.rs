@@ -36,6 +36,8 @@ pub enum Counted {
     Charged,
     /// Requests answered with the networks action (too many client networks).
     NetworksFlagged,
+    /// Requests answered with the baseline action (far above the user's usual).
+    BaselineFlagged,
     /// New users deferred because a key table was full and nothing could be evicted.
     FullRefusals,
 }

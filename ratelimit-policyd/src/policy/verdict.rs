@@ -68,6 +68,8 @@ pub enum Signal {
     Limit(usize),
     /// Too many client networks (the compromise signal).
     Networks,
+    /// Far above the user's own baseline (the second compromise signal).
+    Baseline,
 }
 
 /// An incident: the first refusal of a key for one limit or signal, until it clears.
@@ -94,6 +96,10 @@ pub struct Incident {
     pub dry_run: bool,
     /// What is done to the key's mail meanwhile (`defer`, `hold`, ...).
     pub action: &'static str,
+    /// Why, in words and numbers, when the signal says more than `limit` and `used`
+    /// (the baseline signal: the hour, the usual busiest hour, the history); empty
+    /// otherwise.
+    pub detail: String,
 }
 
 /// The decision on one request.

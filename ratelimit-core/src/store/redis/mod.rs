@@ -139,6 +139,7 @@ use crate::clock::{Timestamp, duration_to_millis};
 use crate::decision::{Cost, Decision, Mode};
 use crate::quota::Limit;
 
+mod baseline;
 mod client;
 mod config;
 mod connection;
