@@ -115,6 +115,8 @@ struct Scenario {
 }
 
 const H: u64 = 3_600_000;
+/// 2^30 ms: with one unit per window, a bucket's level is 2^30 per unit.
+const W30: u64 = 1 << 30;
 
 fn scenarios() -> Vec<Scenario> {
     // Bucket used below: 10 per minute, burst 3 (level in unit*ms; one unit = 60,000).
@@ -390,6 +392,69 @@ fn scenarios() -> Vec<Scenario> {
                 at(2, 0, bytes(u64::MAX), P, no(0, None, &[(BURST, BURST, 0)])),
                 at(2, 1, bytes(u64::MAX), A, no(0, None, &[(0, 5, 5)])),
                 at(2, 1, bytes(5), A, ok(&[(0, 5, 0)])),
+            ],
+        },
+        Scenario {
+            name: "buckets either side of 2^52 and 2^53 share a counter exactly",
+            // Three bursts on one counter (1 byte per 2^30 ms, so the level drains 1
+            // per ms): capacities 2^52 (the Redis script's double path), 2^52 + 2^30
+            // and 2^54 (its big-integer path).
+            tiers: vec![
+                vec![bucket(1, W30, 1 << 22).with_unit(Unit::Bytes)],
+                vec![bucket(1, W30, (1 << 22) + 1).with_unit(Unit::Bytes)],
+                vec![bucket(1, W30, 1 << 24).with_unit(Unit::Bytes)],
+            ],
+            steps: vec![
+                // Filled to exactly 2^52.
+                at(0, 0, bytes(1 << 22), A, ok(&[(0, 1 << 22, 0)])),
+                at(
+                    1,
+                    0,
+                    bytes(1),
+                    A,
+                    no(0, Some(W30 - 1), &[(1 << 22, 1 << 22, 0)]),
+                ),
+                // The bigger tier takes the level to 2^52 + 2^30 - 1...
+                at(1, 1, bytes(1), A, ok(&[(1 << 22, (1 << 22) + 1, 0)])),
+                // ...past the small tier's capacity, which even a zero cost waits out.
+                at(
+                    1,
+                    0,
+                    Cost::ZERO,
+                    P,
+                    no(0, Some(W30 - 1), &[((1 << 22) + 1, 1 << 22, 0)]),
+                ),
+                at(
+                    1,
+                    2,
+                    bytes(3 << 22),
+                    A,
+                    no(0, Some(W30 - 1), &[((1 << 22) + 1, 1 << 24, (3 << 22) - 1)]),
+                ),
+                // The level reaches 2^54 - 1...
+                at(
+                    1,
+                    2,
+                    bytes((3 << 22) - 1),
+                    A,
+                    ok(&[((1 << 22) + 1, 1 << 24, 0)]),
+                ),
+                // ...which the small tier reads exactly: 3 * 2^52 - 2 ms until it is
+                // back under 2^52.
+                at(
+                    2,
+                    0,
+                    Cost::ZERO,
+                    P,
+                    no(0, Some(3 * (1 << 52) - 2), &[(1 << 24, 1 << 22, 0)]),
+                ),
+                at(
+                    2,
+                    2,
+                    bytes(1),
+                    P,
+                    no(0, Some(W30 - 2), &[(1 << 24, 1 << 24, 0)]),
+                ),
             ],
         },
         Scenario {
@@ -929,6 +994,94 @@ mod redis_store {
             ..ProptestConfig::default()
         };
         proptest!(config, |(ops in prop::collection::vec(op(), 1..60))| {
+            let memory = MemoryStore::new();
+            let case = case.fetch_add(1, Ordering::Relaxed);
+            let mut t = BASE as i64;
+            for (i, op) in ops.iter().enumerate() {
+                t = (t + op.dt).max(BASE as i64);
+                let now = Timestamp::from_millis(t as u64);
+                let key = format!("case{case}-key{}", op.key);
+                let mode = if op.acquire { Mode::Acquire } else { Mode::Peek };
+                let limits = &tiers[op.tier];
+                let want = memory.check(&key, limits, op.cost, now, mode).unwrap();
+                let got = redis.check(&key, limits, op.cost, now, mode).unwrap();
+                prop_assert_eq!(got, want, "step {} ({:?}) at base+{}", i, op, t as u64 - BASE);
+            }
+        });
+    }
+
+    // --- The same around 2^53, where the script changes arithmetic -----------------
+
+    /// Buckets whose capacity, level or drain sits either side of 2^52 and 2^53 (the
+    /// script decides in doubles below, in big integers above): three capacities on
+    /// one counter (2^52, just past it, 2^54) so that levels cross 2^53 both ways,
+    /// a drain of 2^32 per ms whose elapsed x rate passes 2^53, and a window beside.
+    fn tiers_2_53() -> Vec<Vec<Limit>> {
+        let b = |n: u64, w: u64, burst: u64| bucket(n, w, burst).with_unit(Unit::Bytes);
+        let small = b(1 << 20, 1 << 30, 1 << 22);
+        let past = b(1 << 20, 1 << 30, (1 << 22) + 1);
+        let huge = b(1 << 20, 1 << 30, 1 << 24);
+        vec![
+            vec![small],
+            vec![past],
+            vec![huge],
+            vec![small, huge],
+            vec![huge, lim("3/10s"), small],
+            vec![b(u64::from(u32::MAX), 1 << 21, 1 << 31)],
+            vec![lim("3/10s"), small, bucket(2, 5_000, 3)],
+        ]
+    }
+
+    fn op_2_53() -> impl Strategy<Value = Op> {
+        let dt = prop_oneof![
+            3 => 0i64..=4,
+            3 => 0i64..=3_000_000,
+            // Long enough to drain 2^52 (and 2^53) at 2^20 per ms.
+            2 => (1i64 << 30)..(1i64 << 34),
+            1 => -15_000i64..0,
+        ];
+        // Around one and two capacities' worth of each bucket, and the extremes.
+        let bytes = prop_oneof![
+            2 => 0u64..4,
+            2 => ((1u64 << 22) - 2)..((1u64 << 22) + 2),
+            2 => ((1u64 << 23) - 2)..((1u64 << 23) + 2),
+            1 => ((3u64 << 22) - 2)..((3u64 << 22) + 2),
+            1 => ((1u64 << 31) - 2)..((1u64 << 31) + 2),
+            1 => 0u64..(1 << 24),
+            1 => Just(u64::MAX),
+        ];
+        (
+            dt,
+            0u8..2,
+            0..tiers_2_53().len(),
+            0u64..=3,
+            bytes,
+            prop::bool::weighted(0.8),
+        )
+            .prop_map(|(dt, key, tier, messages, bytes, acquire)| Op {
+                dt,
+                key,
+                tier,
+                cost: Cost {
+                    messages,
+                    recipients: 0,
+                    bytes,
+                },
+                acquire,
+            })
+    }
+
+    #[test]
+    #[ignore = "needs redis-server; scripts/test installs and starts it"]
+    fn redis_store_decides_exactly_as_the_memory_store_around_2_pow_53() {
+        let redis = store("proptest-2-53", TimeSource::Caller);
+        let tiers = tiers_2_53();
+        let case = AtomicU64::new(0);
+        let config = ProptestConfig {
+            cases: 256,
+            ..ProptestConfig::default()
+        };
+        proptest!(config, |(ops in prop::collection::vec(op_2_53(), 1..60))| {
             let memory = MemoryStore::new();
             let case = case.fetch_add(1, Ordering::Relaxed);
             let mut t = BASE as i64;
