@@ -1014,20 +1014,23 @@ mod redis_store {
 
     /// Buckets whose capacity, level or drain sits either side of 2^52 and 2^53 (the
     /// script decides in doubles below, in big integers above): three capacities on
-    /// one counter (2^52, just past it, 2^54) so that levels cross 2^53 both ways,
-    /// a drain of 2^32 per ms whose elapsed x rate passes 2^53, and a window beside.
+    /// one counter (just under 2^52, just past it, about 2^54) so that levels cross
+    /// 2^53 both ways, a drain of about 2^32 per ms whose elapsed x rate passes 2^53,
+    /// and a window beside. Odd windows and rates make levels odd, so a level past
+    /// 2^53 held in a double would lose its last bit.
     fn tiers_2_53() -> Vec<Vec<Limit>> {
         let b = |n: u64, w: u64, burst: u64| bucket(n, w, burst).with_unit(Unit::Bytes);
-        let small = b(1 << 20, 1 << 30, 1 << 22);
-        let past = b(1 << 20, 1 << 30, (1 << 22) + 1);
-        let huge = b(1 << 20, 1 << 30, 1 << 24);
+        let (n, w) = ((1 << 20) + 1, (1 << 30) - 1);
+        let small = b(n, w, 1 << 22);
+        let past = b(n, w, (1 << 22) + 1);
+        let huge = b(n, w, 1 << 24);
         vec![
             vec![small],
             vec![past],
             vec![huge],
             vec![small, huge],
             vec![huge, lim("3/10s"), small],
-            vec![b(u64::from(u32::MAX), 1 << 21, 1 << 31)],
+            vec![b(u64::from(u32::MAX), (1 << 21) - 1, 1 << 31)],
             vec![lim("3/10s"), small, bucket(2, 5_000, 3)],
         ]
     }
