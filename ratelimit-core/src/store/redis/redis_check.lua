@@ -255,19 +255,20 @@ local function probe_window(l, state, now)
   local sub_ms = l.w / l.pb -- exact: the precision divides the window
   local b_abs = idiv(now, sub_ms)
   local b = b_abs % TWO32
-  local idx, cnt, ages, len = {}, {}, {}, 0
+  local at, idx, cnt, ages, len = {}, {}, {}, {}, 0
   local used, p, n, cost = 0, l.pb, l.n, l.cost
   if state then
-    for i, c in string.gmatch(state, '(%d+):(%d+)') do
+    for pos, i, c in string.gmatch(state, '()(%d+):(%d+)') do
       len = len + 1
       local a = age(b, tonumber(i))
-      idx[len], cnt[len], ages[len] = i, tonumber(c), a
+      at[len], idx[len], cnt[len], ages[len] = pos, i, tonumber(c), a
       if a <= p then
         used = used + cnt[len]
       end
     end
   end
-  l.sub, l.b_abs, l.b, l.idx, l.cnt, l.ages, l.len = sub_ms, b_abs, b, idx, cnt, ages, len
+  l.state, l.sub, l.b_abs, l.b = state, sub_ms, b_abs, b
+  l.at, l.idx, l.cnt, l.ages, l.len = at, idx, cnt, ages, len
   l.admit = used + cost <= n
   l.used, l.rem = used, math.max(n - used, 0)
   l.retry = ''
@@ -294,30 +295,44 @@ end
 
 -- Records cost; returns the new field value and when the counter will be empty.
 local function record_window(l)
-  local p, b, out, m = l.pb, l.b, {}, 0
-  local last -- the newest kept slot
+  local p, ages, keep, m = l.pb, l.ages, {}, 0
+  local suffix = true -- whether the kept slots are the stored ones from some on
   for i = 1, l.len do
-    if l.ages[i] <= p then
+    if ages[i] <= p then
       m = m + 1
-      out[m], last = i, i
+      keep[m] = i
+    elseif m > 0 then
+      suffix = false
     end
   end
+  local last = keep[m] -- the newest kept slot
   local c = math.min(l.cost, TWO32 - 1)
-  local newest = l.b_abs
-  if last and l.ages[last] <= 0 then
+  local newest, tail = l.b_abs, ''
+  if last and ages[last] <= 0 then
     -- The current sub-window, or a later one if the clock stepped back.
     l.cnt[last] = math.min(l.cnt[last] + c, TWO32 - 1)
-    newest = l.b_abs - l.ages[last]
+    newest = l.b_abs - ages[last]
+    tail = l.idx[last] .. ':' .. l.cnt[last]
+    m = m - 1
   elseif c > 0 then
-    m = m + 1
-    out[m] = 0
-    l.idx[0], l.cnt[0] = b, c
+    tail = l.b .. ':' .. c
   end
-  for k = 1, m do
-    local i = out[k]
-    out[k] = l.idx[i] .. ':' .. l.cnt[i]
+  local expiry = mul64(newest + 1 + p, l.sub)
+  if m == 0 then
+    return tail, expiry
   end
-  return table.concat(out, ','), mul64(newest + 1 + p, l.sub)
+  local head
+  if suffix then
+    -- Reuse the stored text of the slots kept unchanged.
+    head = string.sub(l.state, l.at[keep[1]], l.at[keep[m] + 1] and l.at[keep[m] + 1] - 2)
+  else
+    local out = {}
+    for k = 1, m do
+      out[k] = l.idx[keep[k]] .. ':' .. l.cnt[keep[k]]
+    end
+    head = table.concat(out, ',')
+  end
+  return tail == '' and head or head .. ',' .. tail, expiry
 end
 
 -- Token bucket ----------------------------------------------------------------------
