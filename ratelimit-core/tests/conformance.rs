@@ -1146,4 +1146,52 @@ mod redis_store {
         // The wrapped slot counts: the window fills and refuses.
         assert!(refused > 0);
     }
+
+    /// The TTL ends at idle_at plus the grace; an event that leaves idle_at where it
+    /// was (one more in the same sub-window) leaves the TTL too, and one that moves
+    /// it sets it again.
+    #[test]
+    #[ignore = "needs redis-server; scripts/test installs and starts it"]
+    fn redis_store_sets_the_ttl_when_idle_at_moves() {
+        let store = store("ttl", TimeSource::Caller);
+        let mut con = inspect();
+        let limits = [lim("10/1m")];
+        let name = store.key_name("t");
+        let acquire = |t: u64| {
+            let d = store
+                .check(
+                    "t",
+                    &limits,
+                    Cost::units(1),
+                    Timestamp::from_millis(BASE + t),
+                    Mode::Acquire,
+                )
+                .unwrap();
+            assert!(d.is_allowed(), "at base+{t}");
+        };
+        let pttl = |con: &mut redis::Connection| -> i64 {
+            redis::cmd("PTTL").arg(&name).query(con).unwrap()
+        };
+        let idle_at = |con: &mut redis::Connection| -> String {
+            redis::cmd("HGET").arg(&name).arg("i").query(con).unwrap()
+        };
+        // 1 s sub-windows: idle 61 s on; the grace is an hour.
+        acquire(0);
+        assert_eq!(idle_at(&mut con), (BASE + 61_000).to_string());
+        let ttl = pttl(&mut con);
+        assert!((3_660_000..=3_661_000).contains(&ttl), "ttl {ttl}");
+        redis::cmd("PEXPIRE")
+            .arg(&name)
+            .arg(5_000_000)
+            .query::<()>(&mut con)
+            .unwrap();
+        acquire(500);
+        assert_eq!(idle_at(&mut con), (BASE + 61_000).to_string());
+        let ttl = pttl(&mut con);
+        assert!(ttl > 4_900_000, "ttl {ttl} was set although idle_at stayed");
+        acquire(1_000);
+        assert_eq!(idle_at(&mut con), (BASE + 62_000).to_string());
+        let ttl = pttl(&mut con);
+        assert!((3_660_000..=3_661_000).contains(&ttl), "ttl {ttl}");
+    }
 }

@@ -36,8 +36,10 @@
 //! tag. A decision touches exactly one Redis key, declared in `KEYS`, so it works on
 //! Redis Cluster; the hash tag keeps any future per-user key on the same slot.
 //!
-//! A recorded event sets the hash's TTL to `idle_at - now` plus a grace
-//! ([`RedisStoreConfig::ttl_grace`]), so idle users cost nothing. The script compares
+//! A recorded event that moves `idle_at` sets the hash's TTL to `idle_at - now` plus a
+//! grace ([`RedisStoreConfig::ttl_grace`]), so idle users cost nothing (an event that
+//! leaves `idle_at` where it was, as most do in a sliding window's sub-window, leaves
+//! the TTL, which already ends there). The script compares
 //! `now` with the stored `idle_at` itself, exactly as `KeyState::is_idle` does, so the
 //! TTL is only garbage collection: a hash that outlives `idle_at` reads as empty, and
 //! the grace keeps a hash from expiring early when the caller's clock lags the

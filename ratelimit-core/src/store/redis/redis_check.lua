@@ -483,20 +483,23 @@ if record then
       idle = vmax(idle, expiry)
     end
   end
-  hset[#hset + 1] = 'i'
-  if type(idle) == 'table' then
-    hset[#hset + 1] = to_dec(idle)
-  else
-    hset[#hset + 1] = fmt(idle)
+  -- idle_at and the TTL change only when idle_at moves (for a sliding window, once
+  -- per sub-window): the TTL set then still ends at idle_at plus the grace.
+  local moved = not live or idle ~= idle_at
+  if moved then
+    hset[#hset + 1] = 'i'
+    hset[#hset + 1] = type(idle) == 'table' and to_dec(idle) or fmt(idle)
   end
   redis.call('HSET', key, unpack(hset))
-  -- Forget the key once it is idle (plus the grace). Capped at 2^50 ms so the server
-  -- accepts it; a key that would stay live longer than that is not a real case.
-  local ttl = 1125899906842624
-  if type(idle) == 'number' then
-    ttl = math.min(math.max(idle - now + tonumber(grace), 1), ttl)
+  if moved then
+    -- Forget the key once it is idle (plus the grace). Capped at 2^50 ms so the
+    -- server accepts it; a key live longer than that is not a real case.
+    local ttl = 1125899906842624
+    if type(idle) == 'number' then
+      ttl = math.min(math.max(idle - now + tonumber(grace), 1), ttl)
+    end
+    redis.call('PEXPIRE', key, fmt(ttl))
   end
-  redis.call('PEXPIRE', key, fmt(ttl))
 end
 
 return out
