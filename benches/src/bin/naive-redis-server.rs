@@ -121,7 +121,8 @@ impl Redis {
 
     fn command(&mut self, args: &[&[u8]]) {
         self.out.extend_from_slice(b"*");
-        self.out.extend_from_slice(args.len().to_string().as_bytes());
+        self.out
+            .extend_from_slice(args.len().to_string().as_bytes());
         self.out.extend_from_slice(b"\r\n");
         for a in args {
             self.bulk(a);
@@ -149,7 +150,8 @@ impl Redis {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
         let line = self.line.strip_suffix(b"\r\n").unwrap_or(&self.line);
-        let parse = |digits: &[u8]| -> Option<i64> { std::str::from_utf8(digits).ok()?.parse().ok() };
+        let parse =
+            |digits: &[u8]| -> Option<i64> { std::str::from_utf8(digits).ok()?.parse().ok() };
         match line.split_first() {
             Some((b':', digits)) => parse(digits)
                 .and_then(|n| u64::try_from(n).ok())
@@ -257,7 +259,10 @@ fn main() {
     };
     // Fail at start, not at the first request, when Redis is not there.
     if let Err(e) = Redis::connect(&o.redis) {
-        eprintln!("naive-redis-server: cannot connect to Redis at {}: {e}", o.redis);
+        eprintln!(
+            "naive-redis-server: cannot connect to Redis at {}: {e}",
+            o.redis
+        );
         std::process::exit(1);
     }
     eprintln!(

@@ -240,35 +240,31 @@ end
 
 -- Sliding window --------------------------------------------------------------------
 
--- Age of sub-window idx seen from sub-window b (both mod 2^32), as a signed 32-bit
--- difference: negative means in the future (the clock stepped back).
-local function age(b, idx)
-  local d = (b - idx) % TWO32
-  if d >= TWO31 then
-    d = d - TWO32
-  end
-  return d
-end
-
--- Parses the counter into l (kept for recording) and checks cost against it.
+-- Parses the counter into l (kept for recording) and checks cost against it. A slot's
+-- age is its sub-window's distance from now's, b - idx (both mod 2^32) as a signed
+-- 32-bit number: negative means in the future (the clock stepped back).
 local function probe_window(l, state, now)
   local sub_ms = l.w / l.pb -- exact: the precision divides the window
   local b_abs = idiv(now, sub_ms)
   local b = b_abs % TWO32
-  local at, idx, cnt, ages, len = {}, {}, {}, {}, 0
+  local at, cnt, ages, len = {}, {}, {}, 0
   local used, p, n, cost = 0, l.pb, l.n, l.cost
   if state then
     for pos, i, c in string.gmatch(state, '()(%d+):(%d+)') do
       len = len + 1
-      local a = age(b, tonumber(i))
-      at[len], idx[len], cnt[len], ages[len] = pos, i, tonumber(c), a
+      local a = (b - i) % TWO32 -- i: Lua converts the digits
+      if a >= TWO31 then
+        a = a - TWO32
+      end
+      c = tonumber(c)
+      at[len], cnt[len], ages[len] = pos, c, a
       if a <= p then
-        used = used + cnt[len]
+        used = used + c
       end
     end
   end
   l.state, l.sub, l.b_abs, l.b = state, sub_ms, b_abs, b
-  l.at, l.idx, l.cnt, l.ages, l.len = at, idx, cnt, ages, len
+  l.at, l.cnt, l.ages, l.len = at, cnt, ages, len
   l.admit = used + cost <= n
   l.used, l.rem = used, math.max(n - used, 0)
   l.retry = ''
@@ -312,7 +308,7 @@ local function record_window(l)
     -- The current sub-window, or a later one if the clock stepped back.
     l.cnt[last] = math.min(l.cnt[last] + c, TWO32 - 1)
     newest = l.b_abs - ages[last]
-    tail = l.idx[last] .. ':' .. l.cnt[last]
+    tail = (l.b - ages[last]) % TWO32 .. ':' .. l.cnt[last]
     m = m - 1
   elseif c > 0 then
     tail = l.b .. ':' .. c
@@ -328,7 +324,7 @@ local function record_window(l)
   else
     local out = {}
     for k = 1, m do
-      out[k] = l.idx[keep[k]] .. ':' .. l.cnt[keep[k]]
+      out[k] = (l.b - ages[keep[k]]) % TWO32 .. ':' .. l.cnt[keep[k]]
     end
     head = table.concat(out, ',')
   end
@@ -422,6 +418,7 @@ for j = 2, #ARGV do
   if not id then
     error('ratelimit: bad limit argument: ' .. ARGV[j])
   end
+  -- Every field the probes set is listed, so the table is sized once.
   limits[j - 1] = {
     id = id,
     bucket = kind == 'b',
@@ -430,6 +427,9 @@ for j = 2, #ARGV do
     pb = tonumber(pb),
     cost = tonumber(cost),
     cost_dec = cost,
+    admit = false, used = 0, rem = 0, retry = '', -- both
+    fast = false, lvl = 0, need = 0, last = 0, -- bucket
+    state = false, sub = 0, b_abs = 0, b = 0, at = false, cnt = false, ages = false, len = 0,
   }
   fields[j] = id
 end
