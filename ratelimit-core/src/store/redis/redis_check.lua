@@ -63,152 +63,161 @@ end
 -- Multi-limb unsigned integers ------------------------------------------------------
 -- Little-endian arrays of base-2^24 limbs, no leading zero limbs (zero is {0}). A
 -- limb product is below 2^48, so a product plus a limb plus a carry stays exact.
+-- bignum() defines them when a decision first needs them: most never do, and a
+-- script's functions are made anew on every call.
 local BASE = 16777216
+local big, trim, cmp, add, sub, mul, divmod, div_ceil, from_dec, to_dec, U64MAX
 
-local function big(x) -- from an integer double, 0 <= x < 2^53
-  local r = {}
-  repeat
-    local l = x % BASE
-    r[#r + 1] = l
-    x = (x - l) / BASE
-  until x == 0
-  return r
-end
-
-local function trim(a)
-  while #a > 1 and a[#a] == 0 do
-    a[#a] = nil
+local function bignum()
+  if big then
+    return
   end
-  return a
-end
-
-local function cmp(a, b)
-  if #a ~= #b then
-    return #a < #b and -1 or 1
+  function big(x) -- from an integer double, 0 <= x < 2^53
+    local r = {}
+    repeat
+      local l = x % BASE
+      r[#r + 1] = l
+      x = (x - l) / BASE
+    until x == 0
+    return r
   end
-  for i = #a, 1, -1 do
-    if a[i] ~= b[i] then
-      return a[i] < b[i] and -1 or 1
+
+  function trim(a)
+    while #a > 1 and a[#a] == 0 do
+      a[#a] = nil
     end
+    return a
   end
-  return 0
-end
 
-local function add(a, b)
-  local r, carry = {}, 0
-  for i = 1, math.max(#a, #b) do
-    local s = (a[i] or 0) + (b[i] or 0) + carry
-    if s >= BASE then
-      r[i], carry = s - BASE, 1
-    else
-      r[i], carry = s, 0
+  function cmp(a, b)
+    if #a ~= #b then
+      return #a < #b and -1 or 1
     end
-  end
-  if carry > 0 then
-    r[#r + 1] = carry
-  end
-  return r
-end
-
--- a - b, saturating at zero (as Rust's saturating_sub).
-local function sub(a, b)
-  if cmp(a, b) <= 0 then
-    return {0}
-  end
-  local r, borrow = {}, 0
-  for i = 1, #a do
-    local s = a[i] - (b[i] or 0) - borrow
-    if s < 0 then
-      r[i], borrow = s + BASE, 1
-    else
-      r[i], borrow = s, 0
+    for i = #a, 1, -1 do
+      if a[i] ~= b[i] then
+        return a[i] < b[i] and -1 or 1
+      end
     end
+    return 0
   end
-  return trim(r)
-end
 
-local function mul(a, b)
-  local r = {}
-  for i = 1, #a + #b do
-    r[i] = 0
-  end
-  for i = 1, #a do
-    local carry = 0
-    for j = 1, #b do
-      local t = r[i + j - 1] + a[i] * b[j] + carry
-      local lo = t % BASE
-      r[i + j - 1], carry = lo, (t - lo) / BASE
+  function add(a, b)
+    local r, carry = {}, 0
+    for i = 1, math.max(#a, #b) do
+      local s = (a[i] or 0) + (b[i] or 0) + carry
+      if s >= BASE then
+        r[i], carry = s - BASE, 1
+      else
+        r[i], carry = s, 0
+      end
     end
-    local k = i + #b
-    while carry > 0 do
-      local t = r[k] + carry
-      local lo = t % BASE
-      r[k], carry = lo, (t - lo) / BASE
-      k = k + 1
+    if carry > 0 then
+      r[#r + 1] = carry
     end
+    return r
   end
-  return trim(r)
-end
 
--- Long division by an integer double 1 <= d <= 2^48, four bits at a time: the partial
--- remainder stays below 16 * d <= 2^52. Returns the quotient (big) and remainder.
-local NIBBLE = {1048576, 65536, 4096, 256, 16, 1}
-local function divmod(a, d)
-  local q, r = {}, 0
-  for i = #a, 1, -1 do
-    local limb, ql = a[i], 0
-    for _, p in ipairs(NIBBLE) do
-      r = r * 16 + math.floor(limb / p) % 16
-      local qd = idiv(r, d)
-      r = r - qd * d
-      ql = ql * 16 + qd
+  -- a - b, saturating at zero (as Rust's saturating_sub).
+  function sub(a, b)
+    if cmp(a, b) <= 0 then
+      return {0}
     end
-    q[i] = ql
+    local r, borrow = {}, 0
+    for i = 1, #a do
+      local s = a[i] - (b[i] or 0) - borrow
+      if s < 0 then
+        r[i], borrow = s + BASE, 1
+      else
+        r[i], borrow = s, 0
+      end
+    end
+    return trim(r)
   end
-  return trim(q), r
+
+  function mul(a, b)
+    local r = {}
+    for i = 1, #a + #b do
+      r[i] = 0
+    end
+    for i = 1, #a do
+      local carry = 0
+      for j = 1, #b do
+        local t = r[i + j - 1] + a[i] * b[j] + carry
+        local lo = t % BASE
+        r[i + j - 1], carry = lo, (t - lo) / BASE
+      end
+      local k = i + #b
+      while carry > 0 do
+        local t = r[k] + carry
+        local lo = t % BASE
+        r[k], carry = lo, (t - lo) / BASE
+        k = k + 1
+      end
+    end
+    return trim(r)
+  end
+
+  -- Long division by an integer double 1 <= d <= 2^48, four bits at a time: the partial
+  -- remainder stays below 16 * d <= 2^52. Returns the quotient (big) and remainder.
+  local NIBBLE = {1048576, 65536, 4096, 256, 16, 1}
+  function divmod(a, d)
+    local q, r = {}, 0
+    for i = #a, 1, -1 do
+      local limb, ql = a[i], 0
+      for _, p in ipairs(NIBBLE) do
+        r = r * 16 + math.floor(limb / p) % 16
+        local qd = idiv(r, d)
+        r = r - qd * d
+        ql = ql * 16 + qd
+      end
+      q[i] = ql
+    end
+    return trim(q), r
+  end
+
+  function div_ceil(a, d)
+    local q, r = divmod(a, d)
+    if r > 0 then
+      q = add(q, {1})
+    end
+    return q
+  end
+
+  function from_dec(s)
+    local r = {0}
+    local i = 1
+    local j = #s % 7
+    if j == 0 then
+      j = 7
+    end
+    while i <= #s do
+      local chunk = string.sub(s, i, j)
+      r = add(mul(r, big(10 ^ #chunk)), big(tonumber(chunk)))
+      i, j = j + 1, j + 7
+    end
+    return r
+  end
+
+  function to_dec(a)
+    local parts = {}
+    repeat
+      local r
+      a, r = divmod(a, 10000000)
+      table.insert(parts, 1, r)
+    until #a == 1 and a[1] == 0
+    local s = fmt(parts[1])
+    for i = 2, #parts do
+      s = s .. string.format('%07.0f', parts[i])
+    end
+    return s
+  end
+
+  -- 2^64 - 1 = (2^16 - 1) * 2^48 + (2^24 - 1) * 2^24 + (2^24 - 1)
+  U64MAX = {16777215, 16777215, 65535}
 end
 
-local function div_ceil(a, d)
-  local q, r = divmod(a, d)
-  if r > 0 then
-    q = add(q, {1})
-  end
-  return q
-end
-
-local function from_dec(s)
-  local r = {0}
-  local i = 1
-  local j = #s % 7
-  if j == 0 then
-    j = 7
-  end
-  while i <= #s do
-    local chunk = string.sub(s, i, j)
-    r = add(mul(r, big(10 ^ #chunk)), big(tonumber(chunk)))
-    i, j = j + 1, j + 7
-  end
-  return r
-end
-
-local function to_dec(a)
-  local parts = {}
-  repeat
-    local r
-    a, r = divmod(a, 10000000)
-    table.insert(parts, 1, r)
-  until #a == 1 and a[1] == 0
-  local s = fmt(parts[1])
-  for i = 2, #parts do
-    s = s .. string.format('%07.0f', parts[i])
-  end
-  return s
-end
-
--- 2^64 - 1 = (2^16 - 1) * 2^48 + (2^24 - 1) * 2^24 + (2^24 - 1)
-local U64MAX = {16777215, 16777215, 65535}
-
--- Values that are a double below 2^53 or, past that, a big clamped to 2^64 - 1.
+-- Values that are a double below 2^53 or, past that, a big clamped to 2^64 - 1 (a
+-- table: bignum() has run).
 local function as_big(v)
   return type(v) == 'table' and v or big(v)
 end
@@ -218,6 +227,7 @@ local function mul64(a, b) -- a, b integer doubles below 2^53
   if r < TWO53 then
     return r
   end
+  bignum()
   r = mul(big(a), big(b))
   return cmp(r, U64MAX) > 0 and U64MAX or r
 end
@@ -235,7 +245,11 @@ local function stored(s, what)
   if not x then
     error('ratelimit: not a decimal integer in ' .. what .. ': ' .. s)
   end
-  return x < TWO53 and x or from_dec(s)
+  if x < TWO53 then
+    return x
+  end
+  bignum()
+  return from_dec(s)
 end
 
 -- Sliding window --------------------------------------------------------------------
@@ -361,6 +375,7 @@ local function probe_bucket(l, state, now)
   end
   -- Exact multi-limb integers.
   l.fast = false
+  bignum()
   local bcap, bw = mul(big(l.pb), big(w)), big(w)
   local lvl = sub(as_big(level), mul(big(math.max(now - last, 0)), big(n)))
   local need = mul(from_dec(l.cost_dec), bw)
