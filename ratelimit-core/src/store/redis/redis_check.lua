@@ -28,7 +28,9 @@
 -- most 2^52, whose stored level is below 2^53 and whose last update is below 2^52
 -- is decided in doubles: every value computed then is an integer below 2^53, or a
 -- product past 2^53 that is only compared with a smaller value (rounding keeps the
--- comparison right). Any other bucket takes the exact multi-limb path (`big`).
+-- comparison right). Any other bucket takes the exact multi-limb path (`big`), as
+-- do an idle_at past 2^53 and a window's expiry or retry time past it (a slot far
+-- in the future: `mul64`).
 
 local TWO32 = 4294967296
 local TWO31 = 2147483648
