@@ -115,6 +115,8 @@ struct Scenario {
 }
 
 const H: u64 = 3_600_000;
+/// 2^30 ms: with one unit per window, a bucket's level is 2^30 per unit.
+const W30: u64 = 1 << 30;
 
 fn scenarios() -> Vec<Scenario> {
     // Bucket used below: 10 per minute, burst 3 (level in unit*ms; one unit = 60,000).
@@ -390,6 +392,69 @@ fn scenarios() -> Vec<Scenario> {
                 at(2, 0, bytes(u64::MAX), P, no(0, None, &[(BURST, BURST, 0)])),
                 at(2, 1, bytes(u64::MAX), A, no(0, None, &[(0, 5, 5)])),
                 at(2, 1, bytes(5), A, ok(&[(0, 5, 0)])),
+            ],
+        },
+        Scenario {
+            name: "buckets either side of 2^52 and 2^53 share a counter exactly",
+            // Three bursts on one counter (1 byte per 2^30 ms, so the level drains 1
+            // per ms): capacities 2^52 (the Redis script's double path), 2^52 + 2^30
+            // and 2^54 (its big-integer path).
+            tiers: vec![
+                vec![bucket(1, W30, 1 << 22).with_unit(Unit::Bytes)],
+                vec![bucket(1, W30, (1 << 22) + 1).with_unit(Unit::Bytes)],
+                vec![bucket(1, W30, 1 << 24).with_unit(Unit::Bytes)],
+            ],
+            steps: vec![
+                // Filled to exactly 2^52.
+                at(0, 0, bytes(1 << 22), A, ok(&[(0, 1 << 22, 0)])),
+                at(
+                    1,
+                    0,
+                    bytes(1),
+                    A,
+                    no(0, Some(W30 - 1), &[(1 << 22, 1 << 22, 0)]),
+                ),
+                // The bigger tier takes the level to 2^52 + 2^30 - 1...
+                at(1, 1, bytes(1), A, ok(&[(1 << 22, (1 << 22) + 1, 0)])),
+                // ...past the small tier's capacity, which even a zero cost waits out.
+                at(
+                    1,
+                    0,
+                    Cost::ZERO,
+                    P,
+                    no(0, Some(W30 - 1), &[((1 << 22) + 1, 1 << 22, 0)]),
+                ),
+                at(
+                    1,
+                    2,
+                    bytes(3 << 22),
+                    A,
+                    no(0, Some(W30 - 1), &[((1 << 22) + 1, 1 << 24, (3 << 22) - 1)]),
+                ),
+                // The level reaches 2^54 - 1...
+                at(
+                    1,
+                    2,
+                    bytes((3 << 22) - 1),
+                    A,
+                    ok(&[((1 << 22) + 1, 1 << 24, 0)]),
+                ),
+                // ...which the small tier reads exactly: 3 * 2^52 - 2 ms until it is
+                // back under 2^52.
+                at(
+                    2,
+                    0,
+                    Cost::ZERO,
+                    P,
+                    no(0, Some(3 * (1 << 52) - 2), &[(1 << 24, 1 << 22, 0)]),
+                ),
+                at(
+                    2,
+                    2,
+                    bytes(1),
+                    P,
+                    no(0, Some(W30 - 2), &[(1 << 24, 1 << 24, 0)]),
+                ),
             ],
         },
         Scenario {
@@ -943,5 +1008,190 @@ mod redis_store {
                 prop_assert_eq!(got, want, "step {} ({:?}) at base+{}", i, op, t as u64 - BASE);
             }
         });
+    }
+
+    // --- The same around 2^53, where the script changes arithmetic -----------------
+
+    /// Buckets whose capacity, level or drain sits either side of 2^52 and 2^53 (the
+    /// script decides in doubles below, in big integers above): three capacities on
+    /// one counter (just under 2^52, just past it, about 2^54) so that levels cross
+    /// 2^53 both ways, a drain of about 2^32 per ms whose elapsed x rate passes 2^53,
+    /// and a window beside. Odd windows and rates make levels odd, so a level past
+    /// 2^53 held in a double would lose its last bit.
+    fn tiers_2_53() -> Vec<Vec<Limit>> {
+        let b = |n: u64, w: u64, burst: u64| bucket(n, w, burst).with_unit(Unit::Bytes);
+        let (n, w) = ((1 << 20) + 1, (1 << 30) - 1);
+        let small = b(n, w, 1 << 22);
+        let past = b(n, w, (1 << 22) + 1);
+        let huge = b(n, w, 1 << 24);
+        vec![
+            vec![small],
+            vec![past],
+            vec![huge],
+            vec![small, huge],
+            vec![huge, lim("3/10s"), small],
+            vec![b(u64::from(u32::MAX), (1 << 21) - 1, 1 << 31)],
+            vec![lim("3/10s"), small, bucket(2, 5_000, 3)],
+            // 1 ms sub-windows kept live by the bucket across 2^31 of them, where
+            // sub-window numbers wrap (mod 2^32) and an old slot reads as future.
+            vec![lim("3/7ms"), huge],
+        ]
+    }
+
+    fn op_2_53() -> impl Strategy<Value = Op> {
+        let dt = prop_oneof![
+            3 => 0i64..=4,
+            3 => 0i64..=3_000_000,
+            // Long enough to drain 2^52 (and 2^53) at 2^20 per ms.
+            2 => (1i64 << 30)..(1i64 << 34),
+            1 => ((1i64 << 31) - 8)..((1i64 << 31) + 8),
+            1 => -15_000i64..0,
+        ];
+        // Around one and two capacities' worth of each bucket, and the extremes.
+        let bytes = prop_oneof![
+            2 => 0u64..4,
+            2 => ((1u64 << 22) - 2)..((1u64 << 22) + 2),
+            2 => ((1u64 << 23) - 2)..((1u64 << 23) + 2),
+            1 => ((3u64 << 22) - 2)..((3u64 << 22) + 2),
+            1 => ((1u64 << 31) - 2)..((1u64 << 31) + 2),
+            1 => 0u64..(1 << 24),
+            1 => Just(u64::MAX),
+        ];
+        (
+            dt,
+            0u8..2,
+            0..tiers_2_53().len(),
+            0u64..=3,
+            bytes,
+            prop::bool::weighted(0.8),
+        )
+            .prop_map(|(dt, key, tier, messages, bytes, acquire)| Op {
+                dt,
+                key,
+                tier,
+                cost: Cost {
+                    messages,
+                    recipients: 0,
+                    bytes,
+                },
+                acquire,
+            })
+    }
+
+    #[test]
+    #[ignore = "needs redis-server; scripts/test installs and starts it"]
+    fn redis_store_decides_exactly_as_the_memory_store_around_2_pow_53() {
+        let redis = store("proptest-2-53", TimeSource::Caller);
+        let tiers = tiers_2_53();
+        let case = AtomicU64::new(0);
+        let config = ProptestConfig {
+            cases: 256,
+            ..ProptestConfig::default()
+        };
+        proptest!(config, |(ops in prop::collection::vec(op_2_53(), 1..60))| {
+            let memory = MemoryStore::new();
+            let case = case.fetch_add(1, Ordering::Relaxed);
+            let mut t = BASE as i64;
+            for (i, op) in ops.iter().enumerate() {
+                t = (t + op.dt).max(BASE as i64);
+                let now = Timestamp::from_millis(t as u64);
+                let key = format!("case{case}-key{}", op.key);
+                let mode = if op.acquire { Mode::Acquire } else { Mode::Peek };
+                let limits = &tiers[op.tier];
+                let want = memory.check(&key, limits, op.cost, now, mode).unwrap();
+                let got = redis.check(&key, limits, op.cost, now, mode).unwrap();
+                prop_assert_eq!(got, want, "step {} ({:?}) at base+{}", i, op, t as u64 - BASE);
+            }
+        });
+    }
+
+    /// Sub-window numbers are kept mod 2^32: a key kept live across 2^31 sub-windows
+    /// (here by a bucket) has old slots that read as in the future while a newer one
+    /// has expired, so the slots kept are not the newest ones. Rare, but the
+    /// script must still do what `KeyState` does.
+    #[test]
+    #[ignore = "needs redis-server; scripts/test installs and starts it"]
+    fn redis_store_reads_wrapped_sub_window_numbers_as_the_memory_store_does() {
+        let redis = store("wrap", TimeSource::Caller);
+        let memory = MemoryStore::new();
+        let limits = [
+            lim("3/7ms"),
+            bucket((1 << 20) + 1, (1 << 30) - 1, 1 << 24).with_unit(Unit::Bytes),
+        ];
+        let wrap = 1u64 << 31;
+        let steps = [
+            (0, 1 << 23, Mode::Acquire),
+            (1, 0, Mode::Acquire),
+            (6, 0, Mode::Acquire),
+            (wrap + 3, 0, Mode::Peek),
+            (wrap + 3, 0, Mode::Acquire),
+            (wrap + 3, 0, Mode::Acquire),
+            (wrap + 4, 0, Mode::Acquire),
+            (wrap + 10, 0, Mode::Peek),
+            (wrap + 13, 0, Mode::Acquire),
+        ];
+        let mut refused = 0;
+        for (i, (t, bytes, mode)) in steps.into_iter().enumerate() {
+            let now = Timestamp::from_millis(BASE + t);
+            let cost = Cost::message(0, bytes);
+            let cost = Cost {
+                messages: 1,
+                ..cost
+            };
+            let want = memory.check("w", &limits, cost, now, mode).unwrap();
+            let got = redis.check("w", &limits, cost, now, mode).unwrap();
+            assert_eq!(got, want, "step {i} at base+{t}");
+            refused += usize::from(!want.is_allowed());
+        }
+        // The wrapped slot counts: the window fills and refuses.
+        assert!(refused > 0);
+    }
+
+    /// The TTL ends at idle_at plus the grace; an event that leaves idle_at where it
+    /// was (one more in the same sub-window) leaves the TTL too, and one that moves
+    /// it sets it again.
+    #[test]
+    #[ignore = "needs redis-server; scripts/test installs and starts it"]
+    fn redis_store_sets_the_ttl_when_idle_at_moves() {
+        let store = store("ttl", TimeSource::Caller);
+        let mut con = inspect();
+        let limits = [lim("10/1m")];
+        let name = store.key_name("t");
+        let acquire = |t: u64| {
+            let d = store
+                .check(
+                    "t",
+                    &limits,
+                    Cost::units(1),
+                    Timestamp::from_millis(BASE + t),
+                    Mode::Acquire,
+                )
+                .unwrap();
+            assert!(d.is_allowed(), "at base+{t}");
+        };
+        let pttl = |con: &mut redis::Connection| -> i64 {
+            redis::cmd("PTTL").arg(&name).query(con).unwrap()
+        };
+        let idle_at = |con: &mut redis::Connection| -> String {
+            redis::cmd("HGET").arg(&name).arg("i").query(con).unwrap()
+        };
+        // 1 s sub-windows: idle 61 s on; the grace is an hour.
+        acquire(0);
+        assert_eq!(idle_at(&mut con), (BASE + 61_000).to_string());
+        let ttl = pttl(&mut con);
+        assert!((3_660_000..=3_661_000).contains(&ttl), "ttl {ttl}");
+        redis::cmd("PEXPIRE")
+            .arg(&name)
+            .arg(5_000_000)
+            .query::<()>(&mut con)
+            .unwrap();
+        acquire(500);
+        assert_eq!(idle_at(&mut con), (BASE + 61_000).to_string());
+        let ttl = pttl(&mut con);
+        assert!(ttl > 4_900_000, "ttl {ttl} was set although idle_at stayed");
+        acquire(1_000);
+        assert_eq!(idle_at(&mut con), (BASE + 62_000).to_string());
+        let ttl = pttl(&mut con);
+        assert!((3_660_000..=3_661_000).contains(&ttl), "ttl {ttl}");
     }
 }

@@ -87,6 +87,10 @@ struct Args {
     /// measuring, from /proc/PID/stat.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// Also report the CPU time of this process (the server's back end, e.g.
+    /// a redis-server) while measuring, from /proc/PID/stat.
+    #[arg(long)]
+    backend_pid: Option<u32>,
     /// Print the result as one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -604,16 +608,37 @@ struct Measured {
     stats: Stats,
     started: Instant,
     cpu: Duration,
-    /// The server's CPU time in the measured phase (with --server-pid).
-    server_cpu: Option<Duration>,
+    /// CPU time in the measured phase of the server (with --server-pid) and
+    /// of its back end (with --backend-pid).
+    server_cpu: PidsCpu,
     /// When the last connection stopped (used when no request completed).
     ended: Instant,
 }
 
-/// The server's CPU time since `before` (both read from /proc).
-fn server_cpu_since(args: &Args, before: Option<Duration>) -> Option<Duration> {
-    let after = process_cpu_time(args.server_pid?)?;
-    Some(after.saturating_sub(before?))
+/// CPU time of the --server-pid and --backend-pid processes (from /proc).
+#[derive(Clone, Copy, Default)]
+struct PidsCpu {
+    server: Option<Duration>,
+    backend: Option<Duration>,
+}
+
+impl PidsCpu {
+    fn now(args: &Args) -> PidsCpu {
+        PidsCpu {
+            server: args.server_pid.and_then(process_cpu_time),
+            backend: args.backend_pid.and_then(process_cpu_time),
+        }
+    }
+
+    /// The CPU time used since `before`.
+    fn since(args: &Args, before: PidsCpu) -> PidsCpu {
+        let after = PidsCpu::now(args);
+        let diff = |a: Option<Duration>, b: Option<Duration>| Some(a?.saturating_sub(b?));
+        PidsCpu {
+            server: diff(after.server, before.server),
+            backend: diff(after.backend, before.backend),
+        }
+    }
 }
 
 /// How long the measured phase may last: --duration, else unbounded with
@@ -633,12 +658,12 @@ fn orchestrate(
     control: &Control,
     sleep: &dyn Fn(Duration),
     finished: &dyn Fn() -> bool,
-    server0: &mut Option<Duration>,
+    server0: &mut PidsCpu,
 ) -> (Instant, Duration) {
     if !args.warmup.is_zero() {
         sleep(args.warmup);
     }
-    *server0 = args.server_pid.and_then(process_cpu_time);
+    *server0 = PidsCpu::now(args);
     let cpu0 = cpu_time();
     let started = Instant::now();
     control.phase.store(MEASURE, Ordering::Relaxed);
@@ -681,7 +706,7 @@ fn run_threads(
                 .expect("spawn connection thread")
         })
         .collect();
-    let mut server0 = None;
+    let mut server0 = PidsCpu::default();
     let (started, cpu0) = orchestrate(
         args,
         &control,
@@ -697,7 +722,7 @@ fn run_threads(
         stats,
         started,
         cpu: cpu_time().saturating_sub(cpu0),
-        server_cpu: server_cpu_since(args, server0),
+        server_cpu: PidsCpu::since(args, server0),
         ended: Instant::now(),
     }
 }
@@ -733,7 +758,7 @@ fn run_tokio(args: &Args, addr: Addr, pickers: Vec<UserPicker>, control: Arc<Con
         if !args.warmup.is_zero() {
             tokio::time::sleep(args.warmup).await;
         }
-        let server0 = args.server_pid.and_then(process_cpu_time);
+        let server0 = PidsCpu::now(args);
         let cpu0 = cpu_time();
         let started = Instant::now();
         control.phase.store(MEASURE, Ordering::Relaxed);
@@ -757,7 +782,7 @@ fn run_tokio(args: &Args, addr: Addr, pickers: Vec<UserPicker>, control: Arc<Con
             stats,
             started,
             cpu: cpu_time().saturating_sub(cpu0),
-            server_cpu: server_cpu_since(args, server0),
+            server_cpu: PidsCpu::since(args, server0),
             ended: Instant::now(),
         }
     })
@@ -804,6 +829,8 @@ struct Report {
     loadgen_cpu: Cpu,
     /// With --server-pid: the server's CPU over the same measured phase.
     server_cpu: Option<Cpu>,
+    /// With --backend-pid: the back end's CPU over the same measured phase.
+    backend_cpu: Option<Cpu>,
 }
 
 fn report(args: &Args, m: &Measured) -> Report {
@@ -867,7 +894,8 @@ fn report(args: &Args, m: &Measured) -> Report {
         actions: s.actions.sorted().into_iter().collect(),
         errors: s.errors,
         loadgen_cpu: cpu(m.cpu),
-        server_cpu: m.server_cpu.map(cpu),
+        server_cpu: m.server_cpu.server.map(cpu),
+        backend_cpu: m.server_cpu.backend.map(cpu),
     }
 }
 
@@ -918,6 +946,9 @@ fn print_table(r: &Report) {
     cpu_line("loadgen CPU", &r.loadgen_cpu);
     if let Some(c) = &r.server_cpu {
         cpu_line("server CPU", c);
+    }
+    if let Some(c) = &r.backend_cpu {
+        cpu_line("back end CPU", c);
     }
 }
 

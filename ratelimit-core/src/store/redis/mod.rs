@@ -20,7 +20,16 @@
 //!   sliding window as `idx:count,idx:count` (the non-empty sub-windows, oldest first,
 //!   `idx` = sub-window number mod 2^32, as in `KeyState`); a token bucket as
 //!   `level:last` (level in unit·ms, which can exceed 2^53, so it is kept as a decimal
-//!   string and the script does exact multi-limb arithmetic on it).
+//!   string).
+//!
+//! All numbers are decimal text, read by Lua's `tonumber` (in C) and exact as doubles
+//! below 2^53. The script decides a sliding window in doubles, and a token bucket too
+//! when its capacity (burst × window) is at most 2^52, its stored level below 2^53 and
+//! its last update below 2^52; any other bucket, and an `idle_at` past 2^53, take an
+//! exact multi-limb path. Which path ran leaves no trace in the hash. This layout is
+//! the one earlier versions wrote (only the script's arguments changed, and they go
+//! with its SHA), so hashes written before an upgrade are read as they are, and
+//! servers of both versions can share one Redis during a rolling upgrade.
 //!
 //! The key is percent-encoded (`%`, `{`, `}`, spaces and control characters become
 //! `%XX`), so distinct keys never share a hash and the braces always delimit a hash
@@ -30,8 +39,10 @@
 //! slot (except for the empty key, whose empty braces make Redis hash the whole name;
 //! no operation touches both hashes at once, so nothing depends on it).
 //!
-//! A recorded event sets the hash's TTL to `idle_at - now` plus a grace
-//! ([`RedisStoreConfig::ttl_grace`]), so idle users cost nothing. The script compares
+//! A recorded event that moves `idle_at` sets the hash's TTL to `idle_at - now` plus a
+//! grace ([`RedisStoreConfig::ttl_grace`]), so idle users cost nothing (an event that
+//! leaves `idle_at` where it was, as most do in a sliding window's sub-window, leaves
+//! the TTL, which already ends there). The script compares
 //! `now` with the stored `idle_at` itself, exactly as `KeyState::is_idle` does, so the
 //! TTL is only garbage collection: a hash that outlives `idle_at` reads as empty, and
 //! the grace keeps a hash from expiring early when the caller's clock lags the

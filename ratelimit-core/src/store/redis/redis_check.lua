@@ -5,31 +5,37 @@
 -- histories and requires identical decisions.
 --
 -- KEYS[1]   the key's hash
--- ARGV[1]   "1": acquire (record if every limit admits); "0": peek
--- ARGV[2]   now, in ms since the Unix epoch; "" to use the server's TIME
--- ARGV[3]   extra TTL in ms kept beyond idle_at (see redis.rs)
--- ARGV[4]   k, the number of limits; then 6 values per limit:
---             counter id (decimal u64), "w" (sliding window) or "b" (token bucket),
---             count n, window w (ms), precision p (window) or burst (bucket),
---             cost in the limit's unit (decimal u64)
+-- ARGV[1]   "<acquire> <now> <grace>": acquire is 1 (record if every limit admits)
+--           or 0 (peek); now in ms since the Unix epoch, or empty for the server's
+--           TIME; grace, the extra TTL in ms kept beyond idle_at
+-- ARGV[2..] one per limit: "<id> <kind> <n> <w> <pb> <cost>": counter id (decimal
+--           u64), kind w (sliding window) or b (token bucket), count, window (ms),
+--           precision (window) or burst (bucket), cost in the limit's unit (u64)
 --
 -- The hash holds "i" = idle_at (ms, decimal) and one field per counter id:
 --   window: "idx:count,idx:count" oldest first, idx = sub-window number mod 2^32
 --   bucket: "level:last", level in unit*ms (decimal, may exceed 2^53), last in ms
 --
--- Returns, as strings: now, the index (0-based) of the first refusing limit or -1,
--- its retry_after in ms or "" for never, then used and remaining for each limit.
+-- Returns the index (0-based) of the first refusing limit or -1, its retry_after in ms
+-- or "" for never, then used and remaining for each limit: integers, or decimal
+-- strings where they come from the big-integer path.
 --
 -- Numbers. Lua numbers are doubles, exact for integers below 2^53. Timestamps (the
 -- caller keeps now below 2^52), windows (< 2^48), counts and window slot sums (at most
 -- 8192 slots of < 2^32) stay far below that, so the sliding window uses plain
--- arithmetic. A token bucket's level is in unit*ms and reaches 2^64, and the sums and
--- products around it about 2^112, so the bucket uses exact multi-limb integers (`big`
--- below) and its level is stored as a decimal string.
+-- arithmetic. A token bucket's level is in unit*ms and may reach 2^64, the sums and
+-- products around it about 2^112. A bucket whose capacity (burst * window) is at
+-- most 2^52, whose stored level is below 2^53 and whose last update is below 2^52
+-- is decided in doubles: every value computed then is an integer below 2^53, or a
+-- product past 2^53 that is only compared with a smaller value (rounding keeps the
+-- comparison right). Any other bucket takes the exact multi-limb path (`big`), as
+-- do an idle_at past 2^53 and a window's expiry or retry time past it (a slot far
+-- in the future: `mul64`).
 
 local TWO32 = 4294967296
 local TWO31 = 2147483648
-local U32MAX = 4294967295
+local TWO52 = 4503599627370496
+local TWO53 = 9007199254740992
 
 -- Exact floor(a / d) for integers 0 <= a < 2^53, 1 <= d: the double quotient may be
 -- one off after rounding, so fix it by checking the remainder.
@@ -43,311 +49,374 @@ local function idiv(a, d)
   return q
 end
 
+local function ceil_div(a, d)
+  local q = idiv(a, d)
+  if q * d < a then
+    q = q + 1
+  end
+  return q
+end
+
+-- A decimal integer below 2^53 (concatenation would print 1e+15 past 14 digits).
 local function fmt(x)
   return string.format('%.0f', x)
 end
 
--- Multi-limb unsigned integers: little-endian arrays of base-2^24 limbs, no leading
--- zero limbs (zero is {0}). A limb product is below 2^48, so a product plus a limb
--- plus a carry stays exact in a double.
+-- Multi-limb unsigned integers ------------------------------------------------------
+-- Little-endian arrays of base-2^24 limbs, no leading zero limbs (zero is {0}). A
+-- limb product is below 2^48, so a product plus a limb plus a carry stays exact.
+-- bignum() defines them when a decision first needs them: most never do, and a
+-- script's functions are made anew on every call.
 local BASE = 16777216
+local big, trim, cmp, add, sub, mul, divmod, div_ceil, from_dec, to_dec, U64MAX
 
-local function big(x) -- from an integer double, 0 <= x < 2^53
-  local r = {}
-  repeat
-    local l = x % BASE
-    r[#r + 1] = l
-    x = (x - l) / BASE
-  until x == 0
-  return r
-end
-
-local function trim(a)
-  while #a > 1 and a[#a] == 0 do
-    a[#a] = nil
+local function bignum()
+  if big then
+    return
   end
-  return a
-end
-
-local function cmp(a, b)
-  if #a ~= #b then
-    return #a < #b and -1 or 1
+  function big(x) -- from an integer double, 0 <= x < 2^53
+    local r = {}
+    repeat
+      local l = x % BASE
+      r[#r + 1] = l
+      x = (x - l) / BASE
+    until x == 0
+    return r
   end
-  for i = #a, 1, -1 do
-    if a[i] ~= b[i] then
-      return a[i] < b[i] and -1 or 1
+
+  function trim(a)
+    while #a > 1 and a[#a] == 0 do
+      a[#a] = nil
     end
+    return a
   end
-  return 0
-end
 
-local function add(a, b)
-  local r, carry = {}, 0
-  for i = 1, math.max(#a, #b) do
-    local s = (a[i] or 0) + (b[i] or 0) + carry
-    if s >= BASE then
-      r[i], carry = s - BASE, 1
-    else
-      r[i], carry = s, 0
+  function cmp(a, b)
+    if #a ~= #b then
+      return #a < #b and -1 or 1
     end
-  end
-  if carry > 0 then
-    r[#r + 1] = carry
-  end
-  return r
-end
-
--- a - b, saturating at zero (as Rust's saturating_sub).
-local function sub(a, b)
-  if cmp(a, b) <= 0 then
-    return {0}
-  end
-  local r, borrow = {}, 0
-  for i = 1, #a do
-    local s = a[i] - (b[i] or 0) - borrow
-    if s < 0 then
-      r[i], borrow = s + BASE, 1
-    else
-      r[i], borrow = s, 0
+    for i = #a, 1, -1 do
+      if a[i] ~= b[i] then
+        return a[i] < b[i] and -1 or 1
+      end
     end
+    return 0
   end
-  return trim(r)
-end
 
-local function mul(a, b)
-  local r = {}
-  for i = 1, #a + #b do
-    r[i] = 0
-  end
-  for i = 1, #a do
-    local carry = 0
-    for j = 1, #b do
-      local t = r[i + j - 1] + a[i] * b[j] + carry
-      local lo = t % BASE
-      r[i + j - 1], carry = lo, (t - lo) / BASE
+  function add(a, b)
+    local r, carry = {}, 0
+    for i = 1, math.max(#a, #b) do
+      local s = (a[i] or 0) + (b[i] or 0) + carry
+      if s >= BASE then
+        r[i], carry = s - BASE, 1
+      else
+        r[i], carry = s, 0
+      end
     end
-    local k = i + #b
-    while carry > 0 do
-      local t = r[k] + carry
-      local lo = t % BASE
-      r[k], carry = lo, (t - lo) / BASE
-      k = k + 1
+    if carry > 0 then
+      r[#r + 1] = carry
     end
+    return r
   end
-  return trim(r)
-end
 
--- Long division by an integer double 1 <= d <= 2^48, four bits at a time: the partial
--- remainder stays below 16 * d <= 2^52. Returns the quotient (big) and remainder.
-local NIBBLE = {1048576, 65536, 4096, 256, 16, 1}
-local function divmod(a, d)
-  local q, r = {}, 0
-  for i = #a, 1, -1 do
-    local limb, ql = a[i], 0
-    for _, p in ipairs(NIBBLE) do
-      r = r * 16 + math.floor(limb / p) % 16
-      local qd = idiv(r, d)
-      r = r - qd * d
-      ql = ql * 16 + qd
+  -- a - b, saturating at zero (as Rust's saturating_sub).
+  function sub(a, b)
+    if cmp(a, b) <= 0 then
+      return {0}
     end
-    q[i] = ql
-  end
-  return trim(q), r
-end
-
-local function div_floor(a, d)
-  local q = divmod(a, d)
-  return q
-end
-
-local function div_ceil(a, d)
-  local q, r = divmod(a, d)
-  if r > 0 then
-    q = add(q, {1})
-  end
-  return q
-end
-
-local function from_dec(s)
-  if type(s) ~= 'string' or not string.find(s, '^%d+$') then
-    error('ratelimit: not a decimal integer: ' .. tostring(s))
-  end
-  local r = {0}
-  local i = 1
-  local first = #s % 7
-  if first == 0 then
-    first = 7
-  end
-  local j = first
-  while i <= #s do
-    local chunk = string.sub(s, i, j)
-    r = add(mul(r, big(10 ^ #chunk)), big(tonumber(chunk)))
-    i, j = j + 1, j + 7
-  end
-  return r
-end
-
-local function to_dec(a)
-  local parts = {}
-  repeat
-    local r
-    a, r = divmod(a, 10000000)
-    table.insert(parts, 1, r)
-  until #a == 1 and a[1] == 0
-  local s = fmt(parts[1])
-  for i = 2, #parts do
-    s = s .. string.format('%07.0f', parts[i])
-  end
-  return s
-end
-
--- 2^64 - 1 = (2^16 - 1) * 2^48 + (2^24 - 1) * 2^24 + (2^24 - 1)
-local U64MAX = {16777215, 16777215, 65535}
-
--- Sliding window ------------------------------------------------------------------
-
--- Age of sub-window idx seen from sub-window b (both mod 2^32), as a signed 32-bit
--- difference: negative means in the future (the clock stepped back).
-local function age(b, idx)
-  local d = (b - idx) % TWO32
-  if d >= TWO31 then
-    d = d - TWO32
-  end
-  return d
-end
-
-local function parse_slots(s)
-  local slots = {}
-  if s then
-    for idx, count in string.gmatch(s, '(%d+):(%d+)') do
-      slots[#slots + 1] = {tonumber(idx), tonumber(count)}
+    local r, borrow = {}, 0
+    for i = 1, #a do
+      local s = a[i] - (b[i] or 0) - borrow
+      if s < 0 then
+        r[i], borrow = s + BASE, 1
+      else
+        r[i], borrow = s, 0
+      end
     end
+    return trim(r)
   end
-  return slots
+
+  function mul(a, b)
+    local r = {}
+    for i = 1, #a + #b do
+      r[i] = 0
+    end
+    for i = 1, #a do
+      local carry = 0
+      for j = 1, #b do
+        local t = r[i + j - 1] + a[i] * b[j] + carry
+        local lo = t % BASE
+        r[i + j - 1], carry = lo, (t - lo) / BASE
+      end
+      local k = i + #b
+      while carry > 0 do
+        local t = r[k] + carry
+        local lo = t % BASE
+        r[k], carry = lo, (t - lo) / BASE
+        k = k + 1
+      end
+    end
+    return trim(r)
+  end
+
+  -- Long division by an integer double 1 <= d <= 2^48, four bits at a time: the partial
+  -- remainder stays below 16 * d <= 2^52. Returns the quotient (big) and remainder.
+  local NIBBLE = {1048576, 65536, 4096, 256, 16, 1}
+  function divmod(a, d)
+    local q, r = {}, 0
+    for i = #a, 1, -1 do
+      local limb, ql = a[i], 0
+      for _, p in ipairs(NIBBLE) do
+        r = r * 16 + math.floor(limb / p) % 16
+        local qd = idiv(r, d)
+        r = r - qd * d
+        ql = ql * 16 + qd
+      end
+      q[i] = ql
+    end
+    return trim(q), r
+  end
+
+  function div_ceil(a, d)
+    local q, r = divmod(a, d)
+    if r > 0 then
+      q = add(q, {1})
+    end
+    return q
+  end
+
+  function from_dec(s)
+    local r = {0}
+    local i = 1
+    local j = #s % 7
+    if j == 0 then
+      j = 7
+    end
+    while i <= #s do
+      local chunk = string.sub(s, i, j)
+      r = add(mul(r, big(10 ^ #chunk)), big(tonumber(chunk)))
+      i, j = j + 1, j + 7
+    end
+    return r
+  end
+
+  function to_dec(a)
+    local parts = {}
+    repeat
+      local r
+      a, r = divmod(a, 10000000)
+      table.insert(parts, 1, r)
+    until #a == 1 and a[1] == 0
+    local s = fmt(parts[1])
+    for i = 2, #parts do
+      s = s .. string.format('%07.0f', parts[i])
+    end
+    return s
+  end
+
+  -- 2^64 - 1 = (2^16 - 1) * 2^48 + (2^24 - 1) * 2^24 + (2^24 - 1)
+  U64MAX = {16777215, 16777215, 65535}
 end
 
-local function probe_window(n, p, sub_ms, slots, cost, now)
+-- Values that are a double below 2^53 or, past that, a big clamped to 2^64 - 1 (a
+-- table: bignum() has run).
+local function as_big(v)
+  return type(v) == 'table' and v or big(v)
+end
+
+local function mul64(a, b) -- a, b integer doubles below 2^53
+  local r = a * b
+  if r < TWO53 then
+    return r
+  end
+  bignum()
+  r = mul(big(a), big(b))
+  return cmp(r, U64MAX) > 0 and U64MAX or r
+end
+
+local function vmax(a, b)
+  if type(a) == 'number' and type(b) == 'number' then
+    return math.max(a, b)
+  end
+  return cmp(as_big(a), as_big(b)) >= 0 and a or b
+end
+
+-- A stored decimal: a double if below 2^53 (exact then), else a big.
+local function stored(s, what)
+  local x = string.find(s, '^%d+$') and tonumber(s)
+  if not x then
+    error('ratelimit: not a decimal integer in ' .. what .. ': ' .. s)
+  end
+  if x < TWO53 then
+    return x
+  end
+  bignum()
+  return from_dec(s)
+end
+
+-- Sliding window --------------------------------------------------------------------
+
+-- Parses the counter into l (kept for recording) and checks cost against it. A slot's
+-- age is its sub-window's distance from now's, b - idx (both mod 2^32) as a signed
+-- 32-bit number: negative means in the future (the clock stepped back).
+local function probe_window(l, state, now)
+  local sub_ms = l.w / l.pb -- exact: the precision divides the window
   local b_abs = idiv(now, sub_ms)
   local b = b_abs % TWO32
-  local used = 0
-  for _, s in ipairs(slots) do
-    if age(b, s[1]) <= p then
-      used = used + s[2]
+  local at, cnt, ages, len = {}, {}, {}, 0
+  local used, p, n, cost = 0, l.pb, l.n, l.cost
+  if state then
+    for pos, i, c in string.gmatch(state, '()(%d+):(%d+)') do
+      len = len + 1
+      local a = (b - i) % TWO32 -- i: Lua converts the digits
+      if a >= TWO31 then
+        a = a - TWO32
+      end
+      c = tonumber(c)
+      at[len], cnt[len], ages[len] = pos, c, a
+      if a <= p then
+        used = used + c
+      end
     end
   end
-  local admit = used + cost <= n
-  local retry = ''
-  if not admit and cost <= n then
+  l.state, l.sub, l.b_abs, l.b = state, sub_ms, b_abs, b
+  l.at, l.cnt, l.ages, l.len = at, cnt, ages, len
+  l.admit = used + cost <= n
+  l.used, l.rem = used, math.max(n - used, 0)
+  l.retry = ''
+  if not l.admit and cost <= n then
     -- Oldest first: when enough sub-windows have left the window to fit cost.
     local left = used
-    for _, s in ipairs(slots) do
-      local a = age(b, s[1])
+    for i = 1, len do
+      local a = ages[i]
       if a <= p then
-        left = left - s[2]
+        left = left - cnt[i]
         if left + cost <= n then
-          local leaves_at = (b_abs - a + p + 1) * sub_ms
-          retry = fmt(math.max(leaves_at - now, 0))
+          local leaves_at = mul64(b_abs - a + p + 1, sub_ms)
+          if type(leaves_at) == 'number' then
+            l.retry = math.max(leaves_at - now, 0)
+          else
+            l.retry = to_dec(sub(leaves_at, big(now)))
+          end
           break
         end
       end
     end
   end
-  return {
-    used = fmt(used),
-    admit = admit,
-    retry = retry,
-    rem_if = fmt(math.max(n - (used + cost), 0)),
-    rem_now = fmt(math.max(n - used, 0)),
-  }
 end
 
 -- Records cost; returns the new field value and when the counter will be empty.
-local function record_window(p, sub_ms, slots, cost, now)
-  local b_abs = idiv(now, sub_ms)
-  local b = b_abs % TWO32
-  local kept = {}
-  for _, s in ipairs(slots) do
-    if age(b, s[1]) <= p then
-      kept[#kept + 1] = s
+local function record_window(l)
+  local p, ages, keep, m = l.pb, l.ages, {}, 0
+  local suffix = true -- whether the kept slots are the stored ones from some on
+  for i = 1, l.len do
+    if ages[i] <= p then
+      m = m + 1
+      keep[m] = i
+    elseif m > 0 then
+      suffix = false
     end
   end
-  local c = math.min(cost, U32MAX)
-  local last = kept[#kept]
-  local expiry
-  if last and age(b, last[1]) <= 0 then
+  local last = keep[m] -- the newest kept slot
+  local c = math.min(l.cost, TWO32 - 1)
+  local newest, tail = l.b_abs, ''
+  if last and ages[last] <= 0 then
     -- The current sub-window, or a later one if the clock stepped back.
-    last[2] = math.min(last[2] + c, U32MAX)
-    local newest = b_abs - age(b, last[1])
-    expiry = (newest + 1 + p) * sub_ms
+    l.cnt[last] = math.min(l.cnt[last] + c, TWO32 - 1)
+    newest = l.b_abs - ages[last]
+    tail = (l.b - ages[last]) % TWO32 .. ':' .. l.cnt[last]
+    m = m - 1
+  elseif c > 0 then
+    tail = l.b .. ':' .. c
+  end
+  local expiry = mul64(newest + 1 + p, l.sub)
+  if m == 0 then
+    return tail, expiry
+  end
+  local head
+  if suffix then
+    -- Reuse the stored text of the slots kept unchanged.
+    head = string.sub(l.state, l.at[keep[1]], l.at[keep[m] + 1] and l.at[keep[m] + 1] - 2)
   else
-    if c > 0 then
-      kept[#kept + 1] = {b, c}
+    local out = {}
+    for k = 1, m do
+      out[k] = (l.b - ages[keep[k]]) % TWO32 .. ':' .. l.cnt[keep[k]]
     end
-    expiry = (b_abs + 1 + p) * sub_ms
+    head = table.concat(out, ',')
   end
-  local out = {}
-  for i, s in ipairs(kept) do
-    out[i] = fmt(s[1]) .. ':' .. fmt(s[2])
-  end
-  return table.concat(out, ','), big(expiry)
+  return tail == '' and head or head .. ',' .. tail, expiry
 end
 
--- Token bucket --------------------------------------------------------------------
+-- Token bucket ----------------------------------------------------------------------
 
-local function parse_bucket(s)
-  if not s then
-    return {0}, 0
+local function probe_bucket(l, state, now)
+  local n, w, cost = l.n, l.w, l.cost
+  local level, last = 0, 0
+  if state then
+    level, last = string.match(state, '^(%d+):(%d+)$')
+    if not level then
+      error('ratelimit: bad bucket state: ' .. state)
+    end
+    level, last = stored(level, 'a bucket level'), tonumber(last)
   end
-  local level, last = string.match(s, '^(%d+):(%d+)$')
-  if not level then
-    error('ratelimit: bad bucket state: ' .. s)
+  l.last = last
+  local cap = l.pb * w
+  if cap <= TWO52 and type(level) == 'number' and last < TWO52 then
+    -- Doubles: see "Numbers" above.
+    l.fast = true
+    local lvl = math.max(level - math.max(now - last, 0) * n, 0)
+    local need = cost * w
+    l.lvl, l.need = lvl, need
+    l.admit = need <= cap and lvl <= cap - need
+    l.retry = ''
+    if need <= cap and not l.admit then
+      l.retry = ceil_div(lvl - (cap - need), n)
+    end
+    l.used, l.rem = ceil_div(lvl, w), idiv(math.max(cap - lvl, 0), w)
+    return
   end
-  return from_dec(level), tonumber(last)
-end
-
--- The level at now after draining n per ms since last (never below zero).
-local function drained(level, last, n, now)
-  return sub(level, mul(big(math.max(now - last, 0)), big(n)))
-end
-
-local function probe_bucket(n, w, burst, level, last, cost, now)
-  local cap = mul(big(burst), big(w))
-  local lvl = drained(level, last, n, now)
-  local need = mul(cost, big(w))
+  -- Exact multi-limb integers.
+  l.fast = false
+  bignum()
+  local bcap, bw = mul(big(l.pb), big(w)), big(w)
+  local lvl = sub(as_big(level), mul(big(math.max(now - last, 0)), big(n)))
+  local need = mul(from_dec(l.cost_dec), bw)
   local total = add(lvl, need)
-  local admit = cmp(total, cap) <= 0
-  local retry = ''
-  if not admit and cmp(need, cap) <= 0 then
-    retry = to_dec(div_ceil(sub(total, cap), n))
+  l.lvl, l.need = lvl, need
+  l.admit = cmp(total, bcap) <= 0
+  l.retry = ''
+  if not l.admit and cmp(need, bcap) <= 0 then
+    l.retry = to_dec(div_ceil(sub(total, bcap), n))
   end
-  return {
-    used = to_dec(div_ceil(lvl, w)),
-    admit = admit,
-    retry = retry,
-    rem_if = to_dec(div_floor(sub(cap, total), w)),
-    rem_now = to_dec(div_floor(sub(cap, lvl), w)),
-  }
+  l.used = to_dec(div_ceil(lvl, w))
+  local rem = divmod(sub(bcap, lvl), w) -- at most burst, below 2^32
+  l.rem = rem[1] + (rem[2] or 0) * BASE
 end
 
-local function record_bucket(n, w, level, last, cost, now)
-  local new = add(drained(level, last, n, now), mul(cost, big(w)))
-  if cmp(new, U64MAX) > 0 then
-    new = U64MAX
+-- Records cost (admitted, so level + cost * w <= burst * w <= 2^64 - 1); returns the
+-- new field value and when the bucket will be empty.
+local function record_bucket(l, now)
+  local last = math.max(l.last, now)
+  if l.fast then
+    local new = l.lvl + l.need
+    return fmt(new) .. ':' .. fmt(last), last + ceil_div(new, l.n)
   end
-  last = math.max(last, now)
-  local expiry = add(big(last), div_ceil(new, n))
+  local new = add(l.lvl, l.need)
+  local expiry = add(big(last), div_ceil(new, l.n))
   if cmp(expiry, U64MAX) > 0 then
     expiry = U64MAX
   end
   return to_dec(new) .. ':' .. fmt(last), expiry
 end
 
--- The decision --------------------------------------------------------------------
+-- The decision ----------------------------------------------------------------------
 
 local key = KEYS[1]
-local acquire = ARGV[1] == '1'
-local now
-if ARGV[2] == '' then
+local acquire, now, grace = string.match(ARGV[1], '^([01]) (%d*) (%d+)$')
+if not acquire then
+  error('ratelimit: bad arguments: ' .. ARGV[1])
+end
+if now == '' then
   -- Time from the server so every host agrees. A script that reads TIME and then
   -- writes needs effects replication: the default from Redis 5, asked for here on
   -- older servers (it is a no-op where it is the default).
@@ -357,92 +426,97 @@ if ARGV[2] == '' then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 else
-  now = tonumber(ARGV[2])
+  now = tonumber(now)
 end
-local grace = tonumber(ARGV[3])
-local k = tonumber(ARGV[4])
 
-local limits = {}
-local fields = {'i'}
-for j = 1, k do
-  local o = 4 + (j - 1) * 6
-  local l = {
-    id = ARGV[o + 1],
-    bucket = ARGV[o + 2] == 'b',
-    n = tonumber(ARGV[o + 3]),
-    w = tonumber(ARGV[o + 4]),
-    pb = tonumber(ARGV[o + 5]),
-    cost = ARGV[o + 6],
+local limits, fields = {}, {'i'}
+for j = 2, #ARGV do
+  local id, kind, n, w, pb, cost = string.match(ARGV[j], '^(%d+) ([wb]) (%d+) (%d+) (%d+) (%d+)$')
+  if not id then
+    error('ratelimit: bad limit argument: ' .. ARGV[j])
+  end
+  -- Every field the probes set is listed, so the table is sized once.
+  limits[j - 1] = {
+    id = id,
+    bucket = kind == 'b',
+    n = tonumber(n),
+    w = tonumber(w),
+    pb = tonumber(pb),
+    cost = tonumber(cost),
+    cost_dec = cost,
+    admit = false, used = 0, rem = 0, retry = '', -- both
+    fast = false, lvl = 0, need = 0, last = 0, -- bucket
+    state = false, sub = 0, b_abs = 0, b = 0, at = false, cnt = false, ages = false, len = 0,
   }
-  limits[j] = l
-  fields[j + 1] = l.id
+  fields[j] = id
 end
 
 local vals = redis.call('HMGET', key, unpack(fields))
-local idle_at = vals[1]
+local idle_at = vals[1] and stored(vals[1], 'idle_at')
 -- A key with nothing recorded, or whose every counter has decayed, reads as empty.
-local live = idle_at and now < tonumber(idle_at)
+local live = idle_at and (type(idle_at) == 'table' or now < idle_at)
 
-local probes = {}
 local denied, retry = -1, ''
 for j, l in ipairs(limits) do
   local state = live and vals[j + 1] or nil
-  local pr
   if l.bucket then
-    local level, last = parse_bucket(state)
-    pr = probe_bucket(l.n, l.w, l.pb, level, last, from_dec(l.cost), now)
+    probe_bucket(l, state, now)
   else
-    pr = probe_window(l.n, l.pb, l.w / l.pb, parse_slots(state), tonumber(l.cost), now)
+    probe_window(l, state, now)
   end
-  if not pr.admit and denied < 0 then
-    denied, retry = j - 1, pr.retry
+  if not l.admit and denied < 0 then
+    denied, retry = j - 1, l.retry
   end
-  probes[j] = pr
 end
 
-local record = acquire and denied < 0
-local out = {fmt(now), tostring(denied), retry}
-for j, pr in ipairs(probes) do
-  out[#out + 1] = pr.used
-  out[#out + 1] = record and pr.rem_if or pr.rem_now
+local record = acquire == '1' and denied < 0
+local out = {denied, retry}
+for _, l in ipairs(limits) do
+  out[#out + 1] = l.used
+  -- Recorded: every limit admitted cost, so cost <= rem < 2^32.
+  out[#out + 1] = record and l.rem - l.cost or l.rem
 end
 
 if record then
-  local idle
+  local idle = 0
   if live then
-    idle = from_dec(idle_at)
-  else
+    idle = idle_at
+  elseif idle_at then
     -- Everything recorded has decayed: start over, as KeyState clears its counters.
     redis.call('DEL', key)
-    idle = {0}
   end
   local seen, hset = {}, {}
-  for j, l in ipairs(limits) do
+  for _, l in ipairs(limits) do
     if not seen[l.id] then -- a counter shared by two limits is charged once
       seen[l.id] = true
-      local state = live and vals[j + 1] or nil
       local value, expiry
       if l.bucket then
-        local level, last = parse_bucket(state)
-        value, expiry = record_bucket(l.n, l.w, level, last, from_dec(l.cost), now)
+        value, expiry = record_bucket(l, now)
       else
-        value, expiry = record_window(l.pb, l.w / l.pb, parse_slots(state), tonumber(l.cost), now)
+        value, expiry = record_window(l)
       end
       hset[#hset + 1] = l.id
       hset[#hset + 1] = value
-      if cmp(expiry, idle) > 0 then
-        idle = expiry
-      end
+      idle = vmax(idle, expiry)
     end
   end
-  local idle_dec = to_dec(idle)
-  hset[#hset + 1] = 'i'
-  hset[#hset + 1] = idle_dec
+  -- idle_at and the TTL change only when idle_at moves (for a sliding window, once
+  -- per sub-window): the TTL set then still ends at idle_at plus the grace.
+  local moved = not live or idle ~= idle_at
+  if moved then
+    hset[#hset + 1] = 'i'
+    hset[#hset + 1] = type(idle) == 'table' and to_dec(idle) or fmt(idle)
+  end
   redis.call('HSET', key, unpack(hset))
-  -- Forget the key once it is idle (plus the grace). Capped at 2^50 ms so the server
-  -- accepts it; a key that would stay live longer than that is not a real case.
-  local ttl = math.min(math.max(tonumber(idle_dec) - now + grace, 1), 1125899906842624)
-  redis.call('PEXPIRE', key, fmt(ttl))
+  if moved then
+    -- Forget the key once it is idle (plus the grace). Capped at 2^50 ms so the
+    -- server accepts it; a key live longer than that is not a real case.
+    local ttl = 1125899906842624
+    if type(idle) == 'number' then
+      ttl = math.min(math.max(idle - now + tonumber(grace), 1), ttl)
+    end
+    redis.call('PEXPIRE', key, fmt(ttl))
+  end
 end
 
 return out

@@ -53,7 +53,8 @@ impl RedisStore {
     }
 }
 
-/// The script's arguments after the key (see the header of `redis_check.lua`).
+/// The script's arguments after the key (see the header of `redis_check.lua`): one
+/// for the call, then one per limit, so that a one-limit tier is two arguments.
 pub(super) fn script_args(
     limits: &[Limit],
     cost: Cost,
@@ -61,22 +62,24 @@ pub(super) fn script_args(
     grace_ms: u64,
     mode: Mode,
 ) -> Vec<String> {
-    let mut args = Vec::with_capacity(4 + 6 * limits.len());
-    args.push(if mode == Mode::Acquire { "1" } else { "0" }.to_string());
-    args.push(now.map_or_else(String::new, |t| t.as_millis().to_string()));
-    args.push(grace_ms.to_string());
-    args.push(limits.len().to_string());
+    let mut args = Vec::with_capacity(1 + limits.len());
+    let acquire = u8::from(mode == Mode::Acquire);
+    args.push(match now {
+        Some(t) => format!("{acquire} {} {grace_ms}", t.as_millis()),
+        None => format!("{acquire}  {grace_ms}"),
+    });
     for l in limits {
         let (kind, extra) = match l.algorithm() {
-            Algorithm::SlidingWindow { precision } => ("w", u64::from(precision)),
-            Algorithm::TokenBucket { burst } => ("b", u64::from(burst)),
+            Algorithm::SlidingWindow { precision } => ('w', u64::from(precision)),
+            Algorithm::TokenBucket { burst } => ('b', u64::from(burst)),
         };
-        args.push(l.counter_id().as_u64().to_string());
-        args.push(kind.to_string());
-        args.push(l.count().to_string());
-        args.push(l.window_ms().to_string());
-        args.push(extra.to_string());
-        args.push(cost.get(l.unit()).to_string());
+        args.push(format!(
+            "{} {kind} {} {} {extra} {}",
+            l.counter_id().as_u64(),
+            l.count(),
+            l.window_ms(),
+            cost.get(l.unit())
+        ));
     }
     args
 }
@@ -92,7 +95,7 @@ pub(super) fn decision_from_reply(
             limits.len()
         ))
     };
-    if reply.len() != 3 + 2 * limits.len() {
+    if reply.len() != 2 + 2 * limits.len() {
         return Err(bad());
     }
     // Values the script computes exactly may exceed u64 (a bucket's retry_after);
@@ -101,11 +104,11 @@ pub(super) fn decision_from_reply(
         let v: u128 = s.parse().map_err(|_| bad())?;
         Ok(u64::try_from(v).unwrap_or(u64::MAX))
     };
-    let denied: i64 = reply[1].parse().map_err(|_| bad())?;
+    let denied: i64 = reply[0].parse().map_err(|_| bad())?;
     let denial = match usize::try_from(denied) {
         Ok(limit) if limit < limits.len() => Some(Denial {
             limit,
-            retry_after: match reply[2].as_str() {
+            retry_after: match reply[1].as_str() {
                 "" => None,
                 ms => Some(Duration::from_millis(num(ms)?)),
             },
@@ -116,12 +119,12 @@ pub(super) fn decision_from_reply(
     let mut statuses = Vec::with_capacity(limits.len());
     for (i, l) in limits.iter().enumerate() {
         statuses.push(LimitStatus {
-            used: num(&reply[3 + 2 * i])?,
+            used: num(&reply[2 + 2 * i])?,
             limit: match l.algorithm() {
                 Algorithm::SlidingWindow { .. } => l.count(),
                 Algorithm::TokenBucket { burst } => u64::from(burst),
             },
-            remaining: num(&reply[4 + 2 * i])?,
+            remaining: num(&reply[3 + 2 * i])?,
         });
     }
     Ok(Decision::new(denial, &statuses))
@@ -135,13 +138,13 @@ mod tests {
     fn replies_of_the_wrong_shape_are_protocol_errors() {
         let limits = ["1/1m".parse::<Limit>().unwrap()];
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-        assert!(decision_from_reply(&s(&["0", "-1", "", "0", "1"]), &limits).is_ok());
+        assert!(decision_from_reply(&s(&["-1", "", "0", "1"]), &limits).is_ok());
         for bad in [
-            &["0", "-1", ""][..],
-            &["0", "5", "", "0", "1"],
-            &["0", "x", "", "0", "1"],
-            &["0", "0", "soon", "0", "1"],
-            &["0", "-1", "", "-3", "1"],
+            &["-1", ""][..],
+            &["5", "", "0", "1"],
+            &["x", "", "0", "1"],
+            &["0", "soon", "0", "1"],
+            &["-1", "", "-3", "1"],
         ] {
             let err = decision_from_reply(&s(bad), &limits).unwrap_err();
             assert!(matches!(err, StoreError::Protocol(_)), "{bad:?}: {err}");
