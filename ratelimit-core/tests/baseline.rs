@@ -124,6 +124,9 @@ mod redis_store {
         let mut c = RedisStoreConfig::new(url);
         c.key_prefix = format!("rltest:{}:{test}:", std::process::id());
         c.time_source = TimeSource::Caller;
+        // Generous: these tests check agreement, not speed, and share a loaded
+        // machine with the rest of the suite (a 1 s timeout flaked there).
+        c.command_timeout = std::time::Duration::from_secs(10);
         let store = RedisStore::new(c).unwrap();
         if let Err(e) = store.ping() {
             panic!(

@@ -574,11 +574,18 @@ fn call_here() -> bool {
 }
 
 /// The longest one call of `store` can take: a connection opened (the pooled one
-/// may be dead), then [`REDIS_ROUND_TRIPS`] commands.
-fn redis_longest_call(store: &RedisStore) -> Duration {
+/// may be dead), then [`REDIS_ROUND_TRIPS`] commands. Unknown (`None`) on a
+/// cluster, where a call may open connections to several nodes while slots move,
+/// so its calls go to the blocking pool, bounded by `decision_timeout`.
+fn redis_longest_call(store: &RedisStore) -> Option<Duration> {
     let c = store.config();
-    c.connect_timeout
-        .saturating_add(c.command_timeout.saturating_mul(REDIS_ROUND_TRIPS))
+    if c.is_cluster() {
+        return None;
+    }
+    Some(
+        c.connect_timeout
+            .saturating_add(c.command_timeout.saturating_mul(REDIS_ROUND_TRIPS)),
+    )
 }
 
 /// Runs a store call on the blocking pool, bounded by `timeout`: a store that hangs,
@@ -632,7 +639,7 @@ impl VolumeStore for RedisStore {
         self.ping()
     }
     fn longest_call(&self) -> Option<Duration> {
-        Some(redis_longest_call(self))
+        redis_longest_call(self)
     }
 }
 
@@ -654,6 +661,6 @@ impl NetworkStore for DistinctMemoryStore {
 
 impl NetworkStore for RedisStore {
     fn longest_call(&self) -> Option<Duration> {
-        Some(redis_longest_call(self))
+        redis_longest_call(self)
     }
 }
