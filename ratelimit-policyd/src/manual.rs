@@ -57,7 +57,10 @@ fn commands(roff: &mut String, cmd: &clap::Command, prefix: &str) {
             if id == "help" || id == "version" {
                 continue;
             }
-            let name = id.to_uppercase();
+            let name = arg
+                .get_value_names()
+                .and_then(|names| names.first())
+                .map_or_else(|| id.to_uppercase(), |n| n.to_string());
             usage.push(' ');
             usage.push_str(&match (arg.get_long(), arg.is_positional()) {
                 (Some(long), _) if arg.get_action().takes_values() => format!("[--{long} {name}]"),

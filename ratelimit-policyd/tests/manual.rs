@@ -88,7 +88,7 @@ fn the_daemon_page_has_its_sections_options_and_commands() {
         "admin reload",
         "admin tier USER TIER",
         "postfix\\-config",
-        "replay LOG",
+        "replay LOG [\\-\\-json] [\\-\\-write\\-snapshot FILE]",
     ] {
         assert!(
             page.contains(&format!("\\fB{command}\\fR")),
