@@ -11,7 +11,7 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ratelimit_policyd::policy::{Incident, Signal};
+use ratelimit_policyd::policy::{Counted, Incident, Signal};
 use ratelimit_policyd::{daemon, replay};
 use support::server::{Client, Incidents, Req, Server, T0};
 
@@ -117,6 +117,9 @@ async fn held_past_the_threshold(extra: &str) {
         n += 1;
         assert!(send(&mut c, alice, n).await.starts_with("HOLD "));
     }
+    // Every held message is counted (ratelimit_signal_flagged_total{signal="baseline"}).
+    let flagged = || srv.daemon.policy.tally().get(Counted::BaselineFlagged);
+    assert_eq!(flagged(), 4);
     let all = incidents.all();
     assert_eq!(all.len(), 1, "{all:?}");
     let i: &Incident = &all[0];
@@ -148,6 +151,7 @@ async fn held_past_the_threshold(extra: &str) {
     }
     n += 1;
     assert!(send(&mut c, alice, n).await.starts_with("HOLD "));
+    assert_eq!(flagged(), 5);
     let b = srv.daemon.policy.baseline_of(alice).unwrap().unwrap();
     assert_eq!((b.hour, b.threshold, b.learned_days()), (4, Some(4), 2));
     // Forgetting the history: alice learns again, not judged.

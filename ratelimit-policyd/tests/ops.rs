@@ -515,6 +515,10 @@ async fn metrics_parse_as_prometheus_text_and_move_with_requests() {
     assert_eq!(before["ratelimit_table_entries{table=\"clients\"}"], 0.0);
     assert_eq!(after["ratelimit_table_entries{table=\"clients\"}"], 1.0);
     assert!(after.contains_key("ratelimit_table_entries{table=\"networks\"}"));
+    for signal in ["networks", "baseline"] {
+        let k = format!("ratelimit_signal_flagged_total{{signal=\"{signal}\"}}");
+        assert_eq!(after[k.as_str()], 0.0, "{k}");
+    }
     assert_eq!(after["ratelimit_connections_open"], 1.0);
     assert_eq!(d("ratelimit_connections_total"), 1.0);
     assert_eq!(d("ratelimit_incidents_total"), 1.0);

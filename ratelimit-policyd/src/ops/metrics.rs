@@ -32,6 +32,7 @@
 //! | `ratelimit_connections_refused_total` | counter | `reason` (`allowlist`, `peer_uid`) |
 //! | `ratelimit_connections_evicted_total` | counter | closed at the cap, idle longest |
 //! | `ratelimit_incidents_total` | counter | |
+//! | `ratelimit_signal_flagged_total` | counter | `signal` (`networks`, `baseline`): requests answered with the signal's action |
 //! | `ratelimit_alerts_total` | counter | `result` (`sent`, `failed`, `dropped`) |
 //! | `ratelimit_records_dropped_total` | counter | |
 //! | `ratelimit_uptime_seconds` | gauge | |
@@ -314,6 +315,22 @@ pub fn render(view: &View) -> String {
         "Incidents: first refusals of a user for a limit.",
     );
     let _ = writeln!(o, "ratelimit_incidents_total {}", load(&ops.incidents));
+    header(
+        &mut o,
+        "ratelimit_signal_flagged_total",
+        "counter",
+        "Requests answered with a compromise signal's action, by signal (networks: too many client networks; baseline: far above the user's usual busiest hour).",
+    );
+    for (signal, counted) in [
+        ("networks", Counted::NetworksFlagged),
+        ("baseline", Counted::BaselineFlagged),
+    ] {
+        let _ = writeln!(
+            o,
+            "ratelimit_signal_flagged_total{{signal=\"{signal}\"}} {}",
+            s.get(counted)
+        );
+    }
     header(
         &mut o,
         "ratelimit_alerts_total",
