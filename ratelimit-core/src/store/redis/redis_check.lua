@@ -32,271 +32,378 @@
 -- do an idle_at past 2^53 and a window's expiry or retry time past it (a slot far
 -- in the future: `mul64`).
 
-local TWO32 = 4294967296
-local TWO31 = 2147483648
-local TWO52 = 4503599627370496
-local TWO53 = 9007199254740992
+-- Cost. Redis runs the whole file on every call, so every closure it defines is
+-- made anew each time, with its upvalues, and every table and string it makes is
+-- garbage for Lua's collector: on a busy server that, not the arithmetic, was most
+-- of the script's CPU. So the hot path (sliding windows, numbers below 2^53) makes
+-- three closures and a few tables; token buckets and the multi-limb integers live
+-- in slow(), made only by a call that needs them.
 
--- Exact floor(a / d) for integers 0 <= a < 2^53, 1 <= d: the double quotient may be
--- one off after rounding, so fix it by checking the remainder.
-local function idiv(a, d)
-  local q = math.floor(a / d)
-  if q * d > a then
-    q = q - 1
-  elseif (q + 1) * d <= a then
-    q = q + 1
+-- The rarely needed part ------------------------------------------------------------
+
+-- Made on the first call to slow() in this script run; returns the functions the
+-- hot path calls for token buckets and numbers past 2^53.
+local lib
+local function slow()
+  if lib then
+    return lib
   end
-  return q
-end
+  local TWO32 = 4294967296
+  local TWO31 = 2147483648
+  local TWO52 = 4503599627370496
+  local TWO53 = 9007199254740992
 
-local function ceil_div(a, d)
-  local q = idiv(a, d)
-  if q * d < a then
-    q = q + 1
-  end
-  return q
-end
-
--- A decimal integer below 2^53 (concatenation would print 1e+15 past 14 digits).
-local function fmt(x)
-  return string.format('%.0f', x)
-end
-
--- Multi-limb unsigned integers ------------------------------------------------------
--- Little-endian arrays of base-2^24 limbs, no leading zero limbs (zero is {0}). A
--- limb product is below 2^48, so a product plus a limb plus a carry stays exact.
--- bignum() defines them when a decision first needs them: most never do, and a
--- script's functions are made anew on every call.
-local BASE = 16777216
-local big, trim, cmp, add, sub, mul, divmod, div_ceil, from_dec, to_dec, U64MAX
-
-local function bignum()
-  if big then
-    return
-  end
-  function big(x) -- from an integer double, 0 <= x < 2^53
-    local r = {}
-    repeat
-      local l = x % BASE
-      r[#r + 1] = l
-      x = (x - l) / BASE
-    until x == 0
-    return r
-  end
-
-  function trim(a)
-    while #a > 1 and a[#a] == 0 do
-      a[#a] = nil
-    end
-    return a
-  end
-
-  function cmp(a, b)
-    if #a ~= #b then
-      return #a < #b and -1 or 1
-    end
-    for i = #a, 1, -1 do
-      if a[i] ~= b[i] then
-        return a[i] < b[i] and -1 or 1
-      end
-    end
-    return 0
-  end
-
-  function add(a, b)
-    local r, carry = {}, 0
-    for i = 1, math.max(#a, #b) do
-      local s = (a[i] or 0) + (b[i] or 0) + carry
-      if s >= BASE then
-        r[i], carry = s - BASE, 1
-      else
-        r[i], carry = s, 0
-      end
-    end
-    if carry > 0 then
-      r[#r + 1] = carry
-    end
-    return r
-  end
-
-  -- a - b, saturating at zero (as Rust's saturating_sub).
-  function sub(a, b)
-    if cmp(a, b) <= 0 then
-      return {0}
-    end
-    local r, borrow = {}, 0
-    for i = 1, #a do
-      local s = a[i] - (b[i] or 0) - borrow
-      if s < 0 then
-        r[i], borrow = s + BASE, 1
-      else
-        r[i], borrow = s, 0
-      end
-    end
-    return trim(r)
-  end
-
-  function mul(a, b)
-    local r = {}
-    for i = 1, #a + #b do
-      r[i] = 0
-    end
-    for i = 1, #a do
-      local carry = 0
-      for j = 1, #b do
-        local t = r[i + j - 1] + a[i] * b[j] + carry
-        local lo = t % BASE
-        r[i + j - 1], carry = lo, (t - lo) / BASE
-      end
-      local k = i + #b
-      while carry > 0 do
-        local t = r[k] + carry
-        local lo = t % BASE
-        r[k], carry = lo, (t - lo) / BASE
-        k = k + 1
-      end
-    end
-    return trim(r)
-  end
-
-  -- Long division by an integer double 1 <= d <= 2^48, four bits at a time: the partial
-  -- remainder stays below 16 * d <= 2^52. Returns the quotient (big) and remainder.
-  local NIBBLE = {1048576, 65536, 4096, 256, 16, 1}
-  function divmod(a, d)
-    local q, r = {}, 0
-    for i = #a, 1, -1 do
-      local limb, ql = a[i], 0
-      for _, p in ipairs(NIBBLE) do
-        r = r * 16 + math.floor(limb / p) % 16
-        local qd = idiv(r, d)
-        r = r - qd * d
-        ql = ql * 16 + qd
-      end
-      q[i] = ql
-    end
-    return trim(q), r
-  end
-
-  function div_ceil(a, d)
-    local q, r = divmod(a, d)
-    if r > 0 then
-      q = add(q, {1})
+  -- Exact floor(a / d) for integers 0 <= a < 2^53, 1 <= d: the double quotient may be
+  -- one off after rounding, so fix it by checking the remainder.
+  local function idiv(a, d)
+    local q = math.floor(a / d)
+    if q * d > a then
+      q = q - 1
+    elseif (q + 1) * d <= a then
+      q = q + 1
     end
     return q
   end
 
-  function from_dec(s)
-    local r = {0}
-    local i = 1
-    local j = #s % 7
-    if j == 0 then
-      j = 7
+  local function ceil_div(a, d)
+    local q = idiv(a, d)
+    if q * d < a then
+      q = q + 1
     end
-    while i <= #s do
-      local chunk = string.sub(s, i, j)
-      r = add(mul(r, big(10 ^ #chunk)), big(tonumber(chunk)))
-      i, j = j + 1, j + 7
+    return q
+  end
+
+  -- A decimal integer below 2^53 (concatenation would print 1e+15 past 14 digits).
+  local function fmt(x)
+    return string.format('%.0f', x)
+  end
+
+  -- Multi-limb unsigned integers ------------------------------------------------------
+  -- Little-endian arrays of base-2^24 limbs, no leading zero limbs (zero is {0}). A
+  -- limb product is below 2^48, so a product plus a limb plus a carry stays exact.
+  -- bignum() defines them when a decision first needs them: most never do, and a
+  -- script's functions are made anew on every call.
+  local BASE = 16777216
+  local big, trim, cmp, add, sub, mul, divmod, div_ceil, from_dec, to_dec, U64MAX
+
+  local function bignum()
+    if big then
+      return
     end
-    return r
-  end
-
-  function to_dec(a)
-    local parts = {}
-    repeat
-      local r
-      a, r = divmod(a, 10000000)
-      table.insert(parts, 1, r)
-    until #a == 1 and a[1] == 0
-    local s = fmt(parts[1])
-    for i = 2, #parts do
-      s = s .. string.format('%07.0f', parts[i])
+    function big(x) -- from an integer double, 0 <= x < 2^53
+      local r = {}
+      repeat
+        local l = x % BASE
+        r[#r + 1] = l
+        x = (x - l) / BASE
+      until x == 0
+      return r
     end
-    return s
+
+    function trim(a)
+      while #a > 1 and a[#a] == 0 do
+        a[#a] = nil
+      end
+      return a
+    end
+
+    function cmp(a, b)
+      if #a ~= #b then
+        return #a < #b and -1 or 1
+      end
+      for i = #a, 1, -1 do
+        if a[i] ~= b[i] then
+          return a[i] < b[i] and -1 or 1
+        end
+      end
+      return 0
+    end
+
+    function add(a, b)
+      local r, carry = {}, 0
+      for i = 1, math.max(#a, #b) do
+        local s = (a[i] or 0) + (b[i] or 0) + carry
+        if s >= BASE then
+          r[i], carry = s - BASE, 1
+        else
+          r[i], carry = s, 0
+        end
+      end
+      if carry > 0 then
+        r[#r + 1] = carry
+      end
+      return r
+    end
+
+    -- a - b, saturating at zero (as Rust's saturating_sub).
+    function sub(a, b)
+      if cmp(a, b) <= 0 then
+        return {0}
+      end
+      local r, borrow = {}, 0
+      for i = 1, #a do
+        local s = a[i] - (b[i] or 0) - borrow
+        if s < 0 then
+          r[i], borrow = s + BASE, 1
+        else
+          r[i], borrow = s, 0
+        end
+      end
+      return trim(r)
+    end
+
+    function mul(a, b)
+      local r = {}
+      for i = 1, #a + #b do
+        r[i] = 0
+      end
+      for i = 1, #a do
+        local carry = 0
+        for j = 1, #b do
+          local t = r[i + j - 1] + a[i] * b[j] + carry
+          local lo = t % BASE
+          r[i + j - 1], carry = lo, (t - lo) / BASE
+        end
+        local k = i + #b
+        while carry > 0 do
+          local t = r[k] + carry
+          local lo = t % BASE
+          r[k], carry = lo, (t - lo) / BASE
+          k = k + 1
+        end
+      end
+      return trim(r)
+    end
+
+    -- Long division by an integer double 1 <= d <= 2^48, four bits at a time: the partial
+    -- remainder stays below 16 * d <= 2^52. Returns the quotient (big) and remainder.
+    local NIBBLE = {1048576, 65536, 4096, 256, 16, 1}
+    function divmod(a, d)
+      local q, r = {}, 0
+      for i = #a, 1, -1 do
+        local limb, ql = a[i], 0
+        for _, p in ipairs(NIBBLE) do
+          r = r * 16 + math.floor(limb / p) % 16
+          local qd = idiv(r, d)
+          r = r - qd * d
+          ql = ql * 16 + qd
+        end
+        q[i] = ql
+      end
+      return trim(q), r
+    end
+
+    function div_ceil(a, d)
+      local q, r = divmod(a, d)
+      if r > 0 then
+        q = add(q, {1})
+      end
+      return q
+    end
+
+    function from_dec(s)
+      local r = {0}
+      local i = 1
+      local j = #s % 7
+      if j == 0 then
+        j = 7
+      end
+      while i <= #s do
+        local chunk = string.sub(s, i, j)
+        r = add(mul(r, big(10 ^ #chunk)), big(tonumber(chunk)))
+        i, j = j + 1, j + 7
+      end
+      return r
+    end
+
+    function to_dec(a)
+      local parts = {}
+      repeat
+        local r
+        a, r = divmod(a, 10000000)
+        table.insert(parts, 1, r)
+      until #a == 1 and a[1] == 0
+      local s = fmt(parts[1])
+      for i = 2, #parts do
+        s = s .. string.format('%07.0f', parts[i])
+      end
+      return s
+    end
+
+    -- 2^64 - 1 = (2^16 - 1) * 2^48 + (2^24 - 1) * 2^24 + (2^24 - 1)
+    U64MAX = {16777215, 16777215, 65535}
   end
 
-  -- 2^64 - 1 = (2^16 - 1) * 2^48 + (2^24 - 1) * 2^24 + (2^24 - 1)
-  U64MAX = {16777215, 16777215, 65535}
-end
-
--- Values that are a double below 2^53 or, past that, a big clamped to 2^64 - 1 (a
--- table: bignum() has run).
-local function as_big(v)
-  return type(v) == 'table' and v or big(v)
-end
-
-local function mul64(a, b) -- a, b integer doubles below 2^53
-  local r = a * b
-  if r < TWO53 then
-    return r
+  -- Values that are a double below 2^53 or, past that, a big clamped to 2^64 - 1 (a
+  -- table: bignum() has run).
+  local function as_big(v)
+    return type(v) == 'table' and v or big(v)
   end
-  bignum()
-  r = mul(big(a), big(b))
-  return cmp(r, U64MAX) > 0 and U64MAX or r
-end
 
-local function vmax(a, b)
-  if type(a) == 'number' and type(b) == 'number' then
-    return math.max(a, b)
+  local function mul64(a, b) -- a, b integer doubles below 2^53
+    local r = a * b
+    if r < TWO53 then
+      return r
+    end
+    bignum()
+    r = mul(big(a), big(b))
+    return cmp(r, U64MAX) > 0 and U64MAX or r
   end
-  return cmp(as_big(a), as_big(b)) >= 0 and a or b
-end
 
--- A stored decimal: a double if below 2^53 (exact then), else a big.
-local function stored(s, what)
-  local x = string.find(s, '^%d+$') and tonumber(s)
-  if not x then
-    error('ratelimit: not a decimal integer in ' .. what .. ': ' .. s)
+  local function vmax(a, b)
+    if type(a) == 'number' and type(b) == 'number' then
+      return math.max(a, b)
+    end
+    return cmp(as_big(a), as_big(b)) >= 0 and a or b
   end
-  if x < TWO53 then
-    return x
+
+  -- A stored decimal: a double if below 2^53 (exact then), else a big.
+  local function stored(s, what)
+    local x = string.find(s, '^%d+$') and tonumber(s)
+    if not x then
+      error('ratelimit: not a decimal integer in ' .. what .. ': ' .. s)
+    end
+    if x < TWO53 then
+      return x
+    end
+    bignum()
+    return from_dec(s)
   end
-  bignum()
-  return from_dec(s)
+
+  -- Token bucket ----------------------------------------------------------------------
+
+  local function probe_bucket(l, state, now)
+    local n, w, cost = l.n, l.w, l.cost
+    local level, last = 0, 0
+    if state then
+      level, last = string.match(state, '^(%d+):(%d+)$')
+      if not level then
+        error('ratelimit: bad bucket state: ' .. state)
+      end
+      level, last = stored(level, 'a bucket level'), tonumber(last)
+    end
+    l.last = last
+    local cap = l.pb * w
+    if cap <= TWO52 and type(level) == 'number' and last < TWO52 then
+      -- Doubles: see "Numbers" above.
+      l.fast = true
+      local lvl = math.max(level - math.max(now - last, 0) * n, 0)
+      local need = cost * w
+      l.lvl, l.need = lvl, need
+      l.admit = need <= cap and lvl <= cap - need
+      l.retry = ''
+      if need <= cap and not l.admit then
+        l.retry = ceil_div(lvl - (cap - need), n)
+      end
+      l.used, l.rem = ceil_div(lvl, w), idiv(math.max(cap - lvl, 0), w)
+      return
+    end
+    -- Exact multi-limb integers.
+    l.fast = false
+    bignum()
+    local bcap, bw = mul(big(l.pb), big(w)), big(w)
+    local lvl = sub(as_big(level), mul(big(math.max(now - last, 0)), big(n)))
+    local need = mul(from_dec(l.cost_dec), bw)
+    local total = add(lvl, need)
+    l.lvl, l.need = lvl, need
+    l.admit = cmp(total, bcap) <= 0
+    l.retry = ''
+    if not l.admit and cmp(need, bcap) <= 0 then
+      l.retry = to_dec(div_ceil(sub(total, bcap), n))
+    end
+    l.used = to_dec(div_ceil(lvl, w))
+    local rem = divmod(sub(bcap, lvl), w) -- at most burst, below 2^32
+    l.rem = rem[1] + (rem[2] or 0) * BASE
+  end
+
+  -- Records cost (admitted, so level + cost * w <= burst * w <= 2^64 - 1); returns the
+  -- new field value and when the bucket will be empty.
+  local function record_bucket(l, now)
+    local last = math.max(l.last, now)
+    if l.fast then
+      local new = l.lvl + l.need
+      return fmt(new) .. ':' .. fmt(last), last + ceil_div(new, l.n)
+    end
+    local new = add(l.lvl, l.need)
+    local expiry = add(big(last), div_ceil(new, l.n))
+    if cmp(expiry, U64MAX) > 0 then
+      expiry = U64MAX
+    end
+    return to_dec(new) .. ':' .. fmt(last), expiry
+  end
+
+  lib = {
+    stored = stored,
+    mul64 = mul64,
+    vmax = vmax,
+    probe_bucket = probe_bucket,
+    record_bucket = record_bucket,
+    to_dec = function(a)
+      return to_dec(a)
+    end,
+    -- A window's retry time when the slot's end, x * sub_ms, is past 2^53.
+    retry_past = function(x, sub_ms, now)
+      local leaves_at = mul64(x, sub_ms)
+      if type(leaves_at) == 'number' then
+        return math.max(leaves_at - now, 0)
+      end
+      return to_dec(sub(leaves_at, big(now)))
+    end,
+  }
+  return lib
 end
 
 -- Sliding window --------------------------------------------------------------------
 
 -- Parses the counter into l (kept for recording) and checks cost against it. A slot's
 -- age is its sub-window's distance from now's, b - idx (both mod 2^32) as a signed
--- 32-bit number: negative means in the future (the clock stepped back).
+-- 32-bit number: negative means in the future (the clock stepped back). The slots go
+-- into one flat array, l.sl: position in the text, count, age, for each in turn.
 local function probe_window(l, state, now)
+  local TWO32 = 4294967296
   local sub_ms = l.w / l.pb -- exact: the precision divides the window
-  local b_abs = idiv(now, sub_ms)
+  -- floor(now / sub_ms) exactly: the double quotient may be one off after rounding.
+  local b_abs = math.floor(now / sub_ms)
+  if b_abs * sub_ms > now then
+    b_abs = b_abs - 1
+  elseif (b_abs + 1) * sub_ms <= now then
+    b_abs = b_abs + 1
+  end
   local b = b_abs % TWO32
-  local at, cnt, ages, len = {}, {}, {}, 0
-  local used, p, n, cost = 0, l.pb, l.n, l.cost
+  local sl, len, used, p, n, cost = false, 0, 0, l.pb, l.n, l.cost
   if state then
+    sl = {}
     for pos, i, c in string.gmatch(state, '()(%d+):(%d+)') do
-      len = len + 1
       local a = (b - i) % TWO32 -- i: Lua converts the digits
-      if a >= TWO31 then
+      if a >= 2147483648 then
         a = a - TWO32
       end
       c = tonumber(c)
-      at[len], cnt[len], ages[len] = pos, c, a
+      local k = len * 3
+      sl[k + 1], sl[k + 2], sl[k + 3] = pos, c, a
+      len = len + 1
       if a <= p then
         used = used + c
       end
     end
   end
-  l.state, l.sub, l.b_abs, l.b = state, sub_ms, b_abs, b
-  l.at, l.cnt, l.ages, l.len = at, cnt, ages, len
+  l.state, l.b_abs, l.sl, l.len = state, b_abs, sl, len
   l.admit = used + cost <= n
   l.used, l.rem = used, math.max(n - used, 0)
-  l.retry = ''
   if not l.admit and cost <= n then
     -- Oldest first: when enough sub-windows have left the window to fit cost.
     local left = used
-    for i = 1, len do
-      local a = ages[i]
+    for k = 0, (len - 1) * 3, 3 do
+      local a = sl[k + 3]
       if a <= p then
-        left = left - cnt[i]
+        left = left - sl[k + 2]
         if left + cost <= n then
-          local leaves_at = mul64(b_abs - a + p + 1, sub_ms)
-          if type(leaves_at) == 'number' then
+          local x = b_abs - a + p + 1
+          local leaves_at = x * sub_ms
+          if leaves_at < 9007199254740992 then
             l.retry = math.max(leaves_at - now, 0)
           else
-            l.retry = to_dec(sub(leaves_at, big(now)))
+            l.retry = slow().retry_past(x, sub_ms, now)
           end
           break
         end
@@ -307,106 +414,58 @@ end
 
 -- Records cost; returns the new field value and when the counter will be empty.
 local function record_window(l)
-  local p, ages, keep, m = l.pb, l.ages, {}, 0
-  local suffix = true -- whether the kept slots are the stored ones from some on
-  for i = 1, l.len do
-    if ages[i] <= p then
+  local TWO32 = 4294967296
+  local p, sl, len, b_abs = l.pb, l.sl, l.len, l.b_abs
+  local b = b_abs % TWO32
+  -- The kept slots (still in the window): m of them, the first at first, the newest
+  -- at last; suffix: whether they are the stored ones from first on.
+  local first, last, m, suffix = nil, nil, 0, true
+  for k = 0, len - 1 do
+    if sl[k * 3 + 3] <= p then
       m = m + 1
-      keep[m] = i
+      first = first or k
+      last = k
     elseif m > 0 then
       suffix = false
     end
   end
-  local last = keep[m] -- the newest kept slot
   local c = math.min(l.cost, TWO32 - 1)
-  local newest, tail = l.b_abs, ''
-  if last and ages[last] <= 0 then
+  local newest, tail, merged = b_abs, '', nil
+  if last and sl[last * 3 + 3] <= 0 then
     -- The current sub-window, or a later one if the clock stepped back.
-    l.cnt[last] = math.min(l.cnt[last] + c, TWO32 - 1)
-    newest = l.b_abs - ages[last]
-    tail = (l.b - ages[last]) % TWO32 .. ':' .. l.cnt[last]
+    local a = sl[last * 3 + 3]
+    newest = b_abs - a
+    tail = (b - a) % TWO32 .. ':' .. math.min(sl[last * 3 + 2] + c, TWO32 - 1)
+    merged = last
     m = m - 1
   elseif c > 0 then
-    tail = l.b .. ':' .. c
+    tail = b .. ':' .. c
   end
-  local expiry = mul64(newest + 1 + p, l.sub)
+  local sub_ms = l.w / l.pb
+  local x = newest + 1 + p
+  local expiry = x * sub_ms
+  if expiry >= 9007199254740992 then
+    expiry = slow().mul64(x, sub_ms)
+  end
   if m == 0 then
     return tail, expiry
   end
   local head
   if suffix then
-    -- Reuse the stored text of the slots kept unchanged.
-    head = string.sub(l.state, l.at[keep[1]], l.at[keep[m] + 1] and l.at[keep[m] + 1] - 2)
+    -- Reuse the stored text of the slots kept unchanged: first .. first + m - 1.
+    local after = first + m
+    head = string.sub(l.state, sl[first * 3 + 1], after < len and sl[after * 3 + 1] - 2 or -1)
   else
-    local out = {}
-    for k = 1, m do
-      out[k] = (l.b - ages[keep[k]]) % TWO32 .. ':' .. l.cnt[keep[k]]
+    local out, o = {}, 0
+    for k = 0, len - 1 do
+      if sl[k * 3 + 3] <= p and k ~= merged then
+        o = o + 1
+        out[o] = (b - sl[k * 3 + 3]) % TWO32 .. ':' .. sl[k * 3 + 2]
+      end
     end
     head = table.concat(out, ',')
   end
   return tail == '' and head or head .. ',' .. tail, expiry
-end
-
--- Token bucket ----------------------------------------------------------------------
-
-local function probe_bucket(l, state, now)
-  local n, w, cost = l.n, l.w, l.cost
-  local level, last = 0, 0
-  if state then
-    level, last = string.match(state, '^(%d+):(%d+)$')
-    if not level then
-      error('ratelimit: bad bucket state: ' .. state)
-    end
-    level, last = stored(level, 'a bucket level'), tonumber(last)
-  end
-  l.last = last
-  local cap = l.pb * w
-  if cap <= TWO52 and type(level) == 'number' and last < TWO52 then
-    -- Doubles: see "Numbers" above.
-    l.fast = true
-    local lvl = math.max(level - math.max(now - last, 0) * n, 0)
-    local need = cost * w
-    l.lvl, l.need = lvl, need
-    l.admit = need <= cap and lvl <= cap - need
-    l.retry = ''
-    if need <= cap and not l.admit then
-      l.retry = ceil_div(lvl - (cap - need), n)
-    end
-    l.used, l.rem = ceil_div(lvl, w), idiv(math.max(cap - lvl, 0), w)
-    return
-  end
-  -- Exact multi-limb integers.
-  l.fast = false
-  bignum()
-  local bcap, bw = mul(big(l.pb), big(w)), big(w)
-  local lvl = sub(as_big(level), mul(big(math.max(now - last, 0)), big(n)))
-  local need = mul(from_dec(l.cost_dec), bw)
-  local total = add(lvl, need)
-  l.lvl, l.need = lvl, need
-  l.admit = cmp(total, bcap) <= 0
-  l.retry = ''
-  if not l.admit and cmp(need, bcap) <= 0 then
-    l.retry = to_dec(div_ceil(sub(total, bcap), n))
-  end
-  l.used = to_dec(div_ceil(lvl, w))
-  local rem = divmod(sub(bcap, lvl), w) -- at most burst, below 2^32
-  l.rem = rem[1] + (rem[2] or 0) * BASE
-end
-
--- Records cost (admitted, so level + cost * w <= burst * w <= 2^64 - 1); returns the
--- new field value and when the bucket will be empty.
-local function record_bucket(l, now)
-  local last = math.max(l.last, now)
-  if l.fast then
-    local new = l.lvl + l.need
-    return fmt(new) .. ':' .. fmt(last), last + ceil_div(new, l.n)
-  end
-  local new = add(l.lvl, l.need)
-  local expiry = add(big(last), div_ceil(new, l.n))
-  if cmp(expiry, U64MAX) > 0 then
-    expiry = U64MAX
-  end
-  return to_dec(new) .. ':' .. fmt(last), expiry
 end
 
 -- The decision ----------------------------------------------------------------------
@@ -429,14 +488,17 @@ else
   now = tonumber(now)
 end
 
+local nl = #ARGV - 1
 local limits, fields = {}, {'i'}
-for j = 2, #ARGV do
-  local id, kind, n, w, pb, cost = string.match(ARGV[j], '^(%d+) ([wb]) (%d+) (%d+) (%d+) (%d+)$')
+for j = 1, nl do
+  local arg = ARGV[j + 1]
+  local id, kind, n, w, pb, cost = string.match(arg, '^(%d+) ([wb]) (%d+) (%d+) (%d+) (%d+)$')
   if not id then
-    error('ratelimit: bad limit argument: ' .. ARGV[j])
+    error('ratelimit: bad limit argument: ' .. arg)
   end
-  -- Every field the probes set is listed, so the table is sized once.
-  limits[j - 1] = {
+  -- Every field a window's probe sets is listed, so the table is sized once (a
+  -- bucket's probe adds its own).
+  limits[j] = {
     id = id,
     bucket = kind == 'b',
     n = tonumber(n),
@@ -444,23 +506,34 @@ for j = 2, #ARGV do
     pb = tonumber(pb),
     cost = tonumber(cost),
     cost_dec = cost,
-    admit = false, used = 0, rem = 0, retry = '', -- both
-    fast = false, lvl = 0, need = 0, last = 0, -- bucket
-    state = false, sub = 0, b_abs = 0, b = 0, at = false, cnt = false, ages = false, len = 0,
+    admit = false, used = 0, rem = 0, retry = '',
+    state = false, b_abs = 0, sl = false, len = 0,
   }
-  fields[j] = id
+  fields[j + 1] = id
 end
 
 local vals = redis.call('HMGET', key, unpack(fields))
-local idle_at = vals[1] and stored(vals[1], 'idle_at')
+local idle_at = vals[1]
+if idle_at then
+  local x = string.find(idle_at, '^%d+$') and tonumber(idle_at)
+  if not x then
+    error('ratelimit: not a decimal integer in idle_at: ' .. idle_at)
+  end
+  if x < 9007199254740992 then
+    idle_at = x
+  else
+    idle_at = slow().stored(idle_at, 'idle_at')
+  end
+end
 -- A key with nothing recorded, or whose every counter has decayed, reads as empty.
 local live = idle_at and (type(idle_at) == 'table' or now < idle_at)
 
 local denied, retry = -1, ''
-for j, l in ipairs(limits) do
+for j = 1, nl do
+  local l = limits[j]
   local state = live and vals[j + 1] or nil
   if l.bucket then
-    probe_bucket(l, state, now)
+    slow().probe_bucket(l, state, now)
   else
     probe_window(l, state, now)
   end
@@ -471,10 +544,11 @@ end
 
 local record = acquire == '1' and denied < 0
 local out = {denied, retry}
-for _, l in ipairs(limits) do
-  out[#out + 1] = l.used
+for j = 1, nl do
+  local l = limits[j]
+  out[j * 2 + 1] = l.used
   -- Recorded: every limit admitted cost, so cost <= rem < 2^32.
-  out[#out + 1] = record and l.rem - l.cost or l.rem
+  out[j * 2 + 2] = record and l.rem - l.cost or l.rem
 end
 
 if record then
@@ -485,27 +559,37 @@ if record then
     -- Everything recorded has decayed: start over, as KeyState clears its counters.
     redis.call('DEL', key)
   end
-  local seen, hset = {}, {}
-  for _, l in ipairs(limits) do
-    if not seen[l.id] then -- a counter shared by two limits is charged once
-      seen[l.id] = true
+  local seen = nl > 1 and {} -- a counter shared by two limits is charged once
+  local hset, h = {}, 0
+  for j = 1, nl do
+    local l = limits[j]
+    if not (seen and seen[l.id]) then
+      if seen then
+        seen[l.id] = true
+      end
       local value, expiry
       if l.bucket then
-        value, expiry = record_bucket(l, now)
+        value, expiry = slow().record_bucket(l, now)
       else
         value, expiry = record_window(l)
       end
-      hset[#hset + 1] = l.id
-      hset[#hset + 1] = value
-      idle = vmax(idle, expiry)
+      hset[h + 1], hset[h + 2] = l.id, value
+      h = h + 2
+      if type(idle) == 'number' and type(expiry) == 'number' then
+        if expiry > idle then
+          idle = expiry
+        end
+      else
+        idle = slow().vmax(idle, expiry)
+      end
     end
   end
   -- idle_at and the TTL change only when idle_at moves (for a sliding window, once
   -- per sub-window): the TTL set then still ends at idle_at plus the grace.
   local moved = not live or idle ~= idle_at
   if moved then
-    hset[#hset + 1] = 'i'
-    hset[#hset + 1] = type(idle) == 'table' and to_dec(idle) or fmt(idle)
+    hset[h + 1] = 'i'
+    hset[h + 2] = type(idle) == 'table' and slow().to_dec(idle) or string.format('%.0f', idle)
   end
   redis.call('HSET', key, unpack(hset))
   if moved then
@@ -515,7 +599,7 @@ if record then
     if type(idle) == 'number' then
       ttl = math.min(math.max(idle - now + tonumber(grace), 1), ttl)
     end
-    redis.call('PEXPIRE', key, fmt(ttl))
+    redis.call('PEXPIRE', key, string.format('%.0f', ttl))
   end
 end
 
