@@ -1194,4 +1194,64 @@ mod redis_store {
         let ttl = pttl(&mut con);
         assert!((3_660_000..=3_661_000).contains(&ttl), "ttl {ttl}");
     }
+
+    #[test]
+    #[ignore = "needs redis-server; scripts/test installs and starts it"]
+    fn a_batched_redis_store_conforms() {
+        conformance(
+            &store_from(config("batched", TimeSource::Caller).with_batching(true)),
+            Timestamp::from_millis(BASE),
+        );
+    }
+
+    #[test]
+    #[ignore = "needs redis-server; scripts/test installs and starts it"]
+    fn batched_decisions_from_many_threads_admit_exactly_the_limit_on_one_connection() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        const THREADS: usize = 16;
+        const KEYS: usize = 4;
+        let store = store_from(config("batched-threads", TimeSource::Server).with_batching(true));
+        let limits = [lim("150/1h"), bucket(10, 3_600_000, 400)];
+        let allowed: Vec<AtomicU64> = (0..KEYS).map(|_| AtomicU64::new(0)).collect();
+        std::thread::scope(|s| {
+            for th in 0..THREADS {
+                let (store, limits, allowed) = (&store, &limits, &allowed);
+                s.spawn(move || {
+                    for i in 0..300 {
+                        let k = (i + th) % KEYS;
+                        if i == 150 && th == 0 {
+                            // The server loses the script mid-run: every call that
+                            // found it missing is sent again, none is lost or doubled.
+                            redis::cmd("SCRIPT")
+                                .arg("FLUSH")
+                                .query::<()>(&mut inspect())
+                                .unwrap();
+                        }
+                        let d = store
+                            .check(
+                                &format!("user{k}"),
+                                limits,
+                                Cost::message(1, 0),
+                                Timestamp::from_millis(BASE),
+                                Mode::Acquire,
+                            )
+                            .unwrap();
+                        if d.is_allowed() {
+                            allowed[k].fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        for (k, a) in allowed.iter().enumerate() {
+            assert_eq!(a.load(Ordering::Relaxed), 150, "user{k}");
+        }
+        // Sixteen threads shared one batch in flight at a time, so one connection
+        // (unbatched, each waiting thread opens its own).
+        let idle = format!("{store:?}");
+        assert!(
+            idle.contains("idle_connections: 1 "),
+            "batched calls used more than one connection: {idle}"
+        );
+    }
 }

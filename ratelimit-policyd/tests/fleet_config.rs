@@ -152,3 +152,32 @@ fn impossible_combinations_name_the_key_and_line() {
     // A brace in the prefix is fine for one server.
     dir.load("redis_key_prefix = \"rl{x}:\"\n").unwrap();
 }
+
+#[test]
+fn redis_batch_is_read_shown_and_refused_on_a_cluster() {
+    let dir = Dir::new();
+    let c = dir
+        .load("redis_url = \"redis://127.0.0.1:6379/\"\nredis_batch = true\n")
+        .unwrap();
+    let Backend::Redis { batch, .. } = &c.store.backend else {
+        panic!("not redis");
+    };
+    assert!(*batch);
+    let text = describe(&c);
+    assert!(text.contains("server time, batched)"), "{text}");
+    let c = dir
+        .load("redis_url = \"redis://127.0.0.1:6379/\"\n")
+        .unwrap();
+    let Backend::Redis { batch, .. } = &c.store.backend else {
+        panic!("not redis");
+    };
+    assert!(!*batch, "off by default");
+    let e = dir.error("redis_cluster_nodes = [\"redis://10.0.0.1:7000\"]\nredis_batch = true\n");
+    assert!(
+        e.ends_with(
+            "t.toml:4: store.redis_batch: works with one server (redis_url), not with \
+             redis_cluster_nodes"
+        ),
+        "{e}"
+    );
+}

@@ -307,6 +307,7 @@ impl Backend {
                 connect_timeout,
                 command_timeout,
                 server_time,
+                batch,
             } => {
                 let mut rc = if cluster_nodes.is_empty() {
                     RedisStoreConfig::new(url.clone())
@@ -324,6 +325,7 @@ impl Backend {
                 rc.key_prefix = key_prefix.clone();
                 rc.connect_timeout = *connect_timeout;
                 rc.command_timeout = *command_timeout;
+                rc.batch = *batch;
                 rc.time_source = if *server_time {
                     TimeSource::Server
                 } else {

@@ -91,6 +91,7 @@ pub fn describe(cfg: &Config) -> String {
             password,
             key_prefix,
             server_time,
+            batch,
             ..
         } => {
             let at = if cluster_nodes.is_empty() {
@@ -101,7 +102,7 @@ pub fn describe(cfg: &Config) -> String {
             };
             let _ = writeln!(
                 s,
-                "store: redis {at}{}{}{} (prefix \"{key_prefix}\", {} time)",
+                "store: redis {at}{}{}{} (prefix \"{key_prefix}\", {} time{})",
                 if tls.ca.is_some() {
                     " with the CA from redis_ca_file"
                 } else {
@@ -117,7 +118,8 @@ pub fn describe(cfg: &Config) -> String {
                 } else {
                     ""
                 },
-                if *server_time { "server" } else { "local" }
+                if *server_time { "server" } else { "local" },
+                if *batch { ", batched" } else { "" }
             );
         }
     }

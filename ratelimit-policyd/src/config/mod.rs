@@ -247,6 +247,8 @@ pub enum Backend {
         command_timeout: Duration,
         /// Use the Redis server's clock (true) or this host's.
         server_time: bool,
+        /// `redis_batch`: send concurrent decisions as one pipelined batch.
+        batch: bool,
     },
 }
 

@@ -87,6 +87,7 @@ pub(super) struct RawStore {
     pub(super) redis_connect_timeout: Option<Spanned<String>>,
     pub(super) redis_command_timeout: Option<Spanned<String>>,
     pub(super) redis_time: Option<Spanned<String>>,
+    pub(super) redis_batch: Option<Spanned<bool>>,
 }
 
 /// `[keying]` as written.

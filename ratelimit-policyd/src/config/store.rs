@@ -353,6 +353,17 @@ fn redis_backend(
             &[("server", true), ("local", false)],
             "expected \"server\" or \"local\"",
         )?,
+        batch: match &raw.redis_batch {
+            Some(b) if *b.get_ref() && !cluster_nodes.is_empty() => {
+                return cx.err(
+                    Some(b.span()),
+                    "store.redis_batch",
+                    "works with one server (redis_url), not with redis_cluster_nodes",
+                );
+            }
+            Some(b) => *b.get_ref(),
+            None => false,
+        },
         url,
         cluster_nodes,
         tls,

@@ -82,6 +82,12 @@ pub struct RedisStoreConfig {
     /// A client certificate and key presented to a server that asks for one
     /// (`tls-auth-clients`), for `rediss://` URLs. Default none.
     pub tls_client_cert: Option<TlsClientCert>,
+    /// Send the decisions of threads that wait for Redis at the same moment as one
+    /// pipelined batch (one write and one read for all of them) instead of one round
+    /// trip each: less CPU in Redis and here under concurrent load, the same
+    /// decisions. A caller waits at most `connect_timeout + 3 × command_timeout`,
+    /// as without it. One server only (ignored for a cluster). Default off.
+    pub batch: bool,
 }
 
 /// A TLS client certificate and its private key, both PEM. `Debug` shows neither.
@@ -117,6 +123,7 @@ impl RedisStoreConfig {
             password: None,
             tls_ca: None,
             tls_client_cert: None,
+            batch: false,
         }
     }
 
@@ -190,6 +197,12 @@ impl RedisStoreConfig {
         self
     }
 
+    /// This configuration with [`batch`](Self::batch) set.
+    pub fn with_batching(mut self, batch: bool) -> Self {
+        self.batch = batch;
+        self
+    }
+
     /// This configuration with [`max_idle_connections`](Self::max_idle_connections) set.
     pub fn with_max_idle_connections(mut self, n: usize) -> Self {
         self.max_idle_connections = n;
@@ -224,6 +237,7 @@ impl fmt::Debug for RedisStoreConfig {
                     .map(|pem| format!("{} bytes", pem.len())),
             )
             .field("tls_client_cert", &self.tls_client_cert)
+            .field("batch", &self.batch)
             .finish()
     }
 }

@@ -102,6 +102,23 @@ impl Conn {
         }
     }
 
+    /// Cuts the read and write timeouts to what is left until `deadline` when that is
+    /// less than `timeout` (a timeout error once nothing is left).
+    pub(super) fn fit(&self, deadline: Instant, timeout: Duration) -> RedisResult<bool> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the batch's time is up",
+            )));
+        }
+        if left < timeout {
+            self.set_timeouts(left)?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
     /// Sets the read and write timeouts of every node connection.
     fn set_timeouts(&self, timeout: Duration) -> RedisResult<()> {
         match self {
@@ -297,9 +314,15 @@ impl RedisStore {
     }
 
     fn open(&self) -> RedisResult<Conn> {
+        self.open_within(self.config.connect_timeout)
+    }
+
+    /// A new connection, opened within `connect_timeout` (one server; a cluster
+    /// uses the configured timeouts).
+    fn open_within(&self, connect_timeout: Duration) -> RedisResult<Conn> {
         match &self.client {
             Client::Single(client) => {
-                let con = client.get_connection_with_timeout(self.config.connect_timeout)?;
+                let con = client.get_connection_with_timeout(connect_timeout)?;
                 let timeout = Some(self.config.command_timeout);
                 con.set_read_timeout(timeout)?;
                 con.set_write_timeout(timeout)?;
@@ -346,6 +369,51 @@ impl RedisStore {
             Client::Single(_) => self.run_single(op),
             Client::Cluster(_) => self.run_cluster(op),
         }
+    }
+
+    /// [`RedisStore::run`] on one server with every step bounded by `deadline`: a
+    /// connection is opened within what is left, and `op` gets a connection whose
+    /// timeouts it may cut to what is left (with [`Conn::fit`]); they are restored
+    /// before the connection goes back to the pool.
+    pub(super) fn run_until<T>(
+        &self,
+        deadline: Instant,
+        mut op: impl FnMut(&mut Conn, &mut bool) -> RedisResult<T>,
+    ) -> Result<T, StoreError> {
+        let open = || {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(StoreError::Timeout(self.config.command_timeout));
+            }
+            self.open_within(left.min(self.config.connect_timeout))
+                .map_err(|e| self.store_error(&e, Phase::Connect))
+        };
+        let pooled = self.pool.lock().pop();
+        let reused = pooled.is_some();
+        let mut con = match pooled {
+            Some(con) => con,
+            None => open()?,
+        };
+        // Whether op cut the connection's timeouts (Conn::fit).
+        let mut cut = false;
+        let mut result = op(&mut con, &mut cut);
+        if let Err(e) = &result
+            && reused
+            && !e.is_timeout()
+            && e.is_connection_dropped()
+        {
+            // A dead idle connection (see run_single): once more on a fresh one.
+            drop(con);
+            self.pool.lock().clear();
+            con = open()?;
+            cut = false;
+            result = op(&mut con, &mut cut);
+        }
+        if cut && con.set_timeouts(self.config.command_timeout).is_err() {
+            // Not back to its own timeouts: not for the pool.
+            return result.map_err(|e| self.store_error(&e, Phase::Command));
+        }
+        self.finish(con, result)
     }
 
     fn run_single<T>(
@@ -465,6 +533,11 @@ impl RedisStore {
                 Err(self.store_error(&e, Phase::Command))
             }
         }
+    }
+
+    /// A failed command's error, as [`StoreError`].
+    pub(super) fn command_error(&self, e: &RedisError) -> StoreError {
+        self.store_error(e, Phase::Command)
     }
 
     fn store_error(&self, e: &RedisError, phase: Phase) -> StoreError {

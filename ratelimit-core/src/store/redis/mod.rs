@@ -151,6 +151,7 @@ use crate::decision::{Cost, Decision, Mode};
 use crate::quota::Limit;
 
 mod baseline;
+mod batch;
 mod client;
 mod config;
 mod connection;
@@ -189,6 +190,8 @@ pub struct RedisStore {
     pool: Mutex<Vec<connection::Conn>>,
     /// The script's SHA once loaded (the same on every server for the same script).
     sha: Mutex<Option<String>>,
+    /// Decisions waiting to go out in one pipelined batch ([`RedisStoreConfig::batch`]).
+    batcher: batch::Batcher,
 }
 
 impl fmt::Debug for RedisStore {
@@ -222,6 +225,7 @@ impl RedisStore {
             config,
             pool: Mutex::new(Vec::new()),
             sha: Mutex::new(None),
+            batcher: batch::Batcher::default(),
         })
     }
 
@@ -295,7 +299,11 @@ impl Store for RedisStore {
             mode,
         );
         let name = self.key_name(key);
-        let reply = self.run(|con| self.eval(con, &name, &args))?;
+        let reply = if self.config.batch && !self.config.is_cluster() {
+            self.eval_batched(name, args)?
+        } else {
+            self.run(|con| self.eval(con, &name, &args))?
+        };
         script::decision_from_reply(&reply, limits)
     }
 }

@@ -16,7 +16,7 @@ use crate::store::StoreError;
 const SCRIPT: &str = include_str!("redis_check.lua");
 
 impl RedisStore {
-    fn load_script(&self, con: &mut Connection) -> redis::RedisResult<String> {
+    pub(super) fn load_script(&self, con: &mut Connection) -> redis::RedisResult<String> {
         let sha: String = redis::cmd("SCRIPT").arg("LOAD").arg(SCRIPT).query(con)?;
         *self.sha.lock() = Some(sha.clone());
         Ok(sha)
