@@ -253,6 +253,7 @@ fn redis_and_snapshot_defaults_come_from_the_table() {
             connect_timeout: defaults::REDIS_CONNECT_TIMEOUT,
             command_timeout: defaults::REDIS_COMMAND_TIMEOUT,
             server_time: defaults::REDIS_SERVER_TIME,
+            batch: false,
         }
     );
     let snap = c.store.snapshot.unwrap();
