@@ -260,7 +260,12 @@ fn while_redis_is_down_each_server_limits_with_its_own_counters() {
 /// 200 requests over 16 connections while Redis hangs: each is answered within
 /// `decision_timeout` (plus 50 ms for the client and the machine), and once Redis
 /// answers again the server holds no more threads or files than before.
-fn hung_redis_answers_in_time(name: &str, decision_timeout_ms: u64, command_timeout_ms: u64) {
+fn hung_redis_answers_in_time(
+    name: &str,
+    decision_timeout_ms: u64,
+    command_timeout_ms: u64,
+    store_extra: &str,
+) {
     let _serial = one_at_a_time();
     let dir = tempdir(name);
     let redis = Redis::start(free_port(), &dir);
@@ -270,7 +275,7 @@ fn hung_redis_answers_in_time(name: &str, decision_timeout_ms: u64, command_time
         &redis.url(),
         &format!("decision_timeout = \"{decision_timeout_ms}ms\"\non_store_error = \"closed\""),
         &format!(
-            "redis_connect_timeout = \"100ms\"\nredis_command_timeout = \"{command_timeout_ms}ms\""
+            "redis_connect_timeout = \"100ms\"\nredis_command_timeout = \"{command_timeout_ms}ms\"\n{store_extra}"
         ),
     );
     let mut conns: Vec<TcpStream> = (0..16).map(|_| d.connect()).collect();
@@ -355,14 +360,22 @@ fn hung_redis_answers_in_time(name: &str, decision_timeout_ms: u64, command_time
 fn hung_redis_every_answer_within_the_decision_timeout_on_the_blocking_pool() {
     // 100 ms + 3 x 500 ms is more than 300 ms: calls go to the blocking pool, and
     // each is given up on at 300 ms while it runs on until its 500 ms read timeout.
-    hung_redis_answers_in_time("hung-pool", 300, 500);
+    hung_redis_answers_in_time("hung-pool", 300, 500, "");
 }
 
 #[test]
 #[ignore = "needs redis-server (scripts/test runs it)"]
 fn hung_redis_every_answer_within_the_decision_timeout_on_the_connection_thread() {
     // 100 ms + 3 x 100 ms is within 500 ms: calls are made on the connection thread.
-    hung_redis_answers_in_time("hung-direct", 500, 100);
+    hung_redis_answers_in_time("hung-direct", 500, 100, "");
+}
+
+#[test]
+#[ignore = "needs redis-server (scripts/test runs it)"]
+fn hung_redis_every_answer_within_the_decision_timeout_with_batched_calls() {
+    // The same on the connection thread, the calls batched (redis_batch): a caller
+    // queued behind a hung batch gives up within its own bound too.
+    hung_redis_answers_in_time("hung-batch", 500, 100, "redis_batch = true");
 }
 
 #[test]
