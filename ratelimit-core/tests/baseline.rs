@@ -206,4 +206,58 @@ mod redis_store {
         assert_eq!(store.try_key_count().unwrap(), 0);
         assert!(BaselineStore::forget(&store, "mallory").unwrap());
     }
+
+    #[test]
+    #[ignore = "needs redis-server; scripts/test installs and starts it"]
+    fn baselines_imported_into_redis_judge_as_the_memory_store_does() {
+        // Day one for a fleet: a history learned elsewhere (replay), saved as a
+        // snapshot, decoded, written into Redis.
+        let c = cfg();
+        let memory = BaselineMemoryStore::new(100);
+        for d in 0..10 {
+            for (user, n) in [("alice", 2), ("bob", 40)] {
+                let _ = memory
+                    .observe(user, n, &c, at(d * DAY + 600 * MIN))
+                    .unwrap();
+            }
+        }
+        let dir = std::env::temp_dir().join(format!("rl-import-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("learned.baseline");
+        memory.save_snapshot(&path, at(10 * DAY)).unwrap();
+        let states =
+            ratelimit_core::store::decode_baselines(&std::fs::read(&path).unwrap(), &path).unwrap();
+        assert_eq!(states.len(), 2);
+        let redis = store("import");
+        let done = redis.import_baselines(&states, &c, false).unwrap();
+        assert_eq!((done.written, done.kept), (2, 0));
+        // The same judgement in both stores, now and after another message.
+        let now = at(10 * DAY + 720 * MIN);
+        for user in ["alice", "bob"] {
+            assert_eq!(
+                redis.observe(user, 0, &c, now).unwrap(),
+                memory.observe(user, 0, &c, now).unwrap(),
+                "{user}"
+            );
+            assert_eq!(
+                redis.observe(user, 1, &c, now).unwrap(),
+                memory.observe(user, 1, &c, now).unwrap(),
+                "{user}"
+            );
+        }
+        // Without replace, what Redis already has stays; with it, it is overwritten.
+        let again = redis.import_baselines(&states, &c, false).unwrap();
+        assert_eq!((again.written, again.kept), (0, 2));
+        let replaced = redis.import_baselines(&states, &c, true).unwrap();
+        assert_eq!((replaced.written, replaced.kept), (2, 0));
+        assert_eq!(
+            redis.observe("alice", 0, &c, now).unwrap().hour,
+            0,
+            "the replaced state has not seen the message above"
+        );
+        for user in ["alice", "bob"] {
+            redis.forget(user).unwrap();
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

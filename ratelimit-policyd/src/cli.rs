@@ -159,6 +159,16 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         write_snapshot: Option<PathBuf>,
     },
+    /// Write the baselines of a snapshot (replay --write-snapshot) into the Redis
+    /// store --config names, so [baseline] judges a fleet from day one. A user who
+    /// already has a baseline in Redis keeps it unless --replace.
+    ImportBaselines {
+        /// The baseline snapshot.
+        file: PathBuf,
+        /// Overwrite the baselines Redis already has.
+        #[arg(long)]
+        replace: bool,
+    },
 }
 
 /// What `generate` writes.

@@ -21,6 +21,9 @@ fn main() -> ExitCode {
             json,
             write_snapshot,
         }) => replay(cli.config.as_deref(), &log, json, write_snapshot.as_deref()),
+        Some(Command::ImportBaselines { file, replace }) => {
+            import_baselines(cli.config.as_deref(), &file, replace)
+        }
         Some(Command::Generate { what }) => generate(what),
         Some(Command::PostfixConfig) => postfix_config(cli.config.as_deref()),
         None => {
@@ -46,6 +49,30 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+fn import_baselines(
+    config: Option<&std::path::Path>,
+    file: &std::path::Path,
+    replace: bool,
+) -> ExitCode {
+    let cfg = match daemon::load_config(config, &[]) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match ratelimit_policyd::backend::import_baselines(&cfg, file, replace) {
+        Ok(line) => {
+            println!("{line}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ratelimit-policyd: import-baselines: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -300,3 +300,67 @@ async fn replay_json_agrees_with_the_live_run_and_its_snapshot_judges_from_day_o
         assert_eq!(send(&mut c, "bob@example.com", 3000 + i).await, "DUNNO");
     }
 }
+
+/// Day one for a fleet: alice's history was learned elsewhere (here, a memory store
+/// fed the same three days as `learn`), saved as a snapshot and written into Redis by
+/// `ratelimit-policyd import-baselines`; a server on that Redis that has never seen
+/// her holds her fifth message of the morning.
+#[tokio::test]
+#[ignore = "needs redis-server; scripts/test installs and starts it"]
+async fn redis_baselines_imported_on_day_one_hold_past_the_threshold() {
+    use ratelimit_core::Timestamp;
+    use ratelimit_core::baseline::BaselineStore;
+    use ratelimit_core::store::BaselineMemoryStore;
+
+    let url = std::env::var("RATELIMIT_TEST_REDIS_URL")
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
+    let text = format!(
+        "{CONFIG}\n[store]\nbackend = \"redis\"\nredis_url = \"{url}\"\n\
+         redis_key_prefix = \"rltest:{}:import:\"\nredis_time = \"local\"\n\
+         redis_command_timeout = \"2s\"\n",
+        std::process::id()
+    );
+    let cfg = ratelimit_policyd::config::parse(&text, "t.toml", None).unwrap();
+    let base = cfg.baseline.any().unwrap();
+    let learned = BaselineMemoryStore::new(10);
+    let alice = "alice@example.com";
+    for day in 0..3u64 {
+        let at = Timestamp::from_millis(T0 + day * 86_400_000);
+        let _ = learned.observe(alice, 1, &base, at).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("learned.baseline");
+    learned
+        .save_snapshot(&snap, Timestamp::from_millis(T0 + 2 * 86_400_000))
+        .unwrap();
+    let conf = dir.path().join("ratelimit-policyd.toml");
+    std::fs::write(&conf, &text).unwrap();
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ratelimit-policyd"))
+        .arg("--config")
+        .arg(&conf)
+        .arg("import-baselines")
+        .arg(&snap)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.starts_with("imported 1 baselines from "), "{stdout}");
+
+    let srv = Server::with(&text).start().await;
+    let mut c = srv.client().await;
+    // The morning after the third day, as in `learn`.
+    srv.advance(2 * DAY + Duration::from_secs(12 * 3600));
+    for i in 1..=4u64 {
+        assert_eq!(send(&mut c, alice, i).await, "DUNNO", "message {i}");
+    }
+    assert!(send(&mut c, alice, 5).await.starts_with("HOLD "));
+    // bob has no history: his tier only.
+    for i in 1..=6u64 {
+        assert_eq!(send(&mut c, "bob@example.com", 10 + i).await, "DUNNO");
+    }
+}

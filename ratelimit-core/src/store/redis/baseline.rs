@@ -164,6 +164,65 @@ impl RedisStore {
     }
 }
 
+/// `state` as the script stores it: 34 bytes, little-endian (see its header).
+fn encode_state(state: &BaselineState) -> Vec<u8> {
+    let mut out = Vec::with_capacity(34);
+    out.extend_from_slice(&state.slot.to_le_bytes());
+    for c in state.counts {
+        out.extend_from_slice(&c.to_le_bytes());
+    }
+    for v in [state.day, state.day_max, state.usual, state.since] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+/// What [`RedisStore::import_baselines`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BaselineImport {
+    /// States written.
+    pub written: usize,
+    /// States not written because the user already had one in Redis (without
+    /// `replace`).
+    pub kept: usize,
+}
+
+impl RedisStore {
+    /// Writes learned baselines into Redis (day-one baselines for a fleet: the
+    /// states `replay --write-snapshot` learned from recorded traffic, decoded with
+    /// [`decode_baselines`](crate::store::decode_baselines)), each with the TTL a
+    /// recorded state gets. A user who already has a state in Redis keeps it unless
+    /// `replace`. Pipelined, 500 users per round trip.
+    pub fn import_baselines(
+        &self,
+        states: &[(String, BaselineState)],
+        cfg: &BaselineConfig,
+        replace: bool,
+    ) -> Result<BaselineImport, StoreError> {
+        let ttl = ttl_ms(cfg, duration_to_millis(self.config.ttl_grace));
+        let mut done = BaselineImport::default();
+        for chunk in states.chunks(500) {
+            let mut pipe = redis::pipe();
+            for (key, state) in chunk {
+                let set = pipe
+                    .cmd("SET")
+                    .arg(self.baseline_key_name(key))
+                    .arg(encode_state(state))
+                    .arg("PX")
+                    .arg(ttl);
+                if !replace {
+                    set.arg("NX");
+                }
+            }
+            let replies: Vec<Option<String>> = self.run(|con| pipe.query(con))?;
+            let written = replies.iter().filter(|r| r.is_some()).count();
+            done.written += written;
+            done.kept += chunk.len() - written;
+        }
+        Ok(done)
+    }
+}
+
 impl BaselineStore for RedisStore {
     /// One `EVALSHA` round trip; atomic on the Redis server against every caller.
     fn observe(

@@ -159,6 +159,7 @@ mod distinct;
 mod scan;
 mod script;
 
+pub use baseline::BaselineImport;
 pub use config::{RedisStoreConfig, TimeSource, TlsClientCert, redact_url};
 
 /// Caller timestamps at or past this are refused: the script's arithmetic on them
