@@ -312,6 +312,12 @@ pub(crate) trait SlotList {
 impl<const N: usize> SlotList for SmallVec<[Slot; N]> {
     fn retain(&mut self, mut keep: impl FnMut(&Slot) -> bool) {
         SmallVec::retain(self, |s| keep(s));
+        // A list that spilled to the heap (a busy spell over many sub-windows) and
+        // is back to a few slots returns its heap block: otherwise every key that
+        // was ever busy keeps its largest list for as long as it is tracked.
+        if self.spilled() && self.capacity() > 2 * self.len().max(N) {
+            self.shrink_to_fit();
+        }
     }
     fn last_mut(&mut self) -> Option<&mut Slot> {
         <[Slot]>::last_mut(self)

@@ -150,3 +150,22 @@ fn moving_to_a_tier_with_a_higher_count_keeps_usage() {
     let back = acquire(&mut s, &small, 2, 2000);
     assert!(back.denial().is_some());
 }
+
+#[test]
+fn a_slot_list_that_spilled_in_a_busy_spell_returns_its_heap_block_when_quiet() {
+    // 1 s sub-windows: forty busy seconds spill the list (4 slots inline).
+    let l = ["1000/1m".parse::<Limit>().unwrap()];
+    let mut s = KeyState::new();
+    for i in 0..40 {
+        assert!(acquire(&mut s, &l, 1, i * 1000).is_allowed());
+    }
+    let spilled = |s: &KeyState| match s.counters.first().map(|c| &c.data) {
+        Some(CounterData::Window(slots)) => (slots.len(), slots.spilled()),
+        _ => panic!("no window counter"),
+    };
+    assert_eq!(spilled(&s), (40, true));
+    // At 99 s all but the last busy second have left the window (the key is still
+    // live until 100 s): two slots, inline again.
+    assert!(acquire(&mut s, &l, 1, 99_000).is_allowed());
+    assert_eq!(spilled(&s), (2, false));
+}
