@@ -223,7 +223,7 @@ impl Decision {
 }
 
 /// A store failed to decide. (A refusal is not an error: it is a [`Decision`].)
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
     /// The store tracks as many keys as it may and found none to evict; a new key

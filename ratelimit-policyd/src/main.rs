@@ -53,17 +53,25 @@ fn main() -> ExitCode {
     }
 }
 
+/// The configuration for an offline subcommand (`--config`, or the built-in
+/// default), or the failure exit after saying what was wrong.
+fn load_config(
+    config: Option<&std::path::Path>,
+) -> Result<ratelimit_policyd::config::Config, ExitCode> {
+    daemon::load_config(config, &[]).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::FAILURE
+    })
+}
+
 fn import_baselines(
     config: Option<&std::path::Path>,
     file: &std::path::Path,
     replace: bool,
 ) -> ExitCode {
-    let cfg = match daemon::load_config(config, &[]) {
+    let cfg = match load_config(config) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match ratelimit_policyd::backend::import_baselines(&cfg, file, replace) {
         Ok(line) => {
@@ -192,12 +200,9 @@ fn replay(
     json: bool,
     write_snapshot: Option<&std::path::Path>,
 ) -> ExitCode {
-    let cfg = match daemon::load_config(config, &[]) {
+    let cfg = match load_config(config) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let source = cfg.source.clone();
     let file = match std::fs::File::open(log) {

@@ -65,18 +65,6 @@ impl Job {
     }
 }
 
-/// A copy of `e` for each caller of a failed batch.
-fn copy(e: &StoreError) -> StoreError {
-    match e {
-        StoreError::Full { max_keys } => StoreError::Full {
-            max_keys: *max_keys,
-        },
-        StoreError::Unavailable(s) => StoreError::Unavailable(s.clone()),
-        StoreError::Timeout(d) => StoreError::Timeout(*d),
-        StoreError::Protocol(s) => StoreError::Protocol(s.clone()),
-    }
-}
-
 /// Ends a leader's turn: the oldest queued caller leads next, or no batch is in
 /// flight.
 struct HandOver<'a>(&'a Batcher);
@@ -177,7 +165,7 @@ impl RedisStore {
         let _hand_over = HandOver(&self.batcher);
         let mut jobs = vec![Arc::clone(own)];
         jobs.append(&mut self.batcher.state.lock().queue);
-        let results = self.run_until(deadline, |con, cut| {
+        let results = self.run_until(Some(deadline), |con, cut| {
             self.pipeline(con, &jobs, deadline, cut)
         });
         match results {
@@ -188,7 +176,7 @@ impl RedisStore {
             }
             Err(e) => {
                 for job in &jobs {
-                    job.set(Outcome::Done(Err(copy(&e))));
+                    job.set(Outcome::Done(Err(e.clone())));
                 }
             }
         }

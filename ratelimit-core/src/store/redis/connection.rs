@@ -308,11 +308,6 @@ fn cluster_retryable(e: &RedisError) -> bool {
 }
 
 impl RedisStore {
-    pub(super) fn connect(&self) -> Result<Conn, StoreError> {
-        self.open()
-            .map_err(|e| self.store_error(&e, Phase::Connect))
-    }
-
     fn open(&self) -> RedisResult<Conn> {
         self.open_within(self.config.connect_timeout)
     }
@@ -371,21 +366,28 @@ impl RedisStore {
         }
     }
 
-    /// [`RedisStore::run`] on one server with every step bounded by `deadline`: a
-    /// connection is opened within what is left, and `op` gets a connection whose
-    /// timeouts it may cut to what is left (with [`Conn::fit`]); they are restored
-    /// before the connection goes back to the pool.
+    /// [`RedisStore::run`] on one server, with every step bounded by `deadline` if
+    /// given: a connection is opened within what is left, and `op` gets a
+    /// connection whose timeouts it may cut to what is left (with [`Conn::fit`],
+    /// setting its `bool`); they are restored before the connection goes back to the
+    /// pool.
     pub(super) fn run_until<T>(
         &self,
-        deadline: Instant,
+        deadline: Option<Instant>,
         mut op: impl FnMut(&mut Conn, &mut bool) -> RedisResult<T>,
     ) -> Result<T, StoreError> {
         let open = || {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(StoreError::Timeout(self.config.command_timeout));
-            }
-            self.open_within(left.min(self.config.connect_timeout))
+            let timeout = match deadline {
+                None => self.config.connect_timeout,
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(StoreError::Timeout(self.config.command_timeout));
+                    }
+                    left.min(self.config.connect_timeout)
+                }
+            };
+            self.open_within(timeout)
                 .map_err(|e| self.store_error(&e, Phase::Connect))
         };
         let pooled = self.pool.lock().pop();
@@ -394,7 +396,6 @@ impl RedisStore {
             Some(con) => con,
             None => open()?,
         };
-        // Whether op cut the connection's timeouts (Conn::fit).
         let mut cut = false;
         let mut result = op(&mut con, &mut cut);
         if let Err(e) = &result
@@ -402,7 +403,9 @@ impl RedisStore {
             && !e.is_timeout()
             && e.is_connection_dropped()
         {
-            // A dead idle connection (see run_single): once more on a fresh one.
+            // The idle connection was dead (Redis restarted, or closed it): the
+            // command reached no live server. The other idle ones are likely dead
+            // too. Retry once on a fresh connection.
             drop(con);
             self.pool.lock().clear();
             con = open()?;
@@ -420,29 +423,7 @@ impl RedisStore {
         &self,
         mut op: impl FnMut(&mut Conn) -> RedisResult<T>,
     ) -> Result<T, StoreError> {
-        let pooled = self.pool.lock().pop();
-        let reused = pooled.is_some();
-        let mut con = match pooled {
-            Some(con) => con,
-            None => self.connect()?,
-        };
-        match op(&mut con) {
-            Ok(v) => {
-                self.give_back(con);
-                Ok(v)
-            }
-            Err(e) if reused && !e.is_timeout() && e.is_connection_dropped() => {
-                // The idle connection was dead (Redis restarted, or closed it): the
-                // command reached no live server. The other idle ones are likely
-                // dead too. Retry once on a fresh connection.
-                drop(con);
-                self.pool.lock().clear();
-                let mut con = self.connect()?;
-                let result = op(&mut con);
-                self.finish(con, result)
-            }
-            Err(e) => self.finish(con, Err(e)),
-        }
+        self.run_until(None, |con, _| op(con))
     }
 
     /// A cluster command: attempts on pooled or new connections until one succeeds, a

@@ -36,8 +36,20 @@
 -- made anew each time, with its upvalues, and every table and string it makes is
 -- garbage for Lua's collector: on a busy server that, not the arithmetic, was most
 -- of the script's CPU. So the hot path (sliding windows, numbers below 2^53) makes
--- three closures and a few tables; token buckets and the multi-limb integers live
+-- four closures and a few tables; token buckets and the multi-limb integers live
 -- in slow(), made only by a call that needs them.
+
+-- Exact floor(a / d) for integers 0 <= a < 2^53, 1 <= d: the double quotient may be
+-- one off after rounding, so fix it by checking the remainder. (Used by both parts.)
+local function idiv(a, d)
+  local q = math.floor(a / d)
+  if q * d > a then
+    q = q - 1
+  elseif (q + 1) * d <= a then
+    q = q + 1
+  end
+  return q
+end
 
 -- The rarely needed part ------------------------------------------------------------
 
@@ -52,18 +64,6 @@ local function slow()
   local TWO31 = 2147483648
   local TWO52 = 4503599627370496
   local TWO53 = 9007199254740992
-
-  -- Exact floor(a / d) for integers 0 <= a < 2^53, 1 <= d: the double quotient may be
-  -- one off after rounding, so fix it by checking the remainder.
-  local function idiv(a, d)
-    local q = math.floor(a / d)
-    if q * d > a then
-      q = q - 1
-    elseif (q + 1) * d <= a then
-      q = q + 1
-    end
-    return q
-  end
 
   local function ceil_div(a, d)
     local q = idiv(a, d)
@@ -362,13 +362,7 @@ end
 local function probe_window(l, state, now)
   local TWO32 = 4294967296
   local sub_ms = l.w / l.pb -- exact: the precision divides the window
-  -- floor(now / sub_ms) exactly: the double quotient may be one off after rounding.
-  local b_abs = math.floor(now / sub_ms)
-  if b_abs * sub_ms > now then
-    b_abs = b_abs - 1
-  elseif (b_abs + 1) * sub_ms <= now then
-    b_abs = b_abs + 1
-  end
+  local b_abs = idiv(now, sub_ms)
   local b = b_abs % TWO32
   local sl, len, used, p, n, cost = false, 0, 0, l.pb, l.n, l.cost
   if state then
