@@ -934,6 +934,12 @@ mod redis_store {
                 lim("5/10s"),
                 bucket(3, 2_000, 1).with_unit(Unit::Recipients),
             ],
+            // One sliding window: the script's shortcut. Each shares its counter
+            // with a limit of a tier above, so one hash is written by both paths.
+            vec![lim("3/10s")],
+            vec![lim("4/1m").with_unit(Unit::Recipients)],
+            vec![lim("2/3s").with_precision(3).unwrap()],
+            vec![lim("1/7ms")],
         ]
     }
 
@@ -1035,6 +1041,10 @@ mod redis_store {
             // 1 ms sub-windows kept live by the bucket across 2^31 of them, where
             // sub-window numbers wrap (mod 2^32) and an old slot reads as future.
             vec![lim("3/7ms"), huge],
+            // The same windows alone (the script's one-window shortcut), on hashes
+            // whose idle_at the buckets above pushed past 2^53.
+            vec![lim("3/7ms")],
+            vec![lim("3/10s")],
         ]
     }
 

@@ -37,7 +37,14 @@
 -- garbage for Lua's collector: on a busy server that, not the arithmetic, was most
 -- of the script's CPU. So the hot path (sliding windows, numbers below 2^53) makes
 -- four closures and a few tables; token buckets and the multi-limb integers live
--- in slow(), made only by a call that needs them.
+-- in slow(), made only by a call that needs them. A tier of one sliding window
+-- (the usual case) is decided by one_window(), which skips the tables kept for
+-- several limits. Slots are printed with string.format('%d:%d') (integer
+-- formatting, one string) rather than by concatenating numbers, which formats each
+-- as a double ('%.14g') into a string of its own; the text is the same below 2^32.
+-- Measured under callgrind, one window with one slot: 96,700 instructions per
+-- EVALSHA before these three changes, 82,900 after (an empty script: 9,800; the
+-- time passed by the caller: reading TIME costs about 10,000 more).
 
 -- Exact floor(a / d) for integers 0 <= a < 2^53, 1 <= d: the double quotient may be
 -- one off after rounding, so fix it by checking the remainder. (Used by both parts.)
@@ -366,20 +373,28 @@ local function probe_window(l, state, now)
   local b = b_abs % TWO32
   local sl, len, used, p, n, cost = false, 0, 0, l.pb, l.n, l.cost
   if state then
-    sl = {}
-    for pos, i, c in string.gmatch(state, '()(%d+):(%d+)') do
+    -- string.find from the end of the last match, not gmatch, which makes a closure;
+    -- the first slot's three entries come with the table.
+    local pos, e, i, c = string.find(state, '(%d+):(%d+)')
+    while pos do
       local a = (b - i) % TWO32 -- i: Lua converts the digits
       if a >= 2147483648 then
         a = a - TWO32
       end
       c = tonumber(c)
-      local k = len * 3
-      sl[k + 1], sl[k + 2], sl[k + 3] = pos, c, a
+      if sl then
+        local k = len * 3
+        sl[k + 1], sl[k + 2], sl[k + 3] = pos, c, a
+      else
+        sl = {pos, c, a}
+      end
       len = len + 1
       if a <= p then
         used = used + c
       end
+      pos, e, i, c = string.find(state, '(%d+):(%d+)', e + 1)
     end
+    sl = sl or {}
   end
   l.state, l.b_abs, l.sl, l.len = state, b_abs, sl, len
   l.admit = used + cost <= n
@@ -429,11 +444,11 @@ local function record_window(l)
     -- The current sub-window, or a later one if the clock stepped back.
     local a = sl[last * 3 + 3]
     newest = b_abs - a
-    tail = (b - a) % TWO32 .. ':' .. math.min(sl[last * 3 + 2] + c, TWO32 - 1)
+    tail = string.format('%d:%d', (b - a) % TWO32, math.min(sl[last * 3 + 2] + c, TWO32 - 1))
     merged = last
     m = m - 1
   elseif c > 0 then
-    tail = b .. ':' .. c
+    tail = string.format('%d:%d', b, c)
   end
   local sub_ms = l.w / l.pb
   local x = newest + 1 + p
@@ -454,7 +469,7 @@ local function record_window(l)
     for k = 0, len - 1 do
       if sl[k * 3 + 3] <= p and k ~= merged then
         o = o + 1
-        out[o] = (b - sl[k * 3 + 3]) % TWO32 .. ':' .. sl[k * 3 + 2]
+        out[o] = string.format('%d:%d', (b - sl[k * 3 + 3]) % TWO32, sl[k * 3 + 2])
       end
     end
     head = table.concat(out, ',')
@@ -480,6 +495,64 @@ if now == '' then
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 else
   now = tonumber(now)
+end
+
+-- One sliding-window limit, the usual tier, decided without the tables the general
+-- path below keeps for several limits (the same probe_window and record_window).
+-- Returns nil, having written nothing, for what it leaves to the general path: a
+-- token bucket, and numbers at or past 2^53.
+local function one_window()
+  local id, n, w, pb, cost = string.match(ARGV[2], '^(%d+) w (%d+) (%d+) (%d+) (%d+)$')
+  if not id then
+    return nil
+  end
+  local vals = redis.call('HMGET', key, 'i', id)
+  local idle_at = vals[1]
+  if idle_at then
+    idle_at = string.find(idle_at, '^%d+$') and tonumber(idle_at)
+    if not idle_at or idle_at >= 9007199254740992 then
+      return nil
+    end
+  end
+  local live = idle_at and now < idle_at
+  local l = {
+    id = id, bucket = false, n = tonumber(n), w = tonumber(w), pb = tonumber(pb),
+    cost = tonumber(cost), cost_dec = cost,
+    admit = false, used = 0, rem = 0, retry = '',
+    state = false, b_abs = 0, sl = false, len = 0,
+  }
+  probe_window(l, live and vals[2] or nil, now)
+  if type(l.retry) ~= 'number' and l.retry ~= '' then
+    return nil
+  end
+  if acquire ~= '1' or not l.admit then
+    return {l.admit and -1 or 0, l.retry, l.used, l.rem}
+  end
+  local value, expiry = record_window(l)
+  if type(expiry) ~= 'number' then
+    return nil
+  end
+  local idle = live and idle_at or 0
+  if expiry > idle then
+    idle = expiry
+  end
+  if live and idle == idle_at then
+    redis.call('HSET', key, id, value)
+  else
+    if idle_at and not live then
+      redis.call('DEL', key)
+    end
+    redis.call('HSET', key, id, value, 'i', string.format('%.0f', idle))
+    local ttl = math.min(math.max(idle - now + tonumber(grace), 1), 1125899906842624)
+    redis.call('PEXPIRE', key, string.format('%.0f', ttl))
+  end
+  return {-1, '', l.used, l.rem - l.cost}
+end
+if #ARGV == 2 then
+  local out = one_window()
+  if out then
+    return out
+  end
 end
 
 local nl = #ARGV - 1
