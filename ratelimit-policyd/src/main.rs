@@ -8,6 +8,8 @@ use ratelimit_policyd::cli::{AdminCommand, Cli, Command, Generate};
 use ratelimit_policyd::daemon;
 
 fn main() -> ExitCode {
+    // Before any thread starts (see trim.rs: how glibc's arenas hold free memory).
+    ratelimit_policyd::trim::cap_arenas();
     let cli = Cli::parse();
     match cli.command {
         Some(Command::CheckConfig { file }) => check_config(&file),
