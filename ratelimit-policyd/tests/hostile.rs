@@ -704,16 +704,25 @@ async fn two_thousand_idle_connections_from_one_process_never_lock_a_well_behave
         "{most_open} connections open with a cap of {cap}"
     );
     // Every idle connection beyond the cap, and the good client, took the slot of
-    // one idle longer.
-    let evicted = server
-        .daemon
-        .server
-        .connections_evicted
-        .load(Ordering::Relaxed);
-    assert!(
-        evicted >= (count - cap + 1) as u64,
-        "{evicted} connections evicted for {count} idle ones and the good client, cap {cap}"
-    );
+    // one idle longer. On a loaded machine a few idle connections reach the accept
+    // queue only after the good client (the queue was full when they connected,
+    // and the kernel completed them later): they are admitted, each evicting one,
+    // a moment afterwards, so the count is awaited, not read once.
+    let expected = (count - cap + 1) as u64;
+    support::server::eventually(
+        &format!(
+            "{expected} evictions for {count} idle connections and the good client, cap {cap}"
+        ),
+        || {
+            server
+                .daemon
+                .server
+                .connections_evicted
+                .load(Ordering::Relaxed)
+                >= expected
+        },
+    )
+    .await;
     drop(idle);
     good.finish(&server).await;
     server.stop().await;
