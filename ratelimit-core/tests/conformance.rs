@@ -590,6 +590,59 @@ mod redis_store {
         );
     }
 
+    /// A server that refuses functions (before Redis 7, or an ACL user without
+    /// `FCALL` and `FUNCTION`) gets the same code as a script, and it decides the same.
+    #[test]
+    #[ignore = "needs redis-server; scripts/test installs and starts it"]
+    fn where_functions_are_refused_the_script_conforms() {
+        let _ = NEEDS_REDIS;
+        let user = format!("rl-no-functions-{}", std::process::id());
+        let _: () = redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg(&user)
+            .arg("reset")
+            .arg("on")
+            .arg(">secret")
+            .arg("~*")
+            .arg("+@all")
+            .arg("-fcall")
+            .arg("-function")
+            .query(&mut inspect())
+            .unwrap();
+        let base = redis_url();
+        let mut c = config("no-functions", TimeSource::Caller);
+        c.url = base.replacen("redis://", &format!("redis://{user}:secret@"), 1);
+        let store = store_from(c);
+        // The user really cannot call functions: every decision below is a script's.
+        let mut con = redis::Client::open(store.config().url.as_str())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let refused = redis::cmd("FCALL")
+            .arg("anything")
+            .arg(0)
+            .query::<redis::Value>(&mut con)
+            .unwrap_err();
+        assert_eq!(refused.code(), Some("NOPERM"), "{refused}");
+        conformance(&store, Timestamp::from_millis(BASE));
+        let limits = [lim("2/1h")];
+        let t = Timestamp::from_millis(BASE);
+        let acquire = || store.check("carol", &limits, Cost::units(1), t, Mode::Acquire);
+        assert_eq!(acquire().unwrap().statuses()[0].used, 0);
+        // A lost script cache: the next call sends the script's text (EVAL).
+        redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query::<()>(&mut inspect())
+            .unwrap();
+        assert_eq!(acquire().unwrap().statuses()[0].used, 1);
+        assert!(!acquire().unwrap().is_allowed());
+        let _: i64 = redis::cmd("ACL")
+            .arg("DELUSER")
+            .arg(&user)
+            .query(&mut inspect())
+            .unwrap();
+    }
+
     #[test]
     #[ignore = "needs redis-server; scripts/test installs and starts it"]
     fn redis_store_lays_out_one_hash_per_key_with_a_ttl_and_writes_nothing_on_peek_or_refusal() {
@@ -732,12 +785,24 @@ mod redis_store {
         let acquire = || store.check("bob", &limits, Cost::units(1), t, Mode::Acquire);
         assert_eq!(acquire().unwrap().statuses()[0].used, 0);
         let mut con = inspect();
-        // What a Redis restart does to the script cache.
+        // What a Redis restart without persistence does to the functions and the
+        // script cache: the library is loaded again.
+        let libraries = |con: &mut redis::Connection| -> String {
+            let list: redis::Value = redis::cmd("FUNCTION").arg("LIST").query(con).unwrap();
+            format!("{list:?}")
+        };
+        assert!(libraries(&mut con).contains("ratelimit_"));
+        redis::cmd("FUNCTION")
+            .arg("FLUSH")
+            .query::<()>(&mut con)
+            .unwrap();
         redis::cmd("SCRIPT")
             .arg("FLUSH")
             .query::<()>(&mut con)
             .unwrap();
+        assert!(!libraries(&mut con).contains("ratelimit_"));
         assert_eq!(acquire().unwrap().statuses()[0].used, 1);
+        assert!(libraries(&mut con).contains("ratelimit_"));
         // What a restart does to connections: they are closed under the store.
         let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut con).unwrap();
         let ours: Vec<&str> = list
@@ -1230,9 +1295,9 @@ mod redis_store {
                     for i in 0..300 {
                         let k = (i + th) % KEYS;
                         if i == 150 && th == 0 {
-                            // The server loses the script mid-run: every call that
+                            // The server loses the code mid-run: every call that
                             // found it missing is sent again, none is lost or doubled.
-                            redis::cmd("SCRIPT")
+                            redis::cmd("FUNCTION")
                                 .arg("FLUSH")
                                 .query::<()>(&mut inspect())
                                 .unwrap();

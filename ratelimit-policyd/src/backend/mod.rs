@@ -53,9 +53,9 @@ use circuit::Guard;
 pub use circuit::{FIRST_OPEN, Health, MAX_OPEN, OPEN_AFTER, REOPEN_WITHIN};
 use fallback::Local;
 
-/// How many command round trips one Redis call may take at worst: the script
-/// call, and after a Redis restart its `NOSCRIPT` answer, the `SCRIPT LOAD` and the
-/// call again.
+/// How many command round trips one Redis call may take at worst: the call, and
+/// after a Redis restart (the code missing) `FUNCTION LOAD` and the call again, or
+/// the script's `EVAL`.
 const REDIS_ROUND_TRIPS: u32 = 3;
 
 // Per-user baselines: their store trait and the backend's methods for them.

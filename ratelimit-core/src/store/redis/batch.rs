@@ -1,7 +1,8 @@
 //! Batched decisions ([`RedisStoreConfig::batch`](super::RedisStoreConfig::batch)):
 //! the decisions of several threads that wait for Redis at the same moment go out as
-//! one pipelined write of `EVALSHA`s and come back in one read, so Redis and this
-//! process make one pair of system calls for the lot instead of one per decision.
+//! one pipelined write of `FCALL`s (or `EVALSHA`s) and come back in one read, so
+//! Redis and this process make one pair of system calls for the lot instead of one
+//! per decision.
 //!
 //! No thread of its own: the first caller to find no batch in flight leads one (its
 //! own decision and whatever queued meanwhile); callers that arrive while a batch is
@@ -15,14 +16,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
-use redis::{ErrorKind, RedisResult, ServerErrorKind};
+use redis::{Cmd, ErrorKind, RedisResult};
 
-use super::RedisStore;
 use super::connection::Conn;
+use super::{RedisStore, script};
 use crate::store::StoreError;
 
 /// The longest a caller waits, in command timeouts beyond one connect (the same
-/// bound as an unbatched call: a connect, `SCRIPT LOAD`, the call, a retry).
+/// bound as an unbatched call: a connect, the call, loading the code, the call again).
 const ROUND_TRIPS: u32 = 3;
 
 /// Batches in flight at once, each on its own connection. Two measured no faster
@@ -182,9 +183,10 @@ impl RedisStore {
         }
     }
 
-    /// The pipelined `EVALSHA`s of `jobs` on `con`, one reply (or error reply) per
-    /// job; loads the script first if this store has not yet, and again for the
-    /// calls that found it missing (`NOSCRIPT`). Before each round trip the
+    /// The pipelined decisions (`FCALL`s, or `EVALSHA`s) of `jobs` on `con`, one
+    /// reply (or error reply) per job. The calls that found the code missing are
+    /// sent again after loading it ([`RedisStore::reload_library`]), or as `EVAL`s
+    /// of the script's text: at most three round trips. Before each round trip the
     /// connection's timeouts are cut to what is left until `deadline` (`cut` says
     /// whether they were).
     fn pipeline(
@@ -202,45 +204,52 @@ impl RedisStore {
             *cut |= con.fit(deadline, timeout)?;
             Ok(())
         };
-        let known = self.sha.lock().clone();
-        let sha = match known {
-            Some(sha) => sha,
-            None => {
-                fit(con)?;
-                self.load_script(con)?
-            }
-        };
-        let send = |con: &mut Conn, sha: &str, which: &[&Arc<Job>]| {
+        let send = |con: &mut Conn, cmds: &mut dyn Iterator<Item = Cmd>| {
             let mut pipe = redis::pipe();
             pipe.ignore_errors();
-            for job in which {
-                pipe.cmd("EVALSHA")
-                    .arg(sha)
-                    .arg(1)
-                    .arg(&job.name)
-                    .arg(&job.args);
+            for cmd in cmds {
+                pipe.add_command(cmd);
             }
             pipe.query::<Vec<RedisResult<Vec<String>>>>(con)
         };
-        let all: Vec<&Arc<Job>> = jobs.iter().collect();
+        let functions = self.uses_functions();
         fit(con)?;
-        let mut replies = send(con, &sha, &all)?;
+        let mut replies = send(
+            con,
+            &mut jobs
+                .iter()
+                .map(|job| Self::decision_cmd(functions, &job.name, &job.args)),
+        )?;
         let missing: Vec<usize> = replies
             .iter()
             .enumerate()
-            .filter(|(_, r)| {
-                matches!(r, Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript))
-            })
+            .filter(|(_, r)| matches!(r, Err(e) if script::lacks_code(e, functions)))
             .map(|(i, _)| i)
             .collect();
-        if !missing.is_empty() {
-            // The server lost the script (a restart, `SCRIPT FLUSH`): none of these
-            // ran. Load it and send them again.
+        let first_missing = missing
+            .first()
+            .and_then(|&i| replies.get(i))
+            .and_then(|r| r.as_ref().err().cloned());
+        if let Some(e) = first_missing {
+            // The server lacks the code (a restart, a flush) or refuses functions:
+            // none of these ran. Load it and send them again.
+            let again_functions = if functions {
+                fit(con)?;
+                self.reload_library(con, &e)?
+            } else {
+                false
+            };
             fit(con)?;
-            let sha = self.load_script(con)?;
-            let again: Vec<&Arc<Job>> = missing.iter().filter_map(|&i| jobs.get(i)).collect();
-            fit(con)?;
-            let retried = send(con, &sha, &again)?;
+            let retried = send(
+                con,
+                &mut missing.iter().filter_map(|&i| jobs.get(i)).map(|job| {
+                    if again_functions {
+                        Self::decision_cmd(true, &job.name, &job.args)
+                    } else {
+                        Self::eval_text_cmd(&job.name, &job.args)
+                    }
+                }),
+            )?;
             for (i, reply) in missing.into_iter().zip(retried) {
                 if let Some(slot) = replies.get_mut(i) {
                     *slot = reply;

@@ -172,23 +172,25 @@ fn by_address(host: &str, port: u16) -> RoutingInfo {
     })
 }
 
-/// Whether `cmd` is `SCRIPT LOAD`.
-fn is_script_load(cmd: &Cmd) -> bool {
+/// Whether `cmd` is `SCRIPT LOAD` or `FUNCTION LOAD`.
+fn is_code_load(cmd: &Cmd) -> bool {
     let mut args = cmd.args_iter().map(|a| match a {
         redis::Arg::Simple(bytes) => bytes,
         _ => &b""[..],
     });
     args.next()
-        .is_some_and(|a| a.eq_ignore_ascii_case(b"SCRIPT"))
+        .is_some_and(|a| a.eq_ignore_ascii_case(b"SCRIPT") || a.eq_ignore_ascii_case(b"FUNCTION"))
         && args.next().is_some_and(|a| a.eq_ignore_ascii_case(b"LOAD"))
 }
 
 /// `cmd` on a cluster: routed by its key to the slot's master, following one `MOVED`
 /// or `ASK` redirection (the client itself is built without retries).
 fn cluster_command(con: &mut ClusterConnection, stale: &mut bool, cmd: &Cmd) -> RedisResult<Value> {
-    if is_script_load(cmd) {
-        // Scripts are cached per node and not replicated: load on every master
-        // (a master that is down is skipped; it will answer NOSCRIPT once it is back).
+    if is_code_load(cmd) {
+        // Scripts are cached per node and not replicated, and a function library
+        // loaded on one master is not on the others: load on every master (a master
+        // that is down is skipped; it will answer NOSCRIPT, or that the function is
+        // not found, once it is back).
         let route = RoutingInfo::MultiNode((
             MultipleNodeRoutingInfo::AllMasters,
             Some(ResponsePolicy::OneSucceeded),

@@ -3,14 +3,21 @@
 //!
 //! # One round trip per decision
 //!
-//! Every [`Store::check`] is one `EVALSHA` of `redis_check.lua`, a script that mirrors
+//! Every [`Store::check`] is one `FCALL` of `redis_check.lua`, Lua code that mirrors
 //! [`KeyState::apply`](crate::KeyState::apply) step for step (same sub-window numbering,
 //! same all-or-nothing rule, shared counters charged once, same `retry_after`, `used`
 //! and `remaining`, same tolerance of a clock stepping back). Redis runs a script
 //! atomically, so the decision and the recording are one step for every caller on
-//! every host: the [`Store`] contract holds across the fleet. The script is loaded
-//! once with `SCRIPT LOAD` and called by its SHA; after a Redis restart (which empties
-//! the script cache) the `NOSCRIPT` answer makes the store load it again and retry.
+//! every host: the [`Store`] contract holds across the fleet. The code is a function
+//! library (Redis 7 and later), loaded with `FUNCTION LOAD` under a name made from a
+//! hash of its text (so servers of two versions sharing one Redis during an upgrade
+//! each call their own); where the server lacks it (a restart without persistence,
+//! `FUNCTION FLUSH`) the store loads it and calls again. A server without functions
+//! (before Redis 7), or an ACL user not allowed `FCALL` and `FUNCTION`, gets the same
+//! code as a script, called with `EVALSHA` (and `EVAL` of its text where the script
+//! cache lacks it); the decisions are the same, and a function costs Redis fewer
+//! instructions (a script makes its functions and tables again on every call).
+//! Either way a decision takes at most three round trips.
 //!
 //! # Data layout
 //!
@@ -109,9 +116,10 @@
 //!   A decision whose connection dropped mid-command is retried: if the dying master
 //!   had recorded it and its replica received it, the event counts twice (erring
 //!   toward limiting).
-//! - `NOSCRIPT` (a promoted replica has no script cache): the script is loaded on
-//!   every master that answers (`SCRIPT LOAD` is routed to all of them) and called
-//!   again.
+//! - the function missing on a node (a node restarted without persistence, or
+//!   added): the library is loaded on every master that answers (`FUNCTION LOAD` is
+//!   routed to all of them; replicas get it from their master) and called again. With
+//!   scripts, `NOSCRIPT`: the call is sent again as `EVAL` of the script's text.
 //!
 //! Opening a cluster connection connects to every node in the slot map, in turn,
 //! each within [`RedisStoreConfig::connect_timeout`]. [`Scan`](super::Scan) and
@@ -141,6 +149,7 @@
 //! - `distinct.rs`: [`DistinctStore`](crate::distinct::DistinctStore), the second script.
 
 use std::fmt;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -189,8 +198,8 @@ pub struct RedisStore {
     endpoint: String,
     /// Idle connections; the lock is held only to push or pop one.
     pool: Mutex<Vec<connection::Conn>>,
-    /// The script's SHA once loaded (the same on every server for the same script).
-    sha: Mutex<Option<String>>,
+    /// The server refused functions (`FCALL`): decisions are `EVALSHA`s of the script.
+    no_functions: AtomicBool,
     /// Decisions waiting to go out in one pipelined batch ([`RedisStoreConfig::batch`]).
     batcher: batch::Batcher,
 }
@@ -225,7 +234,7 @@ impl RedisStore {
             endpoint: config.endpoint(),
             config,
             pool: Mutex::new(Vec::new()),
-            sha: Mutex::new(None),
+            no_functions: AtomicBool::new(false),
             batcher: batch::Batcher::default(),
         })
     }
@@ -269,8 +278,8 @@ impl RedisStore {
 }
 
 impl Store for RedisStore {
-    /// One `EVALSHA` round trip; atomic on the Redis server against every other
-    /// caller of every host.
+    /// One `FCALL` (or `EVALSHA`) round trip; atomic on the Redis server against
+    /// every other caller of every host.
     fn check(
         &self,
         key: &str,

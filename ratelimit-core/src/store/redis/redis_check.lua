@@ -4,13 +4,20 @@
 -- that first. The conformance suite (tests/conformance.rs) runs both on the same
 -- histories and requires identical decisions.
 --
--- KEYS[1]   the key's hash
--- ARGV[1]   "<acquire> <now> <grace>": acquire is 1 (record if every limit admits)
---           or 0 (peek); now in ms since the Unix epoch, or empty for the server's
---           TIME; grace, the extra TTL in ms kept beyond idle_at
--- ARGV[2..] one per limit: "<id> <kind> <n> <w> <pb> <cost>": counter id (decimal
---           u64), kind w (sliding window) or b (token bucket), count, window (ms),
---           precision (window) or burst (bucket), cost in the limit's unit (u64)
+-- The file is a Redis function library without its first and last lines: the store
+-- loads it with FUNCTION LOAD as a library (Redis 7 and later) and calls check() with
+-- FCALL, and on a server without functions as a script whose last line is
+-- `return check(KEYS, ARGV)`, called with EVALSHA (see script.rs). The same code
+-- decides either way.
+--
+-- keys[1]   the key's hash
+-- args[1]   "<acquire> <grace>": acquire is 1 (record if every limit admits) or 0
+--           (peek); grace, the extra TTL in ms kept beyond idle_at
+-- args[2]   now in ms since the Unix epoch, or empty for the server's TIME
+-- args[3..] two per limit: "<id> <kind> <n> <w> <pb>", then the cost: counter id
+--           (decimal u64), kind w (sliding window) or b (token bucket), count,
+--           window (ms), precision (window) or burst (bucket); the cost in the
+--           limit's unit (decimal u64)
 --
 -- The hash holds "i" = idle_at (ms, decimal) and one field per counter id:
 --   window: "idx:count,idx:count" oldest first, idx = sub-window number mod 2^32
@@ -32,24 +39,31 @@
 -- do an idle_at past 2^53 and a window's expiry or retry time past it (a slot far
 -- in the future: `mul64`).
 
--- Cost. Redis runs the whole file on every call, so every closure it defines is
--- made anew each time, with its upvalues, and every table and string it makes is
--- garbage for Lua's collector: on a busy server that, not the arithmetic, was most
--- of the script's CPU. So the hot path (sliding windows, numbers below 2^53) makes
--- four closures and a few tables; token buckets and the multi-limb integers live
--- in slow(), made only by a call that needs them. A tier of one sliding window
--- (the usual case) is decided by one_window(), which skips the tables kept for
--- several limits. Slots are printed with string.format('%d:%d') (integer
--- formatting, one string) rather than by concatenating numbers, which formats each
--- as a double ('%.14g') into a string of its own; the text is the same below 2^32.
--- Measured under callgrind, one window with one slot: 96,700 instructions per
--- EVALSHA before these three changes, 82,900 after (an empty script: 9,800; the
--- time passed by the caller: reading TIME costs about 10,000 more).
+-- Cost. As a script, Redis runs the whole file on every call, so every closure it
+-- defines is made anew each time, with its upvalues, and every table and string it
+-- makes is garbage for Lua's collector; as a function library, the file runs once
+-- and check() is called, so what lives at library level (the functions, the parsed
+-- arguments, the table one_window() reuses) is made once. Either way most of the
+-- CPU is in calls to C (string.find, string.format, tonumber, math.*: 600 to 3,000
+-- instructions each, measured) and in tables made per call, not in arithmetic. So
+-- the hot path (sliding windows, numbers below 2^53) avoids both where it can:
+-- token buckets and the multi-limb integers live in slow(), made only by a call
+-- that needs them; a tier of one sliding window (the usual case) is decided by
+-- one_window(), without the general path's tables; floors and minimums are
+-- arithmetic, not math.floor or math.min; a validated decimal is converted with
+-- `+ 0` (one strtod; tonumber makes two); slots are printed with
+-- string.format('%d:%d') rather than by concatenating numbers, which formats each
+-- as a double ('%.14g') into a string of its own (the text is the same below 2^32).
+-- Measured under callgrind, one window on keys holding one slot, the time passed by
+-- the caller: 96,700 instructions per EVALSHA of the first version, 82,900 with
+-- one_window(), 61,500 per FCALL of this file (an empty function: 15,400; reading
+-- TIME adds about 13,000).
 
 -- Exact floor(a / d) for integers 0 <= a < 2^53, 1 <= d: the double quotient may be
 -- one off after rounding, so fix it by checking the remainder. (Used by both parts.)
 local function idiv(a, d)
-  local q = math.floor(a / d)
+  local q = a / d
+  q = q - q % 1 -- floor, without the cost of calling math.floor
   if q * d > a then
     q = q - 1
   elseif (q + 1) * d <= a then
@@ -371,7 +385,7 @@ local function probe_window(l, state, now)
   local sub_ms = l.w / l.pb -- exact: the precision divides the window
   local b_abs = idiv(now, sub_ms)
   local b = b_abs % TWO32
-  local sl, len, used, p, n, cost = false, 0, 0, l.pb, l.n, l.cost
+  local sl, len, used, p, n, cost = l.sl, 0, 0, l.pb, l.n, l.cost
   if state then
     -- string.find from the end of the last match, not gmatch, which makes a closure;
     -- the first slot's three entries come with the table.
@@ -381,7 +395,7 @@ local function probe_window(l, state, now)
       if a >= 2147483648 then
         a = a - TWO32
       end
-      c = tonumber(c)
+      c = c + 0 -- one conversion (tonumber makes two)
       if sl then
         local k = len * 3
         sl[k + 1], sl[k + 2], sl[k + 3] = pos, c, a
@@ -392,13 +406,16 @@ local function probe_window(l, state, now)
       if a <= p then
         used = used + c
       end
+      if e == #state then
+        break -- the last slot: no need to search again
+      end
       pos, e, i, c = string.find(state, '(%d+):(%d+)', e + 1)
     end
     sl = sl or {}
   end
   l.state, l.b_abs, l.sl, l.len = state, b_abs, sl, len
   l.admit = used + cost <= n
-  l.used, l.rem = used, math.max(n - used, 0)
+  l.used, l.rem = used, used < n and n - used or 0
   if not l.admit and cost <= n then
     -- Oldest first: when enough sub-windows have left the window to fit cost.
     local left = used
@@ -438,13 +455,14 @@ local function record_window(l)
       suffix = false
     end
   end
-  local c = math.min(l.cost, TWO32 - 1)
+  local c = l.cost < TWO32 and l.cost or TWO32 - 1
   local newest, tail, merged = b_abs, '', nil
   if last and sl[last * 3 + 3] <= 0 then
     -- The current sub-window, or a later one if the clock stepped back.
     local a = sl[last * 3 + 3]
     newest = b_abs - a
-    tail = string.format('%d:%d', (b - a) % TWO32, math.min(sl[last * 3 + 2] + c, TWO32 - 1))
+    local sum = sl[last * 3 + 2] + c
+    tail = string.format('%d:%d', (b - a) % TWO32, sum < TWO32 and sum or TWO32 - 1)
     merged = last
     m = m - 1
   elseif c > 0 then
@@ -479,53 +497,128 @@ end
 
 -- The decision ----------------------------------------------------------------------
 
-local key = KEYS[1]
-local acquire, now, grace = string.match(ARGV[1], '^([01]) (%d*) (%d+)$')
-if not acquire then
-  error('ratelimit: bad arguments: ' .. ARGV[1])
-end
-if now == '' then
-  -- Time from the server so every host agrees. A script that reads TIME and then
-  -- writes needs effects replication: the default from Redis 5, asked for here on
-  -- older servers (it is a no-op where it is the default).
-  if redis.replicate_commands then
-    redis.replicate_commands()
+-- Parsed arguments, by kind and text. The flags ("<acquire> <grace>"), a limit
+-- ("<id> <kind> <n> <w> <pb>") and most costs are the same text on every call of a
+-- tier, so a function (FCALL), whose library-level values live as long as the
+-- library, parses each once; a script (EVALSHA) starts every call with empty
+-- tables. Emptied when they hold 1024 texts between them, so a caller sending ever
+-- new texts cannot grow them without bound.
+local parsed, nparsed = {flags = {}, limit = {}, cost = {}}, 0
+
+local function remember(kind, text, value)
+  if nparsed >= 1024 then
+    parsed, nparsed = {flags = {}, limit = {}, cost = {}}, 0
   end
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-else
-  now = tonumber(now)
+  parsed[kind][text], nparsed = value, nparsed + 1
+  return value
+end
+
+local function parse_flags(text)
+  local p = parsed.flags[text]
+  if p then
+    return p
+  end
+  local acquire, grace = string.match(text, '^([01]) (%d+)$')
+  if not acquire then
+    error('ratelimit: bad arguments: ' .. text)
+  end
+  return remember('flags', text, {acquire = acquire == '1', grace = tonumber(grace)})
+end
+
+local function parse_limit(text)
+  local p = parsed.limit[text]
+  if p then
+    return p
+  end
+  local id, kind, n, w, pb = string.match(text, '^(%d+) ([wb]) (%d+) (%d+) (%d+)$')
+  if not id then
+    error('ratelimit: bad limit argument: ' .. text)
+  end
+  return remember('limit', text,
+    {id = id, bucket = kind == 'b', n = tonumber(n), w = tonumber(w), pb = tonumber(pb)})
+end
+
+local function parse_cost(text)
+  local c = parsed.cost[text]
+  if c then
+    return c
+  end
+  c = string.find(text, '^%d+$') and text + 0
+  if not c then
+    error('ratelimit: bad cost argument: ' .. text)
+  end
+  return remember('cost', text, c)
+end
+
+-- A limit's working state for one decision: its parsed argument, its cost (a double,
+-- and the decimal text for the exact path), and what probing it found. Every field a
+-- window's probe sets is listed, so the table is sized once (a bucket's probe adds
+-- its own).
+local function working(p, cost_text)
+  return {
+    id = p.id, bucket = p.bucket, n = p.n, w = p.w, pb = p.pb,
+    cost = parse_cost(cost_text), cost_dec = cost_text,
+    admit = false, used = 0, rem = 0, retry = '',
+    state = false, b_abs = 0, sl = false, len = 0,
+  }
+end
+
+-- The same for one_window(), in a table (and slot array) that a function reuses from
+-- call to call instead of making new ones: every field is set again, and the slot
+-- array is read only up to the length the probe sets.
+-- (A literal: the string library is not there while FUNCTION LOAD runs the file.)
+local reused = {
+  id = '0', bucket = false, n = 0, w = 1, pb = 1, cost = 0, cost_dec = '0',
+  admit = false, used = 0, rem = 0, retry = '',
+  state = false, b_abs = 0, sl = {}, len = 0,
+}
+local function working_again(p, cost_text)
+  local l = reused
+  l.id, l.bucket, l.n, l.w, l.pb = p.id, false, p.n, p.w, p.pb
+  l.cost, l.cost_dec = parse_cost(cost_text), cost_text
+  l.admit, l.used, l.rem, l.retry = false, 0, 0, ''
+  l.state, l.b_abs, l.len = false, 0, 0
+  return l
+end
+
+-- Sets the TTL that forgets the key once it is idle (plus the grace). Capped at 2^50
+-- ms so the server accepts it; a key live longer than that is not a real case.
+local function expire(key, idle, now, grace)
+  local ttl = 1125899906842624
+  if type(idle) == 'number' then
+    local t = idle - now + grace
+    if t < 1 then
+      ttl = 1
+    elseif t < ttl then
+      ttl = t
+    end
+  end
+  redis.call('PEXPIRE', key, string.format('%.0f', ttl))
 end
 
 -- One sliding-window limit, the usual tier, decided without the tables the general
--- path below keeps for several limits (the same probe_window and record_window).
--- Returns nil, having written nothing, for what it leaves to the general path: a
--- token bucket, and numbers at or past 2^53.
-local function one_window()
-  local id, n, w, pb, cost = string.match(ARGV[2], '^(%d+) w (%d+) (%d+) (%d+) (%d+)$')
-  if not id then
+-- path keeps for several limits (the same probe_window and record_window). Returns
+-- nil, having written nothing, for what it leaves to the general path: a token
+-- bucket, and numbers at or past 2^53.
+local function one_window(key, acquire, now, grace, p, cost_text)
+  if p.bucket then
     return nil
   end
-  local vals = redis.call('HMGET', key, 'i', id)
+  local vals = redis.call('HMGET', key, 'i', p.id)
   local idle_at = vals[1]
   if idle_at then
-    idle_at = string.find(idle_at, '^%d+$') and tonumber(idle_at)
+    idle_at = string.find(idle_at, '^%d+$') and idle_at + 0
     if not idle_at or idle_at >= 9007199254740992 then
       return nil
     end
   end
   local live = idle_at and now < idle_at
-  local l = {
-    id = id, bucket = false, n = tonumber(n), w = tonumber(w), pb = tonumber(pb),
-    cost = tonumber(cost), cost_dec = cost,
-    admit = false, used = 0, rem = 0, retry = '',
-    state = false, b_abs = 0, sl = false, len = 0,
-  }
+  local l = working_again(p, cost_text)
   probe_window(l, live and vals[2] or nil, now)
   if type(l.retry) ~= 'number' and l.retry ~= '' then
     return nil
   end
-  if acquire ~= '1' or not l.admit then
+  if not acquire or not l.admit then
     return {l.admit and -1 or 0, l.retry, l.used, l.rem}
   end
   local value, expiry = record_window(l)
@@ -537,88 +630,70 @@ local function one_window()
     idle = expiry
   end
   if live and idle == idle_at then
-    redis.call('HSET', key, id, value)
+    redis.call('HSET', key, p.id, value)
   else
     if idle_at and not live then
       redis.call('DEL', key)
     end
-    redis.call('HSET', key, id, value, 'i', string.format('%.0f', idle))
-    local ttl = math.min(math.max(idle - now + tonumber(grace), 1), 1125899906842624)
-    redis.call('PEXPIRE', key, string.format('%.0f', ttl))
+    redis.call('HSET', key, p.id, value, 'i', string.format('%.0f', idle))
+    expire(key, idle, now, grace)
   end
   return {-1, '', l.used, l.rem - l.cost}
 end
-if #ARGV == 2 then
-  local out = one_window()
-  if out then
+
+-- Any tier: every limit probed, then, if all admit and this is an acquire, every
+-- limit recorded.
+local function general(key, acquire, now, grace, args)
+  local nl = (#args - 2) / 2
+  local limits, fields = {}, {'i'}
+  for j = 1, nl do
+    local l = working(parse_limit(args[j * 2 + 1]), args[j * 2 + 2])
+    limits[j] = l
+    fields[j + 1] = l.id
+  end
+
+  local vals = redis.call('HMGET', key, unpack(fields))
+  local idle_at = vals[1]
+  if idle_at then
+    local x = string.find(idle_at, '^%d+$') and tonumber(idle_at)
+    if not x then
+      error('ratelimit: not a decimal integer in idle_at: ' .. idle_at)
+    end
+    if x < 9007199254740992 then
+      idle_at = x
+    else
+      idle_at = slow().stored(idle_at, 'idle_at')
+    end
+  end
+  -- A key with nothing recorded, or whose every counter has decayed, reads as empty.
+  local live = idle_at and (type(idle_at) == 'table' or now < idle_at)
+
+  local denied, retry = -1, ''
+  for j = 1, nl do
+    local l = limits[j]
+    local state = live and vals[j + 1] or nil
+    if l.bucket then
+      slow().probe_bucket(l, state, now)
+    else
+      probe_window(l, state, now)
+    end
+    if not l.admit and denied < 0 then
+      denied, retry = j - 1, l.retry
+    end
+  end
+
+  local record = acquire and denied < 0
+  local out = {denied, retry}
+  for j = 1, nl do
+    local l = limits[j]
+    out[j * 2 + 1] = l.used
+    -- Recorded: every limit admitted cost, so cost <= rem < 2^32.
+    out[j * 2 + 2] = record and l.rem - l.cost or l.rem
+  end
+  if not record then
     return out
   end
-end
 
-local nl = #ARGV - 1
-local limits, fields = {}, {'i'}
-for j = 1, nl do
-  local arg = ARGV[j + 1]
-  local id, kind, n, w, pb, cost = string.match(arg, '^(%d+) ([wb]) (%d+) (%d+) (%d+) (%d+)$')
-  if not id then
-    error('ratelimit: bad limit argument: ' .. arg)
-  end
-  -- Every field a window's probe sets is listed, so the table is sized once (a
-  -- bucket's probe adds its own).
-  limits[j] = {
-    id = id,
-    bucket = kind == 'b',
-    n = tonumber(n),
-    w = tonumber(w),
-    pb = tonumber(pb),
-    cost = tonumber(cost),
-    cost_dec = cost,
-    admit = false, used = 0, rem = 0, retry = '',
-    state = false, b_abs = 0, sl = false, len = 0,
-  }
-  fields[j + 1] = id
-end
-
-local vals = redis.call('HMGET', key, unpack(fields))
-local idle_at = vals[1]
-if idle_at then
-  local x = string.find(idle_at, '^%d+$') and tonumber(idle_at)
-  if not x then
-    error('ratelimit: not a decimal integer in idle_at: ' .. idle_at)
-  end
-  if x < 9007199254740992 then
-    idle_at = x
-  else
-    idle_at = slow().stored(idle_at, 'idle_at')
-  end
-end
--- A key with nothing recorded, or whose every counter has decayed, reads as empty.
-local live = idle_at and (type(idle_at) == 'table' or now < idle_at)
-
-local denied, retry = -1, ''
-for j = 1, nl do
-  local l = limits[j]
-  local state = live and vals[j + 1] or nil
-  if l.bucket then
-    slow().probe_bucket(l, state, now)
-  else
-    probe_window(l, state, now)
-  end
-  if not l.admit and denied < 0 then
-    denied, retry = j - 1, l.retry
-  end
-end
-
-local record = acquire == '1' and denied < 0
-local out = {denied, retry}
-for j = 1, nl do
-  local l = limits[j]
-  out[j * 2 + 1] = l.used
-  -- Recorded: every limit admitted cost, so cost <= rem < 2^32.
-  out[j * 2 + 2] = record and l.rem - l.cost or l.rem
-end
-
-if record then
   local idle = 0
   if live then
     idle = idle_at
@@ -660,14 +735,40 @@ if record then
   end
   redis.call('HSET', key, unpack(hset))
   if moved then
-    -- Forget the key once it is idle (plus the grace). Capped at 2^50 ms so the
-    -- server accepts it; a key live longer than that is not a real case.
-    local ttl = 1125899906842624
-    if type(idle) == 'number' then
-      ttl = math.min(math.max(idle - now + tonumber(grace), 1), ttl)
-    end
-    redis.call('PEXPIRE', key, string.format('%.0f', ttl))
+    expire(key, idle, now, grace)
   end
+  return out
 end
 
-return out
+-- The entry point: keys and args as in the header.
+local function check(keys, args)
+  local key = keys[1]
+  if #args < 4 or #args % 2 ~= 0 then
+    error('ratelimit: expected flags, time and (limit, cost) pairs, got ' .. #args .. ' arguments')
+  end
+  local flags = parse_flags(args[1])
+  local now = args[2]
+  if now == '' then
+    -- Time from the server so every host agrees. A script that reads TIME and then
+    -- writes needs effects replication: the default from Redis 5, asked for here on
+    -- older servers (it is a no-op where it is the default).
+    if redis.replicate_commands then
+      redis.replicate_commands()
+    end
+    local t = redis.call('TIME')
+    local us = t[2] + 0
+    now = t[1] * 1000 + (us - us % 1000) / 1000
+  else
+    now = string.find(now, '^%d+$') and now + 0
+    if not now then
+      error('ratelimit: bad time argument: ' .. args[2])
+    end
+  end
+  if #args == 4 then
+    local out = one_window(key, flags.acquire, now, flags.grace, parse_limit(args[3]), args[4])
+    if out then
+      return out
+    end
+  end
+  return general(key, flags.acquire, now, flags.grace, args)
+end
