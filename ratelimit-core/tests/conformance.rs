@@ -800,7 +800,8 @@ mod redis_store {
             .arg("FLUSH")
             .query::<()>(&mut con)
             .unwrap();
-        assert!(!libraries(&mut con).contains("ratelimit_"));
+        // (Other tests share this server and may load it first; the restart test
+        // below has a server of its own, which starts without it.)
         assert_eq!(acquire().unwrap().statuses()[0].used, 1);
         assert!(libraries(&mut con).contains("ratelimit_"));
         // What a restart does to connections: they are closed under the store.
@@ -889,10 +890,57 @@ mod redis_store {
 
         let _server = OwnServer::start(port);
         wait_until_up(&store);
-        // A new server (no persistence): counters and the script cache are gone,
-        // and the store reconnects and reloads the script by itself.
+        // A new server (no persistence): counters and the functions are gone, and
+        // the store reconnects and loads its library by itself.
         assert_eq!(acquire().unwrap().statuses()[0].used, 0);
         assert_eq!(acquire().unwrap().statuses()[0].used, 1);
+    }
+
+    /// A Redis out of memory (`maxmemory` reached, `noeviction`) refuses writes: an
+    /// acquire fails, but a peek (RCPT, DATA) is still decided, as it was when the
+    /// code was a script: peeks call the library's `no-writes` function.
+    #[test]
+    #[ignore = "needs redis-server; scripts/test installs and starts it"]
+    fn out_of_memory_refuses_acquires_but_still_answers_peeks() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut c = config("oom", TimeSource::Server);
+        c.url = format!("redis://127.0.0.1:{port}/");
+        let store = RedisStore::new(c).unwrap();
+        let _server = OwnServer::start(port);
+        wait_until_up(&store);
+        let limits = [lim("3/1h")];
+        let t = Timestamp::from_millis(BASE);
+        let check = |mode| store.check("dave", &limits, Cost::units(1), t, mode);
+        assert_eq!(check(Mode::Acquire).unwrap().statuses()[0].used, 0);
+        let mut con = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        for (k, v) in [("maxmemory-policy", "noeviction"), ("maxmemory", "1")] {
+            let _: () = redis::cmd("CONFIG")
+                .arg("SET")
+                .arg(k)
+                .arg(v)
+                .query(&mut con)
+                .unwrap();
+        }
+        let peek = check(Mode::Peek).unwrap();
+        assert_eq!(peek.statuses()[0].used, 1);
+        assert!(peek.is_allowed());
+        let err = check(Mode::Acquire).unwrap_err();
+        assert!(err.to_string().contains("OOM"), "{err}");
+        // Memory back: acquires are decided again, and nothing was charged meanwhile.
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory")
+            .arg("0")
+            .query(&mut con)
+            .unwrap();
+        assert_eq!(check(Mode::Acquire).unwrap().statuses()[0].used, 1);
     }
 
     #[test]

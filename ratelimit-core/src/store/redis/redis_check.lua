@@ -7,7 +7,7 @@
 -- The file is a Redis function library without its first and last lines: the store
 -- loads it with FUNCTION LOAD as a library (Redis 7 and later) and calls check() with
 -- FCALL, and on a server without functions as a script whose last line is
--- `return check(KEYS, ARGV)`, called with EVALSHA (see script.rs). The same code
+-- `return check(KEYS, ARGV, true)`, called with EVALSHA (see script.rs). The same code
 -- decides either way.
 --
 -- keys[1]   the key's hash
@@ -56,8 +56,10 @@
 -- as a double ('%.14g') into a string of its own (the text is the same below 2^32).
 -- Measured under callgrind, one window on keys holding one slot, the time passed by
 -- the caller: 96,700 instructions per EVALSHA of the first version, 82,900 with
--- one_window(), 61,500 per FCALL of this file (an empty function: 15,400; reading
--- TIME adds about 13,000).
+-- one_window(), 61,000 per FCALL of this file (an empty function: 15,400; reading
+-- TIME adds about 10,000). The same file as a script costs 102,500: making its 14
+-- closures (about 400 instructions each, more with their upvalues) and its tables
+-- (a table of 15 named fields: about 5,400) on every call.
 
 -- Exact floor(a / d) for integers 0 <= a < 2^53, 1 <= d: the double quotient may be
 -- one off after rounding, so fix it by checking the remainder. (Used by both parts.)
@@ -502,19 +504,23 @@ end
 -- tier, so a function (FCALL), whose library-level values live as long as the
 -- library, parses each once; a script (EVALSHA) starts every call with empty
 -- tables. Emptied when they hold 1024 texts between them, so a caller sending ever
--- new texts cannot grow them without bound.
-local parsed, nparsed = {flags = {}, limit = {}, cost = {}}, 0
+-- new texts cannot grow them without bound. A script, whose tables would not outlive
+-- the call, keeps nothing (check()'s `once`): filling tables only to drop them cost
+-- it more than the parsing.
+local parsed, nparsed, keep = nil, 0, true
 
 local function remember(kind, text, value)
-  if nparsed >= 1024 then
-    parsed, nparsed = {flags = {}, limit = {}, cost = {}}, 0
+  if keep then
+    if not parsed or nparsed >= 1024 then
+      parsed, nparsed = {flags = {}, limit = {}, cost = {}}, 0
+    end
+    parsed[kind][text], nparsed = value, nparsed + 1
   end
-  parsed[kind][text], nparsed = value, nparsed + 1
   return value
 end
 
 local function parse_flags(text)
-  local p = parsed.flags[text]
+  local p = parsed and parsed.flags[text]
   if p then
     return p
   end
@@ -526,7 +532,7 @@ local function parse_flags(text)
 end
 
 local function parse_limit(text)
-  local p = parsed.limit[text]
+  local p = parsed and parsed.limit[text]
   if p then
     return p
   end
@@ -539,7 +545,7 @@ local function parse_limit(text)
 end
 
 local function parse_cost(text)
-  local c = parsed.cost[text]
+  local c = parsed and parsed.cost[text]
   if c then
     return c
   end
@@ -740,8 +746,9 @@ local function general(key, acquire, now, grace, args)
   return out
 end
 
--- The entry point: keys and args as in the header.
-local function check(keys, args)
+-- The entry point: keys and args as in the header; `once` when called as a script.
+local function check(keys, args, once)
+  keep = not once
   local key = keys[1]
   if #args < 4 or #args % 2 ~= 0 then
     error('ratelimit: expected flags, time and (limit, cost) pairs, got ' .. #args .. ' arguments')
