@@ -190,6 +190,76 @@ impl Drop for RedisProc {
     }
 }
 
+/// Redis's count of connections accepted since it started (`INFO stats`).
+fn connections_received(port: u16) -> u64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"INFO stats\r\n").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut text = String::new();
+    let mut buf = [0u8; 4096];
+    while !text.contains("total_connections_received:") || !text.ends_with("\r\n") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "redis closed the connection: {text}");
+        text.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    text.lines()
+        .find_map(|l| l.strip_prefix("total_connections_received:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no count in {text}"))
+}
+
+/// Under a burst of concurrent Postfix connections the server keeps as many Redis
+/// connections as calls may be in flight (`max_store_calls_in_flight`), instead of
+/// closing every one beyond a small pool after each call and opening it again: that
+/// churn cost both this server and Redis a connection per decision.
+#[test]
+#[ignore = "needs redis-server; scripts/test installs it"]
+fn concurrent_clients_reuse_redis_connections_instead_of_reopening_them() {
+    const CLIENTS: usize = 48;
+    const REQUESTS: usize = 40;
+    let rport = free_port();
+    let _redis = RedisProc::start(rport);
+    let dir = tempdir("pool");
+    let port = free_port();
+    redis_config(
+        &dir.join("a.toml"),
+        port,
+        &format!("redis://127.0.0.1:{rport}/"),
+        "rl-pool:",
+        "max_store_calls_in_flight = 64",
+    );
+    let d = Daemon::start(&["--config", dir.join("a.toml").to_str().unwrap()], port);
+    d.wait_for_log("connected to Redis");
+    let before = connections_received(rport);
+    let answered = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for c in 0..CLIENTS {
+            let (d, answered) = (&d, &answered);
+            s.spawn(move || {
+                let mut conn = d.connect();
+                for i in 0..REQUESTS {
+                    let a = ask(
+                        &mut conn,
+                        &format!("user{c}@example.com"),
+                        &format!("{c}-{i}"),
+                    );
+                    assert!(a.starts_with("action="), "{a}");
+                    answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    assert_eq!(answered.into_inner(), CLIENTS * REQUESTS);
+    // Our own INFO connection counts once.
+    let opened = connections_received(rport) - before - 1;
+    assert!(
+        opened <= 64,
+        "{opened} Redis connections opened for {} decisions from {CLIENTS} clients",
+        CLIENTS * REQUESTS
+    );
+}
+
 fn timed_ask(s: &mut std::net::TcpStream, user: &str, inst: &str) -> (String, Duration) {
     let t = Instant::now();
     let a = ask(s, user, inst);

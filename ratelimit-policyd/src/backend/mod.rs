@@ -301,7 +301,8 @@ impl Backend {
             }
             redis @ BackendConfig::Redis { .. } => {
                 let rc = redis_store_config(redis)
-                    .ok_or_else(|| StoreError::Unavailable("not a Redis configuration".into()))?;
+                    .ok_or_else(|| StoreError::Unavailable("not a Redis configuration".into()))?
+                    .with_max_idle_connections(cfg.redis_idle_connections);
                 let store = Arc::new(RedisStore::new(rc)?);
                 let redis = store.config().endpoint();
                 match store.ping() {
