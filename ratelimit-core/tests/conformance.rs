@@ -824,6 +824,15 @@ mod redis_store {
         assert_eq!(acquire().unwrap().statuses()[0].used, 3);
     }
 
+    /// A loopback port nothing listens on (for a private redis-server).
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
     /// A private redis-server for tests that stop and restart it; killed on drop.
     struct OwnServer {
         child: std::process::Child,
@@ -866,11 +875,7 @@ mod redis_store {
     #[test]
     #[ignore = "needs redis-server; scripts/test installs and starts it"]
     fn the_store_reconnects_after_redis_restarts() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let mut c = config("restart", TimeSource::Caller);
         c.url = format!("redis://127.0.0.1:{port}/");
         c.connect_timeout = std::time::Duration::from_millis(300);
@@ -902,11 +907,7 @@ mod redis_store {
     #[test]
     #[ignore = "needs redis-server; scripts/test installs and starts it"]
     fn out_of_memory_refuses_acquires_but_still_answers_peeks() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let mut c = config("oom", TimeSource::Server);
         c.url = format!("redis://127.0.0.1:{port}/");
         let store = RedisStore::new(c).unwrap();

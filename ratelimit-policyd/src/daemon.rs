@@ -18,7 +18,7 @@ use ratelimit_core::{Clock, SystemClock};
 use tokio::sync::watch;
 
 use crate::admin::{self, ReloadFn};
-use crate::backend::{Backend, OpenError};
+use crate::backend::{Backend, CallBounds, OpenError};
 use crate::config::{self, Config, ConfigError, ListenAddr};
 use crate::ops::{self, Ops, View};
 use crate::policy::{Observer, Policy};
@@ -105,7 +105,7 @@ impl Daemon {
     /// (restored from its snapshot when configured), the policy and its observers.
     /// `admin reload` re-reads the file the configuration came from, if any.
     pub fn new(cfg: Config, clock: Arc<dyn Clock>) -> Result<Daemon, StartError> {
-        let backend = Backend::open(&cfg.store, clock.now())?;
+        let backend = Backend::open(&cfg.store, CallBounds::of(&cfg.server), clock.now())?;
         Ok(Daemon::with_backend(cfg, backend, clock, None))
     }
 

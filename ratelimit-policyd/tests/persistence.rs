@@ -377,12 +377,16 @@ fn the_redis_password_is_read_from_a_file_and_never_logged() {
 #[test]
 fn a_snapshot_that_cannot_be_read_is_an_error_not_no_snapshot_yet() {
     use ratelimit_core::Timestamp;
-    use ratelimit_policyd::backend::Backend;
+    use ratelimit_policyd::backend::{Backend, CallBounds};
     let dir = tempdir("unreadable-snap");
     let open = |snap: &Path| {
         let text = format!("[store]\nsnapshot_path = \"{}\"\n", snap.display());
         let cfg = ratelimit_policyd::config::parse(&text, "t.toml", None).unwrap();
-        Backend::open(&cfg.store, Timestamp::from_millis(1_700_000_000_000))
+        Backend::open(
+            &cfg.store,
+            CallBounds::of(&cfg.server),
+            Timestamp::from_millis(1_700_000_000_000),
+        )
     };
     assert!(
         open(&dir.join("missing.snap")).is_ok(),

@@ -273,13 +273,23 @@ impl Backend {
     /// The backend `[store]` configures. The memory store is restored from its
     /// snapshot when one is configured (an unreadable one is an error unless
     /// `on_bad_snapshot = "start-empty"`). Redis is not required to answer yet:
-    /// decisions fail per `on_store_error` until it does. The local fallback tracks
-    /// at most `max_keys` users.
-    pub fn open(cfg: &StoreConfig, now: Timestamp) -> Result<Backend, OpenError> {
-        Backend::open_stores(cfg, now).map(|b| b.with_local_max_keys(cfg.local_max_keys))
+    /// decisions fail per `on_store_error` until it does; it keeps as many idle
+    /// connections as `bounds` lets calls be in flight at once (with fewer kept, a
+    /// server with more calls in flight closed and reopened connections
+    /// continually). The local fallback tracks at most `max_keys` users.
+    pub fn open(
+        cfg: &StoreConfig,
+        bounds: CallBounds,
+        now: Timestamp,
+    ) -> Result<Backend, OpenError> {
+        Backend::open_stores(cfg, bounds, now).map(|b| b.with_local_max_keys(cfg.local_max_keys))
     }
 
-    fn open_stores(cfg: &StoreConfig, now: Timestamp) -> Result<Backend, OpenError> {
+    fn open_stores(
+        cfg: &StoreConfig,
+        bounds: CallBounds,
+        now: Timestamp,
+    ) -> Result<Backend, OpenError> {
         match &cfg.backend {
             BackendConfig::Memory { max_keys } => {
                 let volume =
@@ -302,7 +312,7 @@ impl Backend {
             redis @ BackendConfig::Redis { .. } => {
                 let rc = redis_store_config(redis)
                     .ok_or_else(|| StoreError::Unavailable("not a Redis configuration".into()))?
-                    .with_max_idle_connections(cfg.redis_idle_connections);
+                    .with_max_idle_connections(bounds.max_in_flight);
                 let store = Arc::new(RedisStore::new(rc)?);
                 let redis = store.config().endpoint();
                 match store.ping() {

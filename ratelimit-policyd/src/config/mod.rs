@@ -363,11 +363,6 @@ pub struct StoreConfig {
     /// `max_keys`: the memory store's cap, and with Redis, the cap of the local
     /// fallback's stores (`on_store_error = "local"`).
     pub local_max_keys: usize,
-    /// Redis: the most idle connections kept for reuse, `[server]
-    /// max_store_calls_in_flight` at start (no more calls run at once, so no call
-    /// opens a connection once that many are open; with fewer kept, a server with
-    /// more connections in flight closed and reopened connections continually).
-    pub redis_idle_connections: usize,
 }
 
 /// `[keying]`.
@@ -479,8 +474,6 @@ pub fn parse(text: &str, file: &str, base: Option<&Path>) -> Result<Config, Conf
     tiers::assign(&cx, &raw.assign, raw.assign_file.as_ref(), &mut tiers)?;
     let mut server = server;
     server.local_tiers = server::local_tiers(&cx, &server, &tiers.map)?;
-    let mut store = store;
-    store.redis_idle_connections = server.max_store_calls_in_flight;
     Ok(Config {
         source: file.to_string(),
         server,

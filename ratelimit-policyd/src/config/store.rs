@@ -211,7 +211,6 @@ impl Default for StoreConfig {
             snapshot: None,
             sweep_interval: defaults::SWEEP_INTERVAL,
             local_max_keys: defaults::MAX_KEYS,
-            redis_idle_connections: defaults::MAX_STORE_CALLS_IN_FLIGHT,
         }
     }
 }
@@ -290,7 +289,6 @@ pub(super) fn build(cx: &Ctx<'_>, raw: &RawStore) -> Result<StoreConfig, ConfigE
         snapshot,
         sweep_interval,
         local_max_keys: max_keys,
-        redis_idle_connections: defaults::MAX_STORE_CALLS_IN_FLIGHT,
     })
 }
 

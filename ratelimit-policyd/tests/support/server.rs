@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ratelimit_core::{Clock, Limit, ManualClock, Timestamp};
-use ratelimit_policyd::backend::Backend;
+use ratelimit_policyd::backend::{Backend, CallBounds};
 use ratelimit_policyd::config::{self, ListenAddr};
 use ratelimit_policyd::daemon::{self, Daemon};
 use ratelimit_policyd::policy::{Incident, Observer, Verdict};
@@ -99,7 +99,7 @@ impl<'a> Start<'a> {
             cfg.ops.admin.socket = None;
         }
         let clock = ManualClock::new(Timestamp::from_millis(T0));
-        let backend = Backend::open(&cfg.store, clock.now())
+        let backend = Backend::open(&cfg.store, CallBounds::of(&cfg.server), clock.now())
             .map_err(daemon::StartError::from)
             .unwrap_or_else(|e| panic!("{e}"));
         let mut daemon = Daemon::with_backend(cfg, backend, Arc::new(clock.clone()), self.observer);

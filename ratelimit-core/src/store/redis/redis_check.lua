@@ -56,8 +56,8 @@
 -- as a double ('%.14g') into a string of its own (the text is the same below 2^32).
 -- Measured under callgrind, one window on keys holding one slot, the time passed by
 -- the caller: 96,700 instructions per EVALSHA of the first version, 82,900 with
--- one_window(), 61,000 per FCALL of this file (an empty function: 15,400; reading
--- TIME adds about 10,000). The same file as a script costs 102,500: making its 14
+-- one_window(), 61,300 per FCALL of this file (an empty function: 15,400; reading
+-- TIME adds about 7,000). The same file as a script costs 98,300: making its 14
 -- closures (about 400 instructions each, more with their upvalues) and its tables
 -- (a table of 15 named fields: about 5,400) on every call.
 
@@ -509,51 +509,45 @@ end
 -- it more than the parsing.
 local parsed, nparsed, keep = nil, 0, true
 
-local function remember(kind, text, value)
+-- The value of `text` parsed by parse (which raises an error for a bad text), from
+-- the table of its kind when it was parsed before.
+local function parsed_as(kind, text, parse)
+  local v = parsed and parsed[kind][text]
+  if v then
+    return v
+  end
+  v = parse(text)
   if keep then
     if not parsed or nparsed >= 1024 then
       parsed, nparsed = {flags = {}, limit = {}, cost = {}}, 0
     end
-    parsed[kind][text], nparsed = value, nparsed + 1
+    parsed[kind][text], nparsed = v, nparsed + 1
   end
-  return value
+  return v
 end
 
-local function parse_flags(text)
-  local p = parsed and parsed.flags[text]
-  if p then
-    return p
-  end
+local function flags_of(text)
   local acquire, grace = string.match(text, '^([01]) (%d+)$')
   if not acquire then
     error('ratelimit: bad arguments: ' .. text)
   end
-  return remember('flags', text, {acquire = acquire == '1', grace = tonumber(grace)})
+  return {acquire = acquire == '1', grace = tonumber(grace)}
 end
 
-local function parse_limit(text)
-  local p = parsed and parsed.limit[text]
-  if p then
-    return p
-  end
+local function limit_of(text)
   local id, kind, n, w, pb = string.match(text, '^(%d+) ([wb]) (%d+) (%d+) (%d+)$')
   if not id then
     error('ratelimit: bad limit argument: ' .. text)
   end
-  return remember('limit', text,
-    {id = id, bucket = kind == 'b', n = tonumber(n), w = tonumber(w), pb = tonumber(pb)})
+  return {id = id, bucket = kind == 'b', n = tonumber(n), w = tonumber(w), pb = tonumber(pb)}
 end
 
-local function parse_cost(text)
-  local c = parsed and parsed.cost[text]
-  if c then
-    return c
-  end
-  c = string.find(text, '^%d+$') and text + 0
+local function cost_of(text)
+  local c = string.find(text, '^%d+$') and text + 0
   if not c then
     error('ratelimit: bad cost argument: ' .. text)
   end
-  return remember('cost', text, c)
+  return c
 end
 
 -- A limit's working state for one decision: its parsed argument, its cost (a double,
@@ -563,25 +557,24 @@ end
 local function working(p, cost_text)
   return {
     id = p.id, bucket = p.bucket, n = p.n, w = p.w, pb = p.pb,
-    cost = parse_cost(cost_text), cost_dec = cost_text,
+    cost = parsed_as('cost', cost_text, cost_of), cost_dec = cost_text,
     admit = false, used = 0, rem = 0, retry = '',
     state = false, b_abs = 0, sl = false, len = 0,
   }
 end
 
--- The same for one_window(), in a table (and slot array) that a function reuses from
--- call to call instead of making new ones: every field is set again, and the slot
--- array is read only up to the length the probe sets.
--- (A literal: the string library is not there while FUNCTION LOAD runs the file.)
-local reused = {
-  id = '0', bucket = false, n = 0, w = 1, pb = 1, cost = 0, cost_dec = '0',
-  admit = false, used = 0, rem = 0, retry = '',
-  state = false, b_abs = 0, sl = {}, len = 0,
-}
+-- The same for one_window(), in a table that a function reuses from call to call
+-- instead of making a new one: every field is set again, and its slot array (made
+-- by the first probe that finds slots) is read only up to the length the probe sets.
+local reused
 local function working_again(p, cost_text)
   local l = reused
+  if not l then
+    reused = working(p, cost_text)
+    return reused
+  end
   l.id, l.bucket, l.n, l.w, l.pb = p.id, false, p.n, p.w, p.pb
-  l.cost, l.cost_dec = parse_cost(cost_text), cost_text
+  l.cost, l.cost_dec = parsed_as('cost', cost_text, cost_of), cost_text
   l.admit, l.used, l.rem, l.retry = false, 0, 0, ''
   l.state, l.b_abs, l.len = false, 0, 0
   return l
@@ -653,7 +646,7 @@ local function general(key, acquire, now, grace, args)
   local nl = (#args - 2) / 2
   local limits, fields = {}, {'i'}
   for j = 1, nl do
-    local l = working(parse_limit(args[j * 2 + 1]), args[j * 2 + 2])
+    local l = working(parsed_as('limit', args[j * 2 + 1], limit_of), args[j * 2 + 2])
     limits[j] = l
     fields[j + 1] = l.id
   end
@@ -753,7 +746,7 @@ local function check(keys, args, once)
   if #args < 4 or #args % 2 ~= 0 then
     error('ratelimit: expected flags, time and (limit, cost) pairs, got ' .. #args .. ' arguments')
   end
-  local flags = parse_flags(args[1])
+  local flags = parsed_as('flags', args[1], flags_of)
   local now = args[2]
   if now == '' then
     -- Time from the server so every host agrees. A script that reads TIME and then
@@ -772,7 +765,8 @@ local function check(keys, args, once)
     end
   end
   if #args == 4 then
-    local out = one_window(key, flags.acquire, now, flags.grace, parse_limit(args[3]), args[4])
+    local limit = parsed_as('limit', args[3], limit_of)
+    local out = one_window(key, flags.acquire, now, flags.grace, limit, args[4])
     if out then
       return out
     end

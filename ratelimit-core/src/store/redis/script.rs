@@ -6,10 +6,10 @@
 //! `FUNCTION LOAD` and each decision is an `FCALL`. The library's functions and the
 //! arguments it has parsed outlive the call, where a script called with `EVALSHA`
 //! makes its functions and tables again on every call: under callgrind, one window
-//! on a key holding one slot, 61,000 instructions per `FCALL` against 102,500 per
+//! on a key holding one slot, 61,300 instructions per `FCALL` against 98,300 per
 //! `EVALSHA` of the same file, and 82,900 per `EVALSHA` of the script before it was
 //! a library (the time passed by the caller; with `TIME` read by the code, the
-//! default: 71,200, 109,100 and 91,300). A
+//! default: 68,100, 104,700 and 91,300). A
 //! server without functions (before Redis 7), or an ACL user not allowed `FCALL` or
 //! `FUNCTION`, gets the same file as a script (`EVALSHA`, and `EVAL` of its text
 //! where the server lacks it) from then on: the decisions are the same.
