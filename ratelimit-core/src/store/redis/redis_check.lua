@@ -43,23 +43,25 @@
 -- defines is made anew each time, with its upvalues, and every table and string it
 -- makes is garbage for Lua's collector; as a function library, the file runs once
 -- and check() is called, so what lives at library level (the functions, the parsed
--- arguments, the table one_window() reuses) is made once. Either way most of the
+-- arguments, the slot array one_window() reuses) is made once. Either way most of the
 -- CPU is in calls to C (string.find, string.format, tonumber, math.*: 600 to 3,000
 -- instructions each, measured) and in tables made per call, not in arithmetic. So
 -- the hot path (sliding windows, numbers below 2^53) avoids both where it can:
 -- token buckets and the multi-limb integers live in slow(), made only by a call
 -- that needs them; a tier of one sliding window (the usual case) is decided by
--- one_window(), without the general path's tables; floors and minimums are
--- arithmetic, not math.floor or math.min; a validated decimal is converted with
--- `+ 0` (one strtod; tonumber makes two); slots are printed with
+-- one_window(), on plain values without a table of its own (probe_window() and
+-- record_window() take and return values, not a table's fields); floors and
+-- minimums are arithmetic, not math.floor or math.min; a validated decimal is
+-- converted with `+ 0` (one strtod; tonumber makes two); slots are printed with
 -- string.format('%d:%d') rather than by concatenating numbers, which formats each
 -- as a double ('%.14g') into a string of its own (the text is the same below 2^32).
 -- Measured under callgrind, one window on keys holding one slot, the time passed by
 -- the caller: 96,700 instructions per EVALSHA of the first version, 82,900 with
--- one_window(), 61,300 per FCALL of this file (an empty function: 15,400; reading
--- TIME adds about 7,000). The same file as a script costs 98,300: making its 14
+-- one_window(), 61,300 per FCALL with a working table per limit, 56,300 per FCALL of
+-- this file (an empty function: 15,400; the HMGET: 9,900; the HSET: 6,000; reading
+-- TIME adds about 6,500). The same file as a script costs 88,600: making its 14
 -- closures (about 400 instructions each, more with their upvalues) and its tables
--- (a table of 15 named fields: about 5,400) on every call.
+-- on every call.
 
 -- Exact floor(a / d) for integers 0 <= a < 2^53, 1 <= d: the double quotient may be
 -- one off after rounding, so fix it by checking the remainder. (Used by both parts.)
@@ -378,16 +380,24 @@ end
 
 -- Sliding window --------------------------------------------------------------------
 
--- Parses the counter into l (kept for recording) and checks cost against it. A slot's
--- age is its sub-window's distance from now's, b - idx (both mod 2^32) as a signed
--- 32-bit number: negative means in the future (the clock stepped back). The slots go
--- into one flat array, l.sl: position in the text, count, age, for each in turn.
-local function probe_window(l, state, now)
+-- Parses the counter (state, its stored text, or nil) of a window of w ms in p
+-- sub-windows that admits n, and checks cost against it. A slot's age is its
+-- sub-window's distance from now's, b - idx (both mod 2^32) as a signed 32-bit
+-- number: negative means in the future (the clock stepped back). The slots go into
+-- one flat array, sl (the one passed is reused, if any): position in the text,
+-- count, age, for each in turn.
+--
+-- Returns used, remaining, whether cost is admitted, retry_after ('' for never, or a
+-- decimal string past 2^53), and, for record_window: now's sub-window, the slot
+-- array and the number of slots in it. Values in and out, not fields of a table:
+-- the usual tier (one window) is decided without a table per call, which costs
+-- about as much as the probe itself (measured).
+local function probe_window(w, p, n, cost, state, now, sl)
   local TWO32 = 4294967296
-  local sub_ms = l.w / l.pb -- exact: the precision divides the window
+  local sub_ms = w / p -- exact: the precision divides the window
   local b_abs = idiv(now, sub_ms)
   local b = b_abs % TWO32
-  local sl, len, used, p, n, cost = l.sl, 0, 0, l.pb, l.n, l.cost
+  local len, used, retry = 0, 0, ''
   if state then
     -- string.find from the end of the last match, not gmatch, which makes a closure;
     -- the first slot's three entries come with the table.
@@ -415,10 +425,8 @@ local function probe_window(l, state, now)
     end
     sl = sl or {}
   end
-  l.state, l.b_abs, l.sl, l.len = state, b_abs, sl, len
-  l.admit = used + cost <= n
-  l.used, l.rem = used, used < n and n - used or 0
-  if not l.admit and cost <= n then
+  local admit = used + cost <= n
+  if not admit and cost <= n then
     -- Oldest first: when enough sub-windows have left the window to fit cost.
     local left = used
     for k = 0, (len - 1) * 3, 3 do
@@ -429,21 +437,23 @@ local function probe_window(l, state, now)
           local x = b_abs - a + p + 1
           local leaves_at = x * sub_ms
           if leaves_at < 9007199254740992 then
-            l.retry = math.max(leaves_at - now, 0)
+            retry = leaves_at > now and leaves_at - now or 0
           else
-            l.retry = slow().retry_past(x, sub_ms, now)
+            retry = slow().retry_past(x, sub_ms, now)
           end
           break
         end
       end
     end
   end
+  return used, used < n and n - used or 0, admit, retry, b_abs, sl, len
 end
 
--- Records cost; returns the new field value and when the counter will be empty.
-local function record_window(l)
+-- Records cost in the counter that probe_window() read (state, and what it
+-- returned: b_abs, sl, len); returns the new field value and when the counter will
+-- be empty.
+local function record_window(w, p, cost, state, b_abs, sl, len)
   local TWO32 = 4294967296
-  local p, sl, len, b_abs = l.pb, l.sl, l.len, l.b_abs
   local b = b_abs % TWO32
   -- The kept slots (still in the window): m of them, the first at first, the newest
   -- at last; suffix: whether they are the stored ones from first on.
@@ -457,7 +467,7 @@ local function record_window(l)
       suffix = false
     end
   end
-  local c = l.cost < TWO32 and l.cost or TWO32 - 1
+  local c = cost < TWO32 and cost or TWO32 - 1
   local newest, tail, merged = b_abs, '', nil
   if last and sl[last * 3 + 3] <= 0 then
     -- The current sub-window, or a later one if the clock stepped back.
@@ -470,7 +480,7 @@ local function record_window(l)
   elseif c > 0 then
     tail = string.format('%d:%d', b, c)
   end
-  local sub_ms = l.w / l.pb
+  local sub_ms = w / p
   local x = newest + 1 + p
   local expiry = x * sub_ms
   if expiry >= 9007199254740992 then
@@ -483,7 +493,7 @@ local function record_window(l)
   if suffix then
     -- Reuse the stored text of the slots kept unchanged: first .. first + m - 1.
     local after = first + m
-    head = string.sub(l.state, sl[first * 3 + 1], after < len and sl[after * 3 + 1] - 2 or -1)
+    head = string.sub(state, sl[first * 3 + 1], after < len and sl[after * 3 + 1] - 2 or -1)
   else
     local out, o = {}, 0
     for k = 0, len - 1 do
@@ -563,22 +573,10 @@ local function working(p, cost_text)
   }
 end
 
--- The same for one_window(), in a table that a function reuses from call to call
--- instead of making a new one: every field is set again, and its slot array (made
--- by the first probe that finds slots) is read only up to the length the probe sets.
-local reused
-local function working_again(p, cost_text)
-  local l = reused
-  if not l then
-    reused = working(p, cost_text)
-    return reused
-  end
-  l.id, l.bucket, l.n, l.w, l.pb = p.id, false, p.n, p.w, p.pb
-  l.cost, l.cost_dec = parsed_as('cost', cost_text, cost_of), cost_text
-  l.admit, l.used, l.rem, l.retry = false, 0, 0, ''
-  l.state, l.b_abs, l.len = false, 0, 0
-  return l
-end
+-- The slot array of one_window(), which a function reuses from call to call instead
+-- of making a new one: probe_window() sets it from the start and says how many slots
+-- it holds, and nothing reads past that.
+local slots
 
 -- Sets the TTL that forgets the key once it is idle (plus the grace). Capped at 2^50
 -- ms so the server accepts it; a key live longer than that is not a real case.
@@ -612,15 +610,18 @@ local function one_window(key, acquire, now, grace, p, cost_text)
     end
   end
   local live = idle_at and now < idle_at
-  local l = working_again(p, cost_text)
-  probe_window(l, live and vals[2] or nil, now)
-  if type(l.retry) ~= 'number' and l.retry ~= '' then
+  local w, pb, cost = p.w, p.pb, parsed_as('cost', cost_text, cost_of)
+  local state = live and vals[2] or nil
+  local used, rem, admit, retry, b_abs, sl, len =
+    probe_window(w, pb, p.n, cost, state, now, slots)
+  slots = sl
+  if type(retry) ~= 'number' and retry ~= '' then
     return nil
   end
-  if not acquire or not l.admit then
-    return {l.admit and -1 or 0, l.retry, l.used, l.rem}
+  if not acquire or not admit then
+    return {admit and -1 or 0, retry, used, rem}
   end
-  local value, expiry = record_window(l)
+  local value, expiry = record_window(w, pb, cost, state, b_abs, sl, len)
   if type(expiry) ~= 'number' then
     return nil
   end
@@ -637,7 +638,7 @@ local function one_window(key, acquire, now, grace, p, cost_text)
     redis.call('HSET', key, p.id, value, 'i', string.format('%.0f', idle))
     expire(key, idle, now, grace)
   end
-  return {-1, '', l.used, l.rem - l.cost}
+  return {-1, '', used, rem - cost}
 end
 
 -- Any tier: every limit probed, then, if all admit and this is an acquire, every
@@ -674,7 +675,9 @@ local function general(key, acquire, now, grace, args)
     if l.bucket then
       slow().probe_bucket(l, state, now)
     else
-      probe_window(l, state, now)
+      l.used, l.rem, l.admit, l.retry, l.b_abs, l.sl, l.len =
+        probe_window(l.w, l.pb, l.n, l.cost, state, now, nil)
+      l.state = state
     end
     if not l.admit and denied < 0 then
       denied, retry = j - 1, l.retry
@@ -712,7 +715,7 @@ local function general(key, acquire, now, grace, args)
       if l.bucket then
         value, expiry = slow().record_bucket(l, now)
       else
-        value, expiry = record_window(l)
+        value, expiry = record_window(l.w, l.pb, l.cost, l.state, l.b_abs, l.sl, l.len)
       end
       hset[h + 1], hset[h + 2] = l.id, value
       h = h + 2
@@ -751,8 +754,9 @@ local function check(keys, args, once)
   if now == '' then
     -- Time from the server so every host agrees. A script that reads TIME and then
     -- writes needs effects replication: the default from Redis 5, asked for here on
-    -- older servers (it is a no-op where it is the default).
-    if redis.replicate_commands then
+    -- older servers (a no-op where it is the default; a function, Redis 7 and later,
+    -- is always replicated by its effects, so it does not ask).
+    if once and redis.replicate_commands then
       redis.replicate_commands()
     end
     local t = redis.call('TIME')
