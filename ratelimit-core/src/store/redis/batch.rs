@@ -16,9 +16,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
-use redis::{Cmd, ErrorKind, RedisResult};
+use redis::{Cmd, ErrorKind, RedisResult, Value};
 
 use super::connection::Conn;
+use super::script::DecisionArgs;
 use super::{RedisStore, script};
 use crate::store::StoreError;
 
@@ -48,13 +49,13 @@ struct State {
 /// One decision: the script's key and arguments, and where its outcome lands.
 struct Job {
     name: String,
-    args: Vec<String>,
+    args: DecisionArgs,
     outcome: Mutex<Option<Outcome>>,
     ready: Condvar,
 }
 
 enum Outcome {
-    Done(Result<Vec<String>, StoreError>),
+    Done(Result<Value, StoreError>),
     /// This caller leads the next batch.
     Lead,
 }
@@ -88,8 +89,8 @@ impl RedisStore {
     pub(super) fn eval_batched(
         &self,
         name: String,
-        args: Vec<String>,
-    ) -> Result<Vec<String>, StoreError> {
+        args: DecisionArgs,
+    ) -> Result<Value, StoreError> {
         let budget = self
             .config
             .connect_timeout
@@ -130,7 +131,7 @@ impl RedisStore {
         job: &Arc<Job>,
         deadline: Instant,
         budget: Duration,
-    ) -> Option<Result<Vec<String>, StoreError>> {
+    ) -> Option<Result<Value, StoreError>> {
         let mut outcome = job.outcome.lock();
         loop {
             match outcome.take() {
@@ -195,7 +196,7 @@ impl RedisStore {
         jobs: &[Arc<Job>],
         deadline: Instant,
         cut: &mut bool,
-    ) -> RedisResult<Vec<RedisResult<Vec<String>>>> {
+    ) -> RedisResult<Vec<RedisResult<Value>>> {
         if !matches!(con, Conn::Single(_)) {
             return Err((ErrorKind::Client, "batching needs one Redis server").into());
         }
@@ -210,7 +211,7 @@ impl RedisStore {
             for cmd in cmds {
                 pipe.add_command(cmd);
             }
-            pipe.query::<Vec<RedisResult<Vec<String>>>>(con)
+            pipe.query::<Vec<RedisResult<Value>>>(con)
         };
         let functions = self.uses_functions();
         fit(con)?;

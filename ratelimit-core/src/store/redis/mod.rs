@@ -301,7 +301,7 @@ impl Store for RedisStore {
                 )));
             }
         };
-        let args = script::script_args(
+        let args = script::DecisionArgs::new(
             limits,
             cost,
             now,
