@@ -212,6 +212,8 @@ pub(super) struct DecisionArgs {
 }
 
 impl DecisionArgs {
+    /// The arguments of one decision on `limits` (`now`: the caller's time, or
+    /// `None` for Redis's `TIME`).
     pub(super) fn new(
         limits: &[Limit],
         cost: Cost,
