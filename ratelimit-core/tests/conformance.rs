@@ -824,13 +824,17 @@ mod redis_store {
         assert_eq!(acquire().unwrap().statuses()[0].used, 3);
     }
 
-    /// A loopback port nothing listens on (for a private redis-server).
-    fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
+    /// The test's configuration for a private redis-server on a loopback port
+    /// nothing listens on yet (see `OwnServer`), and that port.
+    fn own_server_config(test: &str, time: TimeSource) -> (RedisStoreConfig, u16) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
-            .port()
+            .port();
+        let mut c = config(test, time);
+        c.url = format!("redis://127.0.0.1:{port}/");
+        (c, port)
     }
 
     /// A private redis-server for tests that stop and restart it; killed on drop.
@@ -875,9 +879,7 @@ mod redis_store {
     #[test]
     #[ignore = "needs redis-server; scripts/test installs and starts it"]
     fn the_store_reconnects_after_redis_restarts() {
-        let port = free_port();
-        let mut c = config("restart", TimeSource::Caller);
-        c.url = format!("redis://127.0.0.1:{port}/");
+        let (mut c, port) = own_server_config("restart", TimeSource::Caller);
         c.connect_timeout = std::time::Duration::from_millis(300);
         let store = RedisStore::new(c).unwrap();
         let limits = [lim("100/1h")];
@@ -907,9 +909,7 @@ mod redis_store {
     #[test]
     #[ignore = "needs redis-server; scripts/test installs and starts it"]
     fn out_of_memory_refuses_acquires_but_still_answers_peeks() {
-        let port = free_port();
-        let mut c = config("oom", TimeSource::Server);
-        c.url = format!("redis://127.0.0.1:{port}/");
+        let (c, port) = own_server_config("oom", TimeSource::Server);
         let store = RedisStore::new(c).unwrap();
         let _server = OwnServer::start(port);
         wait_until_up(&store);

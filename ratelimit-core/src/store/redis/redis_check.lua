@@ -561,9 +561,9 @@ local function cost_of(text)
 end
 
 -- A limit's working state for one decision: its parsed argument, its cost (a double,
--- and the decimal text for the exact path), and what probing it found. Every field a
--- window's probe sets is listed, so the table is sized once (a bucket's probe adds
--- its own).
+-- and the decimal text for the exact path), and what probing it found. Every field
+-- set from a window's probe is listed, so the table is sized once (a bucket's probe
+-- adds its own).
 local function working(p, cost_text)
   return {
     id = p.id, bucket = p.bucket, n = p.n, w = p.w, pb = p.pb,

@@ -18,7 +18,7 @@ use std::sync::LazyLock;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use redis::{Cmd, ErrorKind, RedisError, ServerErrorKind, Value};
+use redis::{Cmd, ErrorKind, RedisError, RedisWrite, ServerErrorKind, ToRedisArgs, Value};
 use smallvec::SmallVec;
 
 use super::RedisStore;
@@ -127,10 +127,7 @@ impl RedisStore {
         // server's CPU per decision.
         let data = name.len() + code.len() + 1 + key.len() + args.text.len();
         let mut cmd = Cmd::with_capacity(4 + args.ends.len(), data);
-        cmd.arg(name).arg(code).arg(1).arg(key);
-        for arg in args.iter() {
-            cmd.arg(arg);
-        }
+        cmd.arg(name).arg(code).arg(1).arg(key).arg(args);
         cmd
     }
 
@@ -138,10 +135,7 @@ impl RedisStore {
     /// for the `EVALSHA`s after it.
     pub(super) fn eval_text_cmd(key: &str, args: &DecisionArgs) -> Cmd {
         let mut cmd = redis::cmd("EVAL");
-        cmd.arg(SCRIPT).arg(1).arg(key);
-        for arg in args.iter() {
-            cmd.arg(arg);
-        }
+        cmd.arg(SCRIPT).arg(1).arg(key).arg(args);
         cmd
     }
 
@@ -273,6 +267,22 @@ impl DecisionArgs {
     }
 }
 
+/// Each argument as one argument of the command (`cmd.arg(&args)`).
+impl ToRedisArgs for &DecisionArgs {
+    fn write_redis_args<W>(&self, out: &mut W)
+    where
+        W: ?Sized + RedisWrite,
+    {
+        for arg in self.iter() {
+            out.write_arg(arg.as_bytes());
+        }
+    }
+
+    fn num_of_args(&self) -> usize {
+        self.ends.len()
+    }
+}
+
 /// One number of the script's reply: an integer reply (Lua numbers), or a decimal
 /// string (what the big-integer path computes); `None` for the empty string (a
 /// retry_after of never). `Err` for anything else.
@@ -347,9 +357,9 @@ mod tests {
             Value::Array(
                 items
                     .iter()
-                    .map(|x| match x.parse::<i64>() {
-                        Ok(n) if !x.starts_with('"') => Value::Int(n),
-                        _ => Value::BulkString(x.trim_matches('"').as_bytes().to_vec()),
+                    .map(|x| match x.strip_prefix('"') {
+                        Some(text) => Value::BulkString(text.trim_end_matches('"').into()),
+                        None => Value::Int(x.parse().unwrap()),
                     })
                     .collect(),
             )
@@ -397,6 +407,7 @@ mod tests {
             ["1 60000", "", limit.as_str(), "1"]
         );
         assert!(!args.is_peek());
+        assert_eq!((&args).to_redis_args().len(), (&args).num_of_args());
         let now = Some(Timestamp::from_millis(1_765_000_000_000));
         let peek = DecisionArgs::new(&limits, Cost::units(1), now, 5, Mode::Peek);
         assert_eq!(
